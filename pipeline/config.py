@@ -1,0 +1,235 @@
+"""Run configuration: frozen dataclasses loaded from YAML plus dotted `key=value` overrides.
+
+Every job reads the same `RunCfg`, so a value set for `label` means the same thing in `segment`,
+`eval` and the fine-tuning job. Unknown keys and wrong types fail before any work starts, with a
+message naming the key and what it accepts: a typo in a config must never silently fall back to a
+default on a thousand-GPU-hour run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or an invalid value."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCfg:
+    name: str = "shapes-clip"  # open_clip architecture, path to a model-config JSON, or a shipped model name
+    pretrained: str = ""  # open_clip tag, local path or fsspec URL of weights; "" = the shipped model's own
+    precision: Precision = "auto"  # auto = bf16 where the device supports it fast, else fp32
+    device: str = "auto"  # auto = cuda when present, else cpu; or cpu, cuda, cuda:N
+
+
+@dataclass(frozen=True, slots=True)
+class HeadCfg:
+    name: str = "maskclip"  # a name from pipeline.models.heads.list_heads()
+    options: dict[str, Any] = field(default_factory=dict)  # keyword options of that head (e.g. ks_thresh)
+
+
+@dataclass(frozen=True, slots=True)
+class VocabCfg:
+    classes: list[str] = field(default_factory=list)  # one entry per class; "tv, monitor" = synonyms
+    file: str = ""  # vocabulary file (vocabulary.json or one class per line); "" = beside the input shards
+    background: list[str] = field(default_factory=list)  # words for an explicit background class
+    background_threshold: float = 0.0  # > 0: pixels whose best class probability is below become background
+    background_offset: float = 0.0  # added to the background logit (calibrated per model)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptCfg:
+    templates: str = "openai80"  # openai80 | maskclip85 | single | path or URL of a file, one template per line
+
+
+@dataclass(frozen=True, slots=True)
+class InferCfg:
+    short_side: int = 0  # resize so the short side is this many pixels; 0 = the model's input size
+    crop: int = 0  # sliding-window crop in pixels; 0 = whole image in one pass
+    stride: int = 0  # sliding-window stride; 0 = crop // 2
+    batch_size: int = 16  # images per forward batch (all their windows run together)
+    logit_scale: float = 40.0  # temperature of the softmax that turns cosine scores into probabilities
+    conf_threshold: float = 0.0  # pixels whose max class probability is below become ignore
+    pamr_steps: int = 0  # pixel-adaptive mask refinement iterations on the upsampled logits; 0 = off
+
+
+@dataclass(frozen=True, slots=True)
+class ZoomCfg:
+    enabled: bool = False  # re-infer small or uncertain regions at higher resolution
+    max_regions: int = 4  # per-image budget of crops
+    min_area: float = 0.03  # components below this fraction of the image are proposed
+    min_confidence: float = 0.5  # components with mean confidence below this are proposed
+    margin: float = 0.5  # grow each proposal by this fraction of its size on every side
+    use_boxes: bool = True  # also propose the `boxes` of the sample's json
+    grid: int = 0  # > 0: also propose a fixed grid of grid x grid tiles
+    merge_iou: float = 0.5  # proposals overlapping more than this are merged
+    blend: Literal["confidence", "replace"] = "confidence"  # how crop logits go back into the image
+
+
+@dataclass(frozen=True, slots=True)
+class DistributeCfg:
+    address: str = ""  # Ray address to join; "" = start an embedded local Ray instance
+    num_actors: int = 0  # 0 = one per GPU, else one per `num_cpus` CPUs of the cluster
+    num_cpus: float = 1.0  # CPUs per actor
+    num_gpus: float = -1.0  # GPUs per actor; -1 = 1 when the cluster has GPUs, else 0
+    max_retries: int = 2  # attempts after the first before a shard is recorded as failed
+    max_pixels: int = 100_000_000  # images with more pixels are recorded as failed, never decoded
+
+
+@dataclass(frozen=True, slots=True)
+class RunCfg:
+    input: list[str] = field(default_factory=list)  # shard URLs, brace patterns, globs or folders
+    output: str = ""  # output URL (FORMAT.md layout)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, profile, ...)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    head: HeadCfg = field(default_factory=HeadCfg)
+    vocab: VocabCfg = field(default_factory=VocabCfg)
+    prompts: PromptCfg = field(default_factory=PromptCfg)
+    infer: InferCfg = field(default_factory=InferCfg)
+    zoom: ZoomCfg = field(default_factory=ZoomCfg)
+    distribute: DistributeCfg = field(default_factory=DistributeCfg)
+
+
+# Keys that change how a run executes but never what it writes: a resume may differ in them.
+EXECUTION_KEYS = ("output", "storage_options", "distribute")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunCfg) -> Any:
+    """Build a config from an optional YAML file, then `a.b=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path:
+        from pipeline.io.fs import read_text
+
+        loaded = yaml.safe_load(read_text(path)) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return from_dict(cls, data)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and mistyped values."""
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of {cls.__name__} keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key {_join(where, key)!r}; allowed keys: {', '.join(known)}")
+    kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(arm, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            return [value] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (YAML- and JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: RunCfg) -> str:
+    """Hash of everything that decides what a run writes (input, model, head, vocabulary, ...)."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (or two nested dicts)."""
+    da = to_dict(a) if dataclasses.is_dataclass(a) else a
+    db = to_dict(b) if dataclasses.is_dataclass(b) else b
+    keys = sorted(set(da) | set(db))
+    out: list[str] = []
+    for key in keys:
+        va, vb = da.get(key), db.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, _join(prefix, key))
+        elif va != vb:
+            out.append(_join(prefix, key))
+    return out

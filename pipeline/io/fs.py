@@ -1,0 +1,111 @@
+"""Filesystem access for every stage: one fsspec path for local folders, `memory://`, `s3://` and `gs://`.
+
+Credentials and endpoints come from the standard places of each filesystem (for S3 the `AWS_*`
+variables, including `AWS_ENDPOINT_URL`, and profiles) or from `storage_options`. Nothing here
+formats storage options into a message: errors name the URL only, so keys never reach a log.
+
+Writes follow the commit protocol of FORMAT.md: data goes to a temporary name, is moved to its final
+name, and a commit marker is written last. On object stores a move is copy-then-delete and not
+atomic, which is why readers trust only the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+StorageOptions = dict[str, Any]
+
+
+def url_to_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
+    """Filesystem and protocol-less path for `url`; a bare path means the local filesystem."""
+    options = dict(storage_options or {})
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a") and "endpoint_url" not in options:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+    if protocol in ("s3", "s3a") and "endpoint_url" in options:
+        # s3fs takes the endpoint under client_kwargs; accept the flat spelling users write in YAML.
+        client_kwargs = dict(options.get("client_kwargs") or {})
+        client_kwargs.setdefault("endpoint_url", options.pop("endpoint_url"))
+        options["client_kwargs"] = client_kwargs
+    return fsspec.core.url_to_fs(url, **options)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL path segments with `/` (never the OS separator: these are URLs)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {url}") from None
+
+
+def read_text(url: str, storage_options: StorageOptions | None = None) -> str:
+    return read_bytes(url, storage_options).decode("utf-8")
+
+
+def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
+    return json.loads(read_text(url, storage_options))
+
+
+def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
+    fs, path = url_to_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def temp_name(url: str) -> str:
+    """A sibling name no other writer uses, so concurrent or retried attempts never collide."""
+    head, _, tail = url.rpartition("/")
+    return f"{head}/_tmp.{uuid.uuid4().hex[:12]}.{tail}" if head else f"_tmp.{uuid.uuid4().hex[:12]}.{tail}"
+
+
+def move(src: str, dst: str, storage_options: StorageOptions | None = None) -> None:
+    """Move src to dst, replacing dst: an atomic rename locally, copy-then-delete on object stores."""
+    fs, src_path = url_to_fs(src, storage_options)
+    _, dst_path = url_to_fs(dst, storage_options)
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(dst_path) or ".", exist_ok=True)
+        os.replace(src_path, dst_path)
+    else:
+        fs.mv(src_path, dst_path)
+
+
+def put_atomic(url: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
+    """Write `data` to `url` so that a reader sees either the old file or the whole new one."""
+    tmp = temp_name(url)
+    fs, tmp_path = url_to_fs(tmp, storage_options)
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(tmp_path) or ".", exist_ok=True)
+    with fs.open(tmp_path, "wb") as f:
+        f.write(data)
+    move(tmp, url, storage_options)
+
+
+def put_json(url: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
+    put_atomic(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
+
+
+def remove(url: str, storage_options: StorageOptions | None = None) -> None:
+    fs, path = url_to_fs(url, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")

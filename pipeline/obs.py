@@ -1,0 +1,41 @@
+"""Logging and run statistics shared by every stage: host-tagged log lines, capped error counters."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from collections import Counter
+
+
+def setup_logging(level: int = logging.INFO, include_host: bool = True) -> None:
+    """One format for every process of a run; the host name tells cluster nodes apart."""
+    host = f"{socket.gethostname()} | " if include_host else ""
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s | {host}%(levelname)s | %(name)s | %(message)s",
+        force=True,
+    )
+
+
+class CappedCounter:
+    """Counts reasons (error messages) but remembers at most `cap` distinct ones, so a flood of
+    distinct errors cannot grow a commit marker or summary without bound."""
+
+    def __init__(self, cap: int = 20) -> None:
+        self.cap = cap
+        self.counts: Counter[str] = Counter()
+        self.other = 0
+
+    def add(self, reason: str, n: int = 1) -> None:
+        if reason in self.counts or len(self.counts) < self.cap:
+            self.counts[reason] += n
+        else:
+            self.other += n
+
+    def to_dict(self) -> dict[str, int]:
+        out = dict(self.counts.most_common())
+        if self.other:
+            out["(other)"] = self.other
+        return out

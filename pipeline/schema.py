@@ -1,0 +1,83 @@
+"""The on-disk contract (FORMAT.md) in one place: sample keys, output layout, Parquet schema.
+
+Every reader and writer imports its names from here, so the format cannot drift between the
+labeling job, the evaluator and the fine-tuning job. Columns are only ever added, never renamed.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+
+# Input sample members (WebDataset: key = member name up to the first dot of its basename).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+JSON_EXT = "json"
+TEXT_EXT = "txt"
+TRUTH_EXT = "seg.png"  # optional ground-truth class map (ShapeWorld, evaluation sets)
+
+# Output sample members in labels/<shard>.tar.
+LABEL_EXT = "seg.png"  # label map at the original image size
+CONF_EXT = "conf.png"  # max class probability quantised to 8 bits
+META_EXT = "json"  # per-sample metadata
+
+IGNORE_U8 = 255
+IGNORE_U16 = 65535
+
+# Output layout below the run's output URL.
+RUN_DIR = "_run"
+CONFIG_FILE = "_run/config.yaml"
+VOCAB_FILE = "_run/vocabulary.json"
+SUMMARY_FILE = "_run/summary.json"
+LABELS_DIR = "labels"
+META_DIR = "meta"
+COMMITS_DIR = "_commits"
+
+
+def ignore_value(n_classes: int) -> int:
+    """The ignore label: 255 for 8-bit maps (fewer than 255 classes), 65535 for 16-bit ones."""
+    return IGNORE_U8 if n_classes < IGNORE_U8 else IGNORE_U16
+
+
+def shard_name(url: str) -> str:
+    """Output name of an input shard: its basename without `.tar` (same name in, same name out)."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    return base[: -len(".tar")] if base.endswith(".tar") else base
+
+
+def labels_path(shard: str) -> str:
+    return f"{LABELS_DIR}/{shard}.tar"
+
+
+def meta_path(shard: str) -> str:
+    return f"{META_DIR}/{shard}.parquet"
+
+
+def commit_path(shard: str) -> str:
+    return f"{COMMITS_DIR}/{shard}.json"
+
+
+ZOOM_REGION = pa.list_(pa.int32(), 4)  # x0, y0, x1, y1 in original image pixels
+
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | failed
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("n_classes_present", pa.int32()),
+        pa.field("class_ids", pa.list_(pa.int32())),
+        pa.field("class_pixels", pa.list_(pa.int64())),
+        pa.field("mean_confidence", pa.float32()),
+        pa.field("ignored_fraction", pa.float32()),
+        pa.field("zoom_regions", pa.list_(ZOOM_REGION)),
+        pa.field("head", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("config_hash", pa.string()),
+        pa.field("seconds", pa.float32()),
+    ]
+)
+
+ERROR_FIELDS = ("shard", "key", "reason")  # an error record from the reader

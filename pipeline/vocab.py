@@ -1,0 +1,94 @@
+"""Class vocabularies: which ids a label map uses, and the words that name each class.
+
+A vocabulary file is JSON (`vocabulary.json`, the format ShapeWorld writes and a labeling run copies
+to `_run/vocabulary.json`) or plain text with one class per line. In both, one class may carry
+synonyms separated by commas ("tv, monitor, screen": the class scores the max over its names).
+
+JSON form::
+
+    {"classes": ["background", "red circle", "tv, monitor"], "background": 0}
+
+`background` (optional) is the id of the background class, which a head may score from its own
+words, from a probability threshold, or both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import VocabCfg
+from pipeline.io import fs
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    names: tuple[tuple[str, ...], ...]  # per class id, its names (first = display name)
+    background: int | None = None  # id of the background class, if any
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError("the vocabulary is empty: give at least one class")
+        for i, names in enumerate(self.names):
+            if not names or not all(n.strip() for n in names):
+                raise ValueError(f"class {i} of the vocabulary has an empty name")
+        if self.background is not None and not 0 <= self.background < len(self.names):
+            raise ValueError(f"background id {self.background} is outside the {len(self.names)} classes")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def display_names(self) -> list[str]:
+        return [names[0] for names in self.names]
+
+    @classmethod
+    def from_entries(cls, entries: list[str], background: int | None = None) -> Vocabulary:
+        return cls(tuple(_split_synonyms(e) for e in entries), background)
+
+    @classmethod
+    def parse_inline(cls, text: str) -> Vocabulary:
+        """`"cat, dog, grass"` from a command line: one class per comma, no synonyms."""
+        return cls.from_entries([c for c in (p.strip() for p in text.split(",")) if c])
+
+    def to_json(self) -> dict:
+        return {"classes": [", ".join(n) for n in self.names], "background": self.background}
+
+
+def _split_synonyms(entry: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in entry.split(",") if n.strip())
+
+
+def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary:
+    """Read a vocabulary file (JSON as above, or one class per line, `#` comments allowed)."""
+    text = fs.read_text(url, storage_options)
+    if url.endswith(".json"):
+        import json
+
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
+            raise ValueError(f"{url}: a vocabulary JSON needs a 'classes' list")
+        return Vocabulary.from_entries([str(c) for c in data["classes"]], data.get("background"))
+    lines = [line.strip() for line in text.splitlines()]
+    return Vocabulary.from_entries([line for line in lines if line and not line.startswith("#")])
+
+
+def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: dict | None = None) -> Vocabulary:
+    """The run's vocabulary: inline classes, else `cfg.file`, else `vocabulary.json` beside the input."""
+    if cfg.classes:
+        vocab = Vocabulary.from_entries(list(cfg.classes))
+    elif cfg.file:
+        vocab = load_vocabulary(cfg.file, storage_options)
+    elif near and fs.exists(fs.join(near, "vocabulary.json"), storage_options):
+        vocab = load_vocabulary(fs.join(near, "vocabulary.json"), storage_options)
+    else:
+        raise ValueError(
+            "no vocabulary: set vocab.classes (inline) or vocab.file, or put a vocabulary.json beside the input shards"
+        )
+    if cfg.background:
+        # An explicit background word list becomes (or replaces the words of) the background class.
+        names = list(vocab.names)
+        if vocab.background is None:
+            return Vocabulary(tuple([tuple(cfg.background), *names]), 0)
+        names[vocab.background] = tuple(cfg.background)
+        return Vocabulary(tuple(names), vocab.background)
+    return vocab
