@@ -1,0 +1,68 @@
+"""Config loading: YAML + dotted overrides, strict keys and types, hashes that drive resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.cli import main
+from pipeline.config import ConfigError, RunCfg, config_hash, diff_keys, dump_yaml, load_config
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("input: s3://bkt/train-{000000..000009}.tar\noutput: s3://bkt/out\nmodel:\n  name: ViT-B-16\n")
+    cfg = load_config(str(path), ["model.precision=bf16", "infer.crop=224", "head.options.ks_thresh=0.9"])
+    assert cfg.input == ["s3://bkt/train-{000000..000009}.tar"]
+    assert cfg.model.name == "ViT-B-16"
+    assert cfg.model.precision == "bf16"
+    assert cfg.infer.crop == 224
+    assert cfg.head.options == {"ks_thresh": 0.9}
+    assert cfg.infer.stride == 0  # untouched keys keep their defaults
+
+
+def test_ints_widen_to_floats_but_not_the_reverse():
+    assert load_config(None, ["infer.logit_scale=50"]).infer.logit_scale == 50.0
+    with pytest.raises(ConfigError, match="infer.batch_size: expected a whole number"):
+        load_config(None, ["infer.batch_size=1.5"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.nme=x", "unknown config key 'model.nme'; allowed keys: name, pretrained, precision, device"),
+        ("modle.name=x", "unknown config key 'modle'"),
+        ("model.precision=fp8", "model.precision: 'fp8' is not allowed; choose one of auto, fp32, bf16, fp16"),
+        ("zoom.enabled=maybe", "zoom.enabled: expected true or false"),
+        ("model=3", "model: expected a mapping of ModelCfg keys"),
+        ("novalue", "is not of the form key=value"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_dump_roundtrips(tmp_path):
+    cfg = load_config(None, ["input=[a.tar, b.tar]", "vocab.classes=[cat, 'tv, monitor']", "zoom.enabled=true"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+def test_hash_ignores_execution_keys_only():
+    base = RunCfg()
+    moved = load_config(None, ["output=s3://elsewhere", "distribute.num_actors=8"])
+    changed = load_config(None, ["head.name=sclip"])
+    assert config_hash(base) == config_hash(moved)
+    assert config_hash(base) != config_hash(changed)
+    assert diff_keys(base, changed) == ["head.name"]
+
+
+def test_config_show_cli(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("input: [a.tar]\noutput: out\n")
+    assert main(["config", "show", str(path), "infer.crop=224"]) == 0
+    shown = capsys.readouterr().out
+    assert "crop: 224" in shown and "name: shapes-clip" in shown
+    assert main(["config", "show", str(path), "infer.crop=big"]) == 2
+    assert "infer.crop: expected a whole number, got 'big'" in capsys.readouterr().err
