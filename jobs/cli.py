@@ -17,6 +17,7 @@ from pipeline.config import ConfigError
 # Subcommand modules, in the order `clipdense --help` shows them.
 COMMANDS = [
     "jobs.config_cmd",
+    "jobs.shapes",
 ]
 
 
