@@ -1,0 +1,153 @@
+"""`clipdense eval` end to end on real shards: ShapeWorld truth, run outputs written by the label sink,
+a VOC-style folder, and (with the engine) a tiny random-init model run on the fly."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from pipeline.data.shapeworld_shards import write_dataset
+from pipeline.eval.evaluate import evaluate_run_output
+from pipeline.eval.predictions import RunOutputPredictions
+from pipeline.eval.truth import open_truth
+from pipeline.io.read import Sample, iter_samples
+from pipeline.outputs import write_vocabulary
+from pipeline.stages.write import LabelShardSink, RowContext
+from pipeline.vocab import Vocabulary
+
+N_CLASSES = 37
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("shapes"))
+    write_dataset(out, shards=2, per_shard=3, size=32, seed=7, small_objects=True)
+    return out
+
+
+def _truth_samples(shapes: str) -> list[Sample]:
+    samples = []
+    for shard in ("shapes-000000", "shapes-000001"):
+        samples += [s for s in iter_samples(f"{shapes}/{shard}.tar") if isinstance(s, Sample)]
+    return samples
+
+
+def _seg(sample: Sample) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(sample.extra["seg.png"])))
+
+
+def _write_run(out: str, shapes: str, label_fn, shards=("shapes-000000", "shapes-000001"), vocab=None) -> str:
+    """A run output as the labeling job writes it, with label maps label_fn(truth) for each sample."""
+    vocab = vocab or Vocabulary.from_entries(json.load(open(f"{shapes}/vocabulary.json"))["classes"], 0)
+    write_vocabulary(out, vocab, ["a photo of a {}."], "0" * 64)
+    for shard in shards:
+        sink = LabelShardSink(out, shard, len(vocab), RowContext("maskclip", "shapes-clip", "abc"))
+        for i, sample in enumerate(s for s in iter_samples(f"{shapes}/{shard}.tar") if isinstance(s, Sample)):
+            labels = label_fn(_seg(sample)).astype(np.uint8)
+            sink.add(i, sample.key, labels, np.ones(labels.shape, np.float32))
+        sink.commit()
+    return out
+
+
+def test_run_output_built_from_the_truth_scores_one(shapes, tmp_path):
+    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
+    report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
+    assert report["n_images"] == 6
+    assert report["mIoU"] == 1.0 and report["background_iou"] == 1.0
+    assert report["small_object_iou"] == 1.0 and report["small_object_count"] >= 3
+    assert report["colour_mIoU"] == 1.0
+    assert report["predictions"]["missing"] == 0
+
+
+def test_all_background_run_scores_the_background_share(shapes, tmp_path):
+    run = _write_run(str(tmp_path / "run"), shapes, np.zeros_like)
+    report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
+    segs = [_seg(s) for s in _truth_samples(shapes)]
+    bg_share = sum((s == 0).sum() for s in segs) / sum(s.size for s in segs)
+    n_object_classes = len(set(np.concatenate([np.unique(s) for s in segs]).tolist()) - {0})
+    expected = bg_share / (1 + n_object_classes)  # background IoU, then 0 for every object class present
+    assert report["mIoU"] == pytest.approx(expected, abs=1e-6)
+    assert report["background_iou"] == pytest.approx(bg_share, abs=1e-6)
+    assert report["small_object_iou"] == 0.0
+    assert report["baselines"]["all_background"]["mIoU"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_uncommitted_shard_counts_as_misses_and_ignore_pixels_too(shapes, tmp_path):
+    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg, shards=("shapes-000000",))
+    report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
+    assert report["predictions"]["missing"] == 3
+    assert 0.0 < report["mIoU"] < 1.0
+    assert report["ignored_fraction"] == pytest.approx(0.5, abs=0.01)  # 3 of 6 equal-size images unlabelled
+
+    ignored = _write_run(str(tmp_path / "ignored"), shapes, lambda seg: np.where(seg > 0, 255, 0))
+    report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(ignored))
+    assert report["background_iou"] == 1.0  # no false positives from ignored pixels
+    assert all(v == 0.0 for name, v in report["per_class"].items() if name != "background" and v is not None)
+
+
+def test_run_classes_are_matched_to_truth_classes_by_name(shapes, tmp_path):
+    names = json.load(open(f"{shapes}/vocabulary.json"))["classes"]
+    reordered = Vocabulary.from_entries([names[0], *reversed(names[1:])], 0)
+    to_run = np.array([0, *range(N_CLASSES - 1, 0, -1)], dtype=np.uint8)  # truth id -> run id
+    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: to_run[seg], vocab=reordered)
+    report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
+    assert report["mIoU"] == 1.0
+
+
+def test_cli_writes_table_and_json(shapes, tmp_path, capsys):
+    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
+    out = tmp_path / "report.json"
+    assert main(["eval", "--truth", shapes, "--pred", run, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "all_background" in printed and "red circle" in printed
+    report = json.loads(out.read_text())
+    for field in ("mIoU", "per_class", "background_iou", "small_object_iou", "baselines"):
+        assert field in report
+    assert report["mIoU"] == 1.0
+
+
+def test_cli_names_a_folder_that_is_not_a_run(shapes, tmp_path, capsys):
+    assert main(["eval", "--truth", shapes, "--pred", str(tmp_path)]) == 2
+    assert "not a labeling run's output" in capsys.readouterr().err
+
+
+def _voc_folder(root) -> str:
+    """Two 20x24 images, classes background/cat/dog, a void border, instance maps for small objects."""
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject"):
+        (root / sub).mkdir(parents=True)
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (252 * 3) + [224, 224, 192]
+    for i in range(2):
+        cls = np.zeros((20, 24), np.uint8)
+        inst = np.zeros((20, 24), np.uint8)
+        cls[2:12, 2:14], inst[2:12, 2:14] = 1, 1  # a large cat
+        cls[15:17, 18:20], inst[15:17, 18:20] = 2, 2  # a 4-pixel dog (< 3% of 480)
+        cls[0, :], inst[0, :] = 255, 255  # void border
+        for sub, arr in (("SegmentationClass", cls), ("SegmentationObject", inst)):
+            img = Image.fromarray(arr)
+            img.putpalette(palette)
+            img.save(root / sub / f"img{i}.png")
+        Image.fromarray(np.full((20, 24, 3), 90, np.uint8)).save(root / "JPEGImages" / f"img{i}.jpg")
+    return str(root)
+
+
+def test_voc_folder_reads_palette_labels_instances_and_class_list(tmp_path):
+    truth = open_truth(_voc_folder(tmp_path / "voc"))
+    assert truth.kind == "voc" and truth.vocab.display_names == ["background", "cat", "dog"]
+    assert truth.vocab.background == 0
+    samples = list(truth.samples())
+    assert [s.key for s in samples] == ["img0", "img1"]
+    first = samples[0]
+    assert first.image.shape == (20, 24, 3) and first.truth[0, 0] == 255 and first.truth[3, 3] == 1
+    assert {(o.class_id, o.box, o.area) for o in first.objects} == {(1, (2, 2, 14, 12), 120), (2, (18, 15, 20, 17), 4)}
+
+
+def test_voc_folder_cannot_be_scored_against_a_run_output(tmp_path, shapes):
+    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
+    with pytest.raises(ValueError, match="not a set of shards"):
+        evaluate_run_output(open_truth(_voc_folder(tmp_path / "voc")), RunOutputPredictions(run))
