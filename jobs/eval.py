@@ -1,0 +1,178 @@
+"""`clipdense eval`: how good are the labels? mIoU and diagnostics against ground truth, as a table and JSON.
+
+    clipdense eval --truth SHARDS_OR_FOLDER --pred RUN_OUTPUT [--json FILE]
+    clipdense eval --truth SHARDS_OR_FOLDER --head NAME [--model M] [--pretrained URL] [--config FILE] [k=v ...]
+    clipdense eval --truth CALIBRATION_SHARDS --head NAME --calibrate-background [k=v ...]
+
+`k=v` overrides set the same config keys as the labeling job (e.g. `infer.short_side=448`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from pipeline.config import load_config
+from pipeline.eval.diagnostics import DEFAULT_TOP_K
+from pipeline.io import fs
+
+RANDOM_INIT = "random_init"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "eval",
+        help="score label maps against ground truth (mIoU, per class, background, small objects)",
+        description="Score a labeling run's output (--pred) or a dense head run on the fly (--head) against "
+        "ground truth: shards with seg.png and a vocabulary.json beside them (ShapeWorld), or a VOC-style "
+        "folder (JPEGImages/, SegmentationClass/, optional SegmentationObject/, classes.txt).",
+    )
+    parser.add_argument(
+        "--truth", nargs="+", required=True, help="truth shards (list, pattern, glob, folder) or a VOC-style folder"
+    )
+    parser.add_argument("--vocab", default="", help="class list of the truth (default: found beside it)")
+    parser.add_argument("--split", default="", help="VOC-style folder: key list ImageSets/Segmentation/SPLIT.txt")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pred", help="output URL of a labeling run (only committed shards are read)")
+    source.add_argument("--head", help="run this dense head on the truth images (pipeline.models.heads)")
+    parser.add_argument("--model", default=None, help="model.name for --head (default: the config's)")
+    parser.add_argument("--pretrained", default=None, help="model.pretrained for --head (default: the config's)")
+    parser.add_argument("--config", default=None, help="run config YAML, as for the labeling job")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="classes kept by the top-k diagnostic")
+    parser.add_argument("--no-random-baseline", action="store_true", help="skip the random-init model baseline")
+    parser.add_argument(
+        "--zero-shot",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure image-level zero-shot accuracy on N single-object ShapeWorld scenes",
+    )
+    parser.add_argument(
+        "--calibrate-background",
+        action="store_true",
+        help="find the vocab.background_offset maximising mIoU on --truth (a calibration split, "
+        "never the evaluation split) instead of evaluating",
+    )
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON (any fsspec URL)")
+    parser.add_argument("overrides", nargs="*", metavar="k=v", help="config overrides, e.g. infer.short_side=448")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.eval.truth import open_truth
+
+    cfg = load_config(args.config, _overrides(args))
+    so = cfg.storage_options or None
+    truth = open_truth(args.truth, args.vocab, args.split, so)
+    if args.pred:
+        if args.zero_shot or args.calibrate_background:
+            raise ValueError("--zero-shot and --calibrate-background need a model: use --head, not --pred")
+        from pipeline.eval.evaluate import evaluate_run_output
+        from pipeline.eval.predictions import RunOutputPredictions
+
+        report = evaluate_run_output(truth, RunOutputPredictions(args.pred, so))
+        _print_report(report, f"run output {args.pred}")
+    else:
+        report = _run_head(args, cfg, truth)
+    if args.json:
+        fs.put_atomic(args.json, json.dumps(report, indent=1).encode(), so)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = [f"head.name={args.head}"] if args.head else []
+    extra += [f"model.name={args.model}"] if args.model is not None else []
+    extra += [f"model.pretrained={args.pretrained}"] if args.pretrained is not None else []
+    return [*args.overrides, *extra]
+
+
+def _run_head(args: argparse.Namespace, cfg, truth) -> dict:
+    from pipeline.eval.evaluate import evaluate_labelers
+    from pipeline.stages.infer import DenseLabeler
+
+    so = cfg.storage_options or None
+    labeler = DenseLabeler(cfg, truth.vocab, so)
+    if args.calibrate_background:
+        from pipeline.eval.calibrate import calibrate_background_offset
+
+        report = calibrate_background_offset(labeler, truth, cfg)
+        _print_calibration(report)
+        return report
+    baselines = {} if args.no_random_baseline else {RANDOM_INIT: DenseLabeler(_random_init(cfg), truth.vocab, so)}
+    report = evaluate_labelers(truth, labeler, baselines, args.top_k, cfg.infer.batch_size)
+    report["predictions"] = {"head": cfg.head.name, "model": cfg.model.name, "pretrained": cfg.model.pretrained}
+    _print_report(report, f"{cfg.head.name} on {cfg.model.name}")
+    if args.zero_shot:
+        from pipeline.eval.zeroshot import zero_shot_accuracy
+
+        report["zero_shot"] = zero_shot_accuracy(labeler, args.zero_shot)
+        print(
+            f"\nzero-shot image-level accuracy on {args.zero_shot} single-object scenes: "
+            f"class {_fmt(report['zero_shot']['accuracy'])}, colour {_fmt(report['zero_shot']['colour_accuracy'])}, "
+            f"shape {_fmt(report['zero_shot']['shape_accuracy'])}"
+        )
+    return report
+
+
+def _random_init(cfg):
+    import dataclasses
+
+    from pipeline.models.backbone import RANDOM_INIT_WEIGHTS
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=RANDOM_INIT_WEIGHTS))
+
+
+# (column title, key in a summary or in its diagnostics)
+_COLUMNS = (
+    ("mIoU", "mIoU"),
+    ("true-cls", "true_classes"),
+    ("top-k", "top_k"),
+    ("colour", "colour_mIoU"),
+    ("backgr", "background_iou"),
+    ("small", "small_object_iou"),
+)
+
+
+def _print_report(report: dict, title: str) -> None:
+    print(
+        f"{report['n_images']} images of {report['truth']} ({report['truth_kind']}), {len(report['classes'])} classes"
+    )
+    print("\nper-class IoU of " + title)
+    absent = 0
+    for name, value in report["per_class"].items():
+        if value is None:
+            absent += 1
+        else:
+            print(f"  {name:<28} {_fmt(value)}")
+    if absent:
+        print(f"  ({absent} classes in neither truth nor prediction: not scored, left out of the mean)")
+    rows = {"model": report, **report["baselines"]}
+    print(f"\n{'':<16}" + "".join(f"{col:>10}" for col, _ in _COLUMNS))
+    for name, summary in rows.items():
+        cells = []
+        for _, key in _COLUMNS:
+            value = summary.get(key)
+            if value is None and key in ("true_classes", "top_k"):
+                value = summary.get("diagnostics", {}).get(key, {}).get("mIoU")
+            cells.append(f"{_fmt(value):>10}")
+        print(f"{name:<16}" + "".join(cells))
+    if "diagnostics" in report:
+        print(
+            f"(true-cls: argmax over each image's true classes; top-k: over the top {report['diagnostics']['top_k']['k']} "
+            "image-level classes + background; colour: classes merged by colour)"
+        )
+
+
+def _print_calibration(report: dict) -> None:
+    for offset, miou in report["curve"]:
+        print(f"  background_offset {offset:+.4f}  mIoU {_fmt(miou)}")
+    print(
+        f"best vocab.background_offset = {report['background_offset']:.4f} (mIoU {_fmt(report['mIoU'])} "
+        f"on {report['n_images']} calibration images)"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
