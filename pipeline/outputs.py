@@ -1,0 +1,139 @@
+"""The output folder of a labeling run as a whole: its config, vocabulary, commit markers and summary.
+
+A run's identity is `_run/config.yaml`, written once when the output is new. A later run into the
+same output resumes only when its config hashes equal (`config_hash`, which leaves out the execution
+keys such as the Ray address) and its vocabulary is the same; otherwise it is refused with the keys
+that differ, because mixing two configs' labels in one output would be silent corruption.
+Committed shards are those with a marker in `_commits/`; everything else is redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any
+
+import yaml
+
+from pipeline import schema
+from pipeline.config import EXECUTION_KEYS, RunCfg, config_hash, diff_keys, dump_yaml, from_dict
+from pipeline.io import fs
+from pipeline.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+# storage_options entries with these words in their name are credentials: never written to the output.
+_SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+_RUN_DIRS = (schema.RUN_DIR, schema.COMMITS_DIR, schema.LABELS_DIR, schema.META_DIR)
+
+
+class OutputConflict(ValueError):
+    """The output already holds a run with a different config or vocabulary."""
+
+
+def public_config(cfg: RunCfg) -> RunCfg:
+    """`cfg` without credentials in `storage_options` (the form written to `_run/config.yaml`)."""
+    return dataclasses.replace(cfg, storage_options=_without_secrets(cfg.storage_options))
+
+
+def _without_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: _without_secrets(v) if isinstance(v, dict) else v for k, v in options.items() if not _SECRET.search(str(k))
+    }
+
+
+def prepare_output(cfg: RunCfg, vocab: Vocabulary, overwrite: bool = False) -> set[str]:
+    """Make `cfg.output` ready for this run and return the names of shards already committed.
+
+    A new output gets `_run/config.yaml`. An existing one is resumed when config and vocabulary are
+    equal, cleared first when `overwrite`, and refused otherwise (OutputConflict naming the keys).
+    """
+    out, options = cfg.output, cfg.storage_options
+    config_url = fs.join(out, schema.CONFIG_FILE)
+    if overwrite:
+        for name in _RUN_DIRS:
+            fs.remove(fs.join(out, name), options)
+    elif fs.exists(config_url, options):
+        _check_same_run(cfg, vocab, read_run_config(out, options))
+    elif committed_shards(out, options):
+        raise OutputConflict(f"{out} holds committed shards but no {schema.CONFIG_FILE}; use --overwrite or a new output")
+    if not fs.exists(config_url, options):
+        fs.put_atomic(config_url, dump_yaml(public_config(cfg)).encode(), options)
+    remove_temporaries(out, options)
+    return committed_shards(out, options)
+
+
+def read_run_config(output: str, storage_options: dict | None = None) -> RunCfg:
+    """The config an output was started with (`_run/config.yaml`)."""
+    text = fs.read_text(fs.join(output, schema.CONFIG_FILE), storage_options)
+    return from_dict(RunCfg, yaml.safe_load(text) or {}, schema.CONFIG_FILE)
+
+
+def _check_same_run(cfg: RunCfg, vocab: Vocabulary, previous: RunCfg) -> None:
+    if config_hash(previous) != config_hash(cfg):
+        keys = [k for k in diff_keys(previous, cfg) if k.split(".")[0] not in EXECUTION_KEYS]
+        raise OutputConflict(
+            f"{cfg.output} was written with a different config (differing keys: {', '.join(keys)}); "
+            "rerun with --overwrite to replace it, or choose a new output"
+        )
+    vocab_url = fs.join(cfg.output, schema.VOCAB_FILE)
+    if fs.exists(vocab_url, cfg.storage_options):
+        written = fs.read_json(vocab_url, cfg.storage_options)
+        mine = vocab.to_json()
+        if [written.get("classes"), written.get("background")] != [mine["classes"], mine["background"]]:
+            raise OutputConflict(
+                f"{cfg.output} was labelled with a different vocabulary (differing keys: vocab); "
+                "rerun with --overwrite to replace it, or choose a new output"
+            )
+
+
+def write_vocabulary(
+    output: str, vocab: Vocabulary, templates: list[str], text_checksum: str, storage_options: dict | None = None
+) -> None:
+    """`_run/vocabulary.json`: class ids (the list position), names, templates, text-embedding checksum.
+
+    Written by the first model that starts; on a resume, a different checksum (other weights or
+    numerics behind the same config) is logged, since labels from both would share one output.
+    """
+    url = fs.join(output, schema.VOCAB_FILE)
+    content = {**vocab.to_json(), "templates": list(templates), "text_embedding_sha256": text_checksum}
+    if fs.exists(url, storage_options):
+        previous = fs.read_json(url, storage_options).get("text_embedding_sha256")
+        if previous != text_checksum:
+            logger.warning("text embeddings differ from the ones this output was started with (%s vs %s)",
+                           text_checksum[:12], str(previous)[:12])
+        return
+    fs.put_json(url, content, storage_options)
+
+
+def committed_shards(output: str, storage_options: dict | None = None) -> set[str]:
+    """Names of the shards under `output` that have a commit marker."""
+    filesystem, path = fs.url_to_fs(fs.join(output, schema.COMMITS_DIR), storage_options)
+    if not filesystem.exists(path):
+        return set()
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in filesystem.ls(path, detail=False))
+    return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith("_tmp.")}
+
+
+def remove_temporaries(output: str, storage_options: dict | None = None) -> int:
+    """Delete partial files left by killed attempts (`_tmp.*` in labels/, meta/, _commits/).
+
+    Call only while no worker writes into `output`: a live attempt's temporary files look the same.
+    """
+    removed = 0
+    for folder in (schema.LABELS_DIR, schema.META_DIR, schema.COMMITS_DIR, schema.RUN_DIR):
+        filesystem, path = fs.url_to_fs(fs.join(output, folder), storage_options)
+        if not filesystem.exists(path):
+            continue
+        for entry in filesystem.ls(path, detail=False):
+            if entry.rstrip("/").rsplit("/", 1)[-1].startswith("_tmp."):
+                filesystem.rm(entry)
+                removed += 1
+    if removed:
+        logger.info("removed %d partial files of interrupted attempts", removed)
+    return removed
+
+
+def write_summary(output: str, summary: dict[str, Any], storage_options: dict | None = None) -> None:
+    fs.put_json(fs.join(output, schema.SUMMARY_FILE), summary, storage_options)
