@@ -19,6 +19,8 @@ COMMANDS = [
     "jobs.config_cmd",
     "jobs.shapes",
     "jobs.eval",
+    "jobs.label",
+    "jobs.submit",
 ]
 
 

@@ -1,0 +1,90 @@
+"""`clipdense label CONFIG [k=v ...]`: label image shards with the dense engine on a pool of Ray actors.
+
+Also `python -m jobs.label CONFIG [k=v ...]`. The smallest config is two lines::
+
+    input: s3://bucket/shards/train-{000000..000099}.tar
+    output: s3://bucket/labels/run1
+
+By default an embedded local Ray instance runs the job; `--address` joins a running cluster. A rerun
+into the same output resumes (committed shards are skipped) when the config is equal, and is refused
+otherwise unless `--overwrite`. Exit status: 0 when every shard is committed, 1 when some failed,
+2 for a bad config or input, 130/143 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pipeline import schema
+from pipeline.config import load_config
+from pipeline.io import fs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "label",
+        help="label image shards with dense CLIP on Ray (labels tar + Parquet per shard)",
+        description="Read image shards from any fsspec URL, label every pixel with the dense engine on a pool "
+        "of Ray actors, and write OUT/labels/<shard>.tar, OUT/meta/<shard>.parquet and OUT/_commits/<shard>.json.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None, help="YAML config file or URL (optional with overrides)")
+    parser.add_argument("overrides", nargs="*", metavar="k=v", help="dotted overrides, e.g. infer.batch_size=32")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (host:port, auto); default: embedded")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output written with another config")
+
+
+def split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(config file, overrides): a first positional holding `=` is an override, not a file."""
+    file, overrides = args.config, list(args.overrides)
+    if file is not None and "=" in file:
+        file, overrides = None, [file, *overrides]
+    return file, overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.distribute import run_label_job
+
+    file, overrides = split_config_args(args)
+    if args.address is not None:
+        overrides.append(f"distribute.address={args.address}")
+    cfg = load_config(file, overrides)
+    summary = run_label_job(cfg, overwrite=args.overwrite)
+    print(format_summary(summary))
+    return int(summary["exit_code"])
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal; the full summary is in OUT/_run/summary.json."""
+    shards, samples = summary["shards"], summary["samples"]
+    lines = [
+        f"shards: {shards['committed']}/{shards['total']} committed ({shards['labelled']} labelled now, "
+        f"{shards['skipped']} already done), {shards['failed']} failed"
+        + (f", {shards['abandoned']} abandoned, {shards['not_started']} not started" if summary["interrupted"] else ""),
+        f"images: {samples['ok']} labelled, {samples['failed']} failed rows; {summary['images_per_s']:.1f} img/s, "
+        f"{summary['seconds']:.1f}s in all",
+    ]
+    for reason, n in list(samples["errors"].items())[:5]:
+        lines.append(f"  {n} x {reason}")
+    for failed in summary["failed_shards"]:
+        lines.append(f"failed shard {failed['shard']} after {failed['attempts']} attempts: {failed['error']}")
+    if summary["interrupted"]:
+        lines.append("interrupted: rerun the same command to finish the remaining shards")
+    lines.append(f"summary: {fs.join(summary['output'], schema.SUMMARY_FILE)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["label", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
