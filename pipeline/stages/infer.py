@@ -1,0 +1,193 @@
+"""Dense inference: images in, per-pixel class scores and labels out.
+
+`DenseLabeler` is built once per process from the run config: it loads the backbone, builds the
+text classifier of the vocabulary (cached) and the head. For a batch of images it:
+
+1. resizes each image so its short side is `infer.short_side` (0 = the model's input size);
+2. cuts sliding windows (`infer.crop`/`infer.stride`; crop 0 = whole image) and runs the windows of
+   ALL images of the batch through the head together (images of a whole-image batch are grouped by
+   size), which is what makes it many times faster than the usual one-crop-at-a-time loop;
+3. upsamples and averages window scores into a (K, h, w) map per image at the working resolution,
+   adds the background offset, and optionally refines it with PAMR (`infer.pamr_steps`);
+4. `finalize` upsamples a map to the original image size in horizontal stripes, so a 2048x1536
+   image with 150 classes never holds a full-size float32 K x H x W tensor, and turns it into labels
+   and confidences (softmax at `infer.logit_scale`), with background and ignore thresholds.
+
+Model calibration: a model's `meta.json` may carry `background_offset` (added to
+`vocab.background_offset`), `logit_scale` and `templates` (used while the config keeps the
+defaults of `infer.logit_scale` and `prompts.templates`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import schema
+from pipeline.config import InferCfg, PromptCfg, RunCfg
+from pipeline.models.backbone import Backbone, load_backbone
+from pipeline.models.heads import create_head
+from pipeline.models.pamr import pamr
+from pipeline.models.prompts import build_text_classifier, load_templates
+from pipeline.stages import windows as win
+from pipeline.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+_STRIPE_BYTES = 64 << 20  # working memory of one finalize stripe
+
+
+@dataclass(frozen=True)
+class DenseResult:
+    labels: np.ndarray  # (H, W) uint8 (< 255 classes) or uint16; schema.ignore_value(K) = ignore
+    confidence: np.ndarray  # (H, W) float32 in [0, 1]: max class probability
+
+
+class DenseLabeler:
+    """Labels images with a dense head; see the module docstring for the steps.
+
+    `backbone` may be passed to share one loaded model between labelers; it must match `cfg.model`.
+    """
+
+    def __init__(
+        self, cfg: RunCfg, vocab: Vocabulary, storage_options: dict | None = None, backbone: Backbone | None = None
+    ) -> None:
+        self.cfg, self.vocab = cfg, vocab
+        self.infer: InferCfg = cfg.infer
+        if (cfg.vocab.background_threshold > 0 or cfg.vocab.background_offset) and vocab.background is None:
+            raise ValueError(
+                "vocab.background_threshold and vocab.background_offset need a background class: "
+                "set vocab.background words or use a vocabulary with a 'background' id"
+            )
+        self.backbone = backbone or load_backbone(cfg.model, storage_options)
+        self.head = create_head(cfg.head.name, **cfg.head.options)
+        meta = self.backbone.meta
+        spec = cfg.prompts.templates
+        if spec == PromptCfg().templates and meta.get("templates"):
+            spec = meta["templates"]
+        self.templates = tuple(spec) if isinstance(spec, list) else load_templates(spec, storage_options)
+        self.text = build_text_classifier(self.backbone, vocab, self.templates)
+        self.logit_scale = cfg.infer.logit_scale
+        if self.logit_scale == InferCfg().logit_scale and meta.get("logit_scale"):
+            self.logit_scale = float(meta["logit_scale"])
+        self.background_offset = cfg.vocab.background_offset
+        if vocab.background is not None:
+            self.background_offset += float(meta.get("background_offset", 0.0))
+        self.ignore = schema.ignore_value(len(vocab))
+        self.label_dtype = np.uint8 if self.ignore == schema.IGNORE_U8 else np.uint16
+        device = self.backbone.device
+        self._mean = torch.tensor(self.backbone.mean, device=device).view(3, 1, 1)
+        self._std = torch.tensor(self.backbone.std, device=device).view(3, 1, 1)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.vocab)
+
+    def __call__(self, images: list[np.ndarray]) -> list[DenseResult]:
+        out = []
+        for start in range(0, len(images), self.infer.batch_size):
+            chunk = images[start : start + self.infer.batch_size]
+            out += [self.finalize(s, img.shape[:2]) for s, img in zip(self.score_maps(chunk), chunk, strict=True)]
+        return out
+
+    def score_maps(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """Class scores (K, h, w) float32 per image at the working resolution (short side resized), before
+        softmax, on the model's device. `images` are (H, W, 3) uint8 RGB."""
+        out = []
+        for start in range(0, len(images), self.infer.batch_size):
+            tensors = [self._to_tensor(img) for img in images[start : start + self.infer.batch_size]]
+            out += self._score([self._resize(t, self._working_size(*t.shape[1:])) for t in tensors], self.infer.crop)
+        return out
+
+    def score_crops(self, crops: list[np.ndarray], sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """Scores of arbitrary image crops (H, W, 3) uint8, all resized to the model's input size (S x S) and
+        run as one batch (for re-inferring zoomed regions). Each map is (K, S, S), or `sizes[i]` if given."""
+        square = self.backbone.image_size
+        tensors = [self._resize(self._to_tensor(crop), square) for crop in crops]
+        maps = []
+        for start in range(0, len(tensors), self.infer.batch_size):
+            maps += self._score(tensors[start : start + self.infer.batch_size], crop=0)
+        if sizes is None:
+            return maps
+        return [
+            F.interpolate(m[None], size=tuple(s), mode="bilinear", align_corners=False)[0]
+            for m, s in zip(maps, sizes, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def finalize(self, score_map: torch.Tensor, size: tuple[int, int]) -> DenseResult:
+        """Labels and confidences at `size` (H, W) from a (K, h, w) score map (bilinear upsampling, in stripes)."""
+        k, h, w = score_map.shape
+        height, width = int(size[0]), int(size[1])
+        rows_y, rows_x = _lerp_index(h, height, score_map.device), _lerp_index(w, width, score_map.device)
+        labels = np.empty((height, width), self.label_dtype)
+        confidence = np.empty((height, width), np.float32)
+        step = max(1, _STRIPE_BYTES // (4 * 3 * k * width))
+        bg, bg_thresh = self.vocab.background, self.cfg.vocab.background_threshold
+        for r0 in range(0, height, step):
+            i0, i1, fy = (t[r0 : r0 + step] for t in rows_y)
+            stripe = score_map[:, i0] * (1 - fy)[:, None] + score_map[:, i1] * fy[:, None]  # (K, r, w)
+            stripe = stripe[:, :, rows_x[0]] * (1 - rows_x[2]) + stripe[:, :, rows_x[1]] * rows_x[2]  # (K, r, W)
+            conf, lab = F.softmax(self.logit_scale * stripe.float(), dim=0).max(dim=0)
+            keep = conf >= self.infer.conf_threshold
+            if bg is not None and bg_thresh > 0:
+                as_background = conf < bg_thresh
+                lab = torch.where(as_background, bg, lab)
+                keep = keep | as_background  # a thresholded pixel is background, not unknown
+            lab = torch.where(keep, lab, self.ignore)
+            labels[r0 : r0 + step] = lab.cpu().numpy()
+            confidence[r0 : r0 + step] = conf.cpu().numpy()
+        return DenseResult(labels, confidence)
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB to (3, H, W) float32 in [0, 1] on the device."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image)).to(self.backbone.device).permute(2, 0, 1).float() / 255
+
+    def _working_size(self, height: int, width: int) -> tuple[int, int]:
+        short = self.infer.short_side or min(self.backbone.image_size)
+        scale = short / min(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    @staticmethod
+    def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(image.shape[1:]) == tuple(size):
+            return image
+        return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+    @torch.inference_mode()
+    def _score(self, images: list[torch.Tensor], crop: int) -> list[torch.Tensor]:
+        """Score maps (K, h, w) of [0, 1] images (3, h, w): all windows of all images in one head call
+        per window size (one call when `crop` > 0)."""
+        plans = [win.plan(*img.shape[1:], crop, self.infer.stride, self.backbone.stride) for img in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (size, _) in enumerate(plans):
+            groups.setdefault(size, []).append(i)
+        maps: list[torch.Tensor | None] = [None] * len(images)
+        for size, members in groups.items():
+            batch = torch.cat([win.cut((images[i] - self._mean) / self._std, plans[i][1], size) for i in members])
+            scores = self.head(self.backbone, self.text, batch)  # (n_windows, K, h, w)
+            logger.debug("head %s: %d windows of %s from %d images", self.cfg.head.name, len(batch), size, len(members))
+            for i, part in zip(members, scores.split([len(plans[i][1]) for i in members]), strict=True):
+                maps[i] = self._post(win.stitch(part, plans[i][1], size, tuple(images[i].shape[1:])), images[i])
+        return maps
+
+    def _post(self, scores: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if self.vocab.background is not None and self.background_offset:
+            scores[self.vocab.background] += self.background_offset
+        if self.infer.pamr_steps > 0:
+            scores = pamr(scores[None], image[None], self.infer.pamr_steps)[0]
+        return scores
+
+
+def _lerp_index(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear source indices and weights along one axis, as `F.interpolate(align_corners=False)` uses them."""
+    pos = ((torch.arange(dst, device=device, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).clamp_min(0)
+    i0 = pos.floor().long().clamp_max(src - 1)
+    i1 = (i0 + 1).clamp_max(src - 1)
+    return i0, i1, (pos - i0).float()
