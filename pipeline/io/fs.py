@@ -68,17 +68,26 @@ def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
     return fs.exists(path)
 
 
+TEMP_PREFIX = "_tmp."
+
+
 def temp_name(url: str) -> str:
     """A sibling name no other writer uses, so concurrent or retried attempts never collide."""
     head, _, tail = url.rpartition("/")
-    return f"{head}/_tmp.{uuid.uuid4().hex[:12]}.{tail}" if head else f"_tmp.{uuid.uuid4().hex[:12]}.{tail}"
+    name = f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}.{tail}"
+    return f"{head}/{name}" if head else name
+
+
+def is_temp_name(url: str) -> bool:
+    """True for names made by `temp_name`: files of an unfinished write, which no reader may list."""
+    return url.rstrip("/").rpartition("/")[2].startswith(TEMP_PREFIX)
 
 
 def move(src: str, dst: str, storage_options: StorageOptions | None = None) -> None:
     """Move src to dst, replacing dst: an atomic rename locally, copy-then-delete on object stores."""
     fs, src_path = url_to_fs(src, storage_options)
     _, dst_path = url_to_fs(dst, storage_options)
-    if _is_local(fs):
+    if is_local(fs):
         os.makedirs(os.path.dirname(dst_path) or ".", exist_ok=True)
         os.replace(src_path, dst_path)
     else:
@@ -89,7 +98,7 @@ def put_atomic(url: str, data: bytes, storage_options: StorageOptions | None = N
     """Write `data` to `url` so that a reader sees either the old file or the whole new one."""
     tmp = temp_name(url)
     fs, tmp_path = url_to_fs(tmp, storage_options)
-    if _is_local(fs):
+    if is_local(fs):
         os.makedirs(os.path.dirname(tmp_path) or ".", exist_ok=True)
     with fs.open(tmp_path, "wb") as f:
         f.write(data)
@@ -106,6 +115,7 @@ def remove(url: str, storage_options: StorageOptions | None = None) -> None:
         fs.rm(path, recursive=True)
 
 
-def _is_local(fs: AbstractFileSystem) -> bool:
+def is_local(fs: AbstractFileSystem) -> bool:
+    """True for the local filesystem, where paths are plain absolute paths and renames are atomic."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

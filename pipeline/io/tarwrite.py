@@ -31,6 +31,9 @@ class TarShardWriter:
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if "." in key.rsplit("/", 1)[-1]:
             raise ValueError(f"sample key {key!r} must not contain a dot in its basename (WebDataset keys)")
+        if not key or key.startswith("/") or "\\" in key or ".." in key.split("/"):
+            # A reader extracting this shard would write outside its folder.
+            raise ValueError(f"sample key {key!r} must be a relative name without '..' components")
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)

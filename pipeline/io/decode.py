@@ -1,0 +1,81 @@
+"""Bytes → arrays for the members of an input sample: the RGB image and the optional `seg.png` truth.
+
+Every decoder checks the pixel count from the image header before any pixel is decoded, so a file
+that claims 40000×40000 pixels is refused without allocating it. Pillow's own process-wide bomb
+check (`Image.MAX_IMAGE_PIXELS`) is switched off on import of this module because its thresholds are
+fixed per process and would refuse images our `max_pixels` allows (or warn below it); every decoder
+here applies `max_pixels` instead. Failures raise `ValueError` with a reason readable by users.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+Image.MAX_IMAGE_PIXELS = None  # replaced by the explicit max_pixels check in _open_checked
+
+# Modes a class-id map may be stored in, and the dtype the ids come out as.
+_LABEL_MODES = {"L": np.uint8, "P": np.uint8, "1": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.uint16}
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode JPEG/PNG/WebP bytes to an (H, W, 3) uint8 RGB array, values 0..255.
+
+    Pixels come out as stored: EXIF orientation is not applied, so label maps computed from this
+    array line up with the raw pixels any other decoder returns. Alpha is dropped, palette and
+    grey images are expanded to RGB, and animated images give their first frame.
+    """
+    image = _open_checked(data, max_pixels)
+    try:
+        return np.array(image.convert("RGB"), dtype=np.uint8)  # np.array, not asarray: callers get a writable array
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error... for malformed data
+        raise ValueError(f"cannot decode {image.format} image: {_describe(exc)}") from None
+
+
+def decode_label_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a single-channel PNG of class ids (e.g. `seg.png` ground truth) to an (H, W) array.
+
+    8-bit grey, palette (the palette indices are the ids) and 1-bit PNGs give uint8; 16-bit grey
+    gives uint16. Colour PNGs are refused: their pixels are not class ids.
+    """
+    image = _open_checked(data, max_pixels)
+    if image.format != "PNG":
+        raise ValueError(f"label map must be a PNG, got {image.format}")
+    dtype = _LABEL_MODES.get(image.mode)
+    if dtype is None:
+        raise ValueError(f"label PNG must be single-channel (8/16-bit grey or palette), got mode {image.mode}")
+    try:
+        ids = np.array(image)
+    except Exception as exc:  # see decode_image
+        raise ValueError(f"cannot decode label PNG: {_describe(exc)}") from None
+    if ids.dtype == np.bool_:
+        return ids.astype(np.uint8)
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
+        raise ValueError(f"label PNG holds ids outside 0..{np.iinfo(dtype).max}")
+    return ids.astype(dtype, copy=False)
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and refuse the image before decoding if it has too many pixels."""
+    if not data:
+        raise ValueError("empty member (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:  # see decode_image
+        raise ValueError(f"not a readable image ({_describe(exc)})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(
+            f"image header claims {width}x{height} = {width * height} pixels, above max_pixels={max_pixels}; "
+            "not decoded"
+        )
+    return image
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,208 @@
+"""Input shard → stream of decoded samples: the first stage of every job.
+
+A shard is read member by member in tar stream mode over an fsspec file object, so memory holds one
+sample at a time whatever the shard's size, and local, `memory://` and `s3://` shards take the same
+path. Members are grouped into samples as WebDataset does: the key is the member name up to the
+first dot of its basename, directory prefix included (`a/b/000.seg.png` → key `a/b/000`, extension
+`seg.png`), and a sample is a run of adjacent members with the same key.
+
+Bad input never stops a shard: each bad sample becomes exactly one `SampleError` and reading goes
+on. A shard that cannot be opened or is not a tar gives one `SampleError` with key `""`; a shard cut
+off mid-way gives its good samples and then one `SampleError` for the sample it was reading (or key
+`""` when it broke between samples). Reasons name the member and the problem, never the storage
+options.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+
+from pipeline import schema
+from pipeline.io import fs
+from pipeline.io.decode import DEFAULT_MAX_PIXELS, decode_image
+
+logger = logging.getLogger(__name__)
+
+# A member larger than this is refused unread (a sample is held in memory while it is decoded).
+MAX_MEMBER_BYTES = 1 << 30
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One decoded input sample.
+
+    `shard` is the shard URL as passed to `iter_samples`; `image` is (H, W, 3) uint8 RGB, 0..255;
+    `json` is the parsed `json` member (an object) and `txt` the UTF-8 `txt` member, when present;
+    `extra` maps every other member's extension (e.g. `"seg.png"`, or a second image) to its bytes.
+    """
+
+    shard: str
+    key: str
+    image: np.ndarray
+    json: dict[str, Any] | None = None
+    txt: str | None = None
+    extra: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """A sample (or, with `key == ""`, a whole shard or its unreadable tail) that could not be read."""
+
+    shard: str
+    key: str
+    reason: str
+
+
+@dataclass
+class _Group:
+    """Members of one key gathered so far, and the problems found with them."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def iter_samples(
+    url: str, storage_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[Sample | SampleError]:
+    """Stream the samples of the tar shard at `url`, in tar order, as `Sample` or `SampleError`.
+
+    Nothing is extracted to disk; member names only become keys, so a name such as
+    `../../etc/x.jpg` is reported as unsafe and never used as a path. `max_pixels` bounds the
+    pixel count read from an image header before decoding.
+    """
+    try:
+        filesystem, path = fs.url_to_fs(url, storage_options)
+        raw = filesystem.open(path, "rb")
+    except FileNotFoundError:
+        yield _shard_error(url, "cannot open shard: no such file")
+        return
+    except Exception as exc:  # permissions, network, bad URL: the shard is unreadable, the run goes on
+        yield _shard_error(url, f"cannot open shard: {type(exc).__name__}: {exc}")
+        return
+    with raw:
+        yield from _iter_tar(url, _CountingReader(raw), max_pixels)
+
+
+def _iter_tar(url: str, raw: _CountingReader, max_pixels: int) -> Iterator[Sample | SampleError]:
+    try:
+        tar = tarfile.open(fileobj=raw, mode="r|")
+    except tarfile.ReadError as exc:
+        yield _shard_error(url, f"not a tar archive ({exc})")
+        return
+    except OSError as exc:  # the store failed on the first read
+        yield _shard_error(url, f"cannot read shard: {type(exc).__name__}: {exc}")
+        return
+    group: _Group | None = None
+    seen: set[str] = set()
+    try:
+        for member in tar:
+            if member.isdir():
+                continue  # directory entries carry no sample data
+            key, ext = _split_name(member.name)
+            if group is None or key != group.key:
+                if group is not None:
+                    yield _finish(url, group, max_pixels)
+                group = _Group(key)
+                if key in seen:
+                    group.problems.append("members of this key are not adjacent in the tar (key seen before)")
+                seen.add(key)
+            _add_member(tar, member, ext, group)
+        if raw.bytes_read < tar.offset + tarfile.BLOCKSIZE:
+            # tarfile ends quietly when a shard is cut exactly between members; only a missing
+            # end-of-archive block tells us, and the last sample may then lack members.
+            raise tarfile.ReadError("no end-of-archive marker")
+    except (tarfile.TarError, OSError) as exc:
+        key = group.key if group is not None else ""
+        where = "while reading this sample" if group is not None else "before its first sample"
+        logger.warning("shard %s is truncated or corrupt near sample %r: %s", url, key, exc)
+        yield SampleError(url, key, f"shard truncated or corrupt {where} ({exc})")
+        return
+    if group is not None:
+        yield _finish(url, group, max_pixels)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset key and extension of a member name (`./` prefixes dropped)."""
+    while name.startswith("./"):
+        name = name[2:]
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{folder}/{stem}" if folder else stem
+    return key, ext if dot else ""
+
+
+def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, group: _Group) -> None:
+    name = member.name
+    parts = name.split("/")
+    if name.startswith("/") or "\\" in name or ".." in parts:
+        group.problems.append(f"unsafe member path {name!r} (absolute or leaving the archive)")
+    elif not member.isfile():
+        group.problems.append(f"member {name!r} is a link or special file, not a regular file")
+    elif not ext or not posixpath.basename(group.key):
+        group.problems.append(f"member name {name!r} has no key.extension form")
+    elif ext in group.members:
+        group.problems.append(f"duplicate member {name!r}")
+    elif member.size > MAX_MEMBER_BYTES:
+        group.problems.append(f"member {name!r} is {member.size} bytes, above {MAX_MEMBER_BYTES}")
+    else:
+        group.members[ext] = tar.extractfile(member).read()
+
+
+def _finish(url: str, group: _Group, max_pixels: int) -> Sample | SampleError:
+    """Turn a complete group into a Sample, or into one SampleError naming everything wrong with it."""
+    problems = list(group.problems)
+    members = dict(group.members)
+    image_ext = next((ext for ext in schema.IMAGE_EXTS if ext in members), None)
+    if image_ext is None and not problems:
+        found = ", ".join(sorted(members)) or "none"
+        problems.append(f"no image member (one of {', '.join(schema.IMAGE_EXTS)}); members: {found}")
+    image = meta = text = None
+    if schema.JSON_EXT in members:
+        try:
+            meta = json.loads(members.pop(schema.JSON_EXT))
+            if not isinstance(meta, dict):
+                problems.append(f"json: must be an object, got {type(meta).__name__}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problems.append(f"json: invalid JSON ({exc})")
+    if schema.TEXT_EXT in members:
+        try:
+            text = members.pop(schema.TEXT_EXT).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(f"txt: not UTF-8 ({exc})")
+    if image_ext is not None and not problems:  # decode last: the costliest check
+        try:
+            image = decode_image(members.pop(image_ext), max_pixels)
+        except ValueError as exc:
+            problems.append(f"{image_ext}: {exc}")
+    if problems:
+        reason = "; ".join(problems)
+        logger.debug("bad sample %s in %s: %s", group.key, url, reason)
+        return SampleError(url, group.key, reason)
+    return Sample(shard=url, key=group.key, image=image, json=meta, txt=text, extra=members)
+
+
+def _shard_error(url: str, reason: str) -> SampleError:
+    logger.warning("shard %s: %s", url, reason)
+    return SampleError(url, "", reason)
+
+
+class _CountingReader:
+    """Read-only file wrapper that counts the bytes delivered, to tell a cut-off tar from a whole one."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self.bytes_read += len(data)
+        return data

@@ -1,0 +1,145 @@
+"""pipeline.io.fs and TarShardWriter on every kind of store: local folder, memory://, loopback S3."""
+
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+
+import pytest
+
+from pipeline.io import fs
+from pipeline.io.tarwrite import TarShardWriter
+
+
+def _listing(root: str, storage_options: dict | None) -> list[str]:
+    filesystem, path = fs.url_to_fs(root, storage_options)
+    return sorted(p.rsplit("/", 1)[-1] for p in filesystem.find(path))
+
+
+def _tar_members(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_put_atomic_then_read_back(storage):
+    root, options = storage
+    url = fs.join(root, "a/b/blob.bin")
+    fs.put_atomic(url, b"\x00\x01payload", options)
+    assert fs.read_bytes(url, options) == b"\x00\x01payload"
+    fs.put_atomic(url, b"second", options)  # replaces the old content
+    assert fs.read_bytes(url, options) == b"second"
+    assert _listing(root, options) == ["blob.bin"]  # no temporary file left behind
+
+
+def test_put_json_and_read_json(storage):
+    root, options = storage
+    fs.put_json(fs.join(root, "m.json"), {"b": [1, 2], "a": "x"}, options)
+    assert fs.read_json(fs.join(root, "m.json"), options) == {"a": "x", "b": [1, 2]}
+    assert fs.read_text(fs.join(root, "m.json"), options).startswith("{")
+
+
+def test_move_replaces_destination_and_removes_source(storage):
+    root, options = storage
+    src, dst = fs.join(root, "src.txt"), fs.join(root, "sub/dst.txt")
+    fs.put_atomic(dst, b"old", options)
+    fs.put_atomic(src, b"new", options)
+    fs.move(src, dst, options)
+    assert not fs.exists(src, options)
+    assert fs.read_bytes(dst, options) == b"new"
+
+
+def test_remove_and_exists(storage):
+    root, options = storage
+    url = fs.join(root, "gone/file.txt")
+    fs.put_atomic(url, b"x", options)
+    assert fs.exists(url, options)
+    fs.remove(fs.join(root, "gone"), options)
+    assert not fs.exists(url, options)
+    fs.remove(url, options)  # removing what is not there is not an error
+
+
+def test_missing_file_error_names_the_url_only(storage):
+    root, options = storage
+    url = fs.join(root, "nope.json")
+    with pytest.raises(FileNotFoundError, match="nope.json") as info:
+        fs.read_json(url, options)
+    assert "testing" not in str(info.value)  # the S3 key and secret are both "testing"
+
+
+def test_tar_writer_round_trip_keeps_order_and_bytes(storage):
+    root, options = storage
+    url = fs.join(root, "shards/s-000000.tar")
+    with TarShardWriter(url, options) as writer:
+        writer.write("000", {"jpg": b"J0", "json": b"{}"})
+        writer.write("sub/001", {"seg.png": b"P1", "txt": b"caption"})
+    assert writer.count == 2
+    data = fs.read_bytes(url, options)
+    assert list(_tar_members(data).items()) == [
+        ("000.jpg", b"J0"),
+        ("000.json", b"{}"),
+        ("sub/001.seg.png", b"P1"),
+        ("sub/001.txt", b"caption"),
+    ]
+    assert _listing(fs.join(root, "shards"), options) == ["s-000000.tar"]
+
+
+def test_tar_writer_is_deterministic(tmp_path):
+    urls = [str(tmp_path / f"{i}.tar") for i in range(2)]
+    for url in urls:
+        with TarShardWriter(url) as writer:
+            writer.write("k", {"txt": b"same"})
+    assert fs.read_bytes(urls[0]) == fs.read_bytes(urls[1])
+
+
+def test_tar_writer_abort_leaves_nothing_at_the_final_name(storage):
+    root, options = storage
+    url = fs.join(root, "shards/s.tar")
+    fs.put_atomic(fs.join(root, "shards/keep.txt"), b"k", options)
+    with pytest.raises(RuntimeError, match="boom"):
+        with TarShardWriter(url, options) as writer:
+            writer.write("000", {"txt": b"partial"})
+            raise RuntimeError("boom")
+    assert not fs.exists(url, options)
+    assert _listing(fs.join(root, "shards"), options) == ["keep.txt"]  # the temporary file is gone too
+
+
+def test_tar_writer_abort_keeps_the_previous_shard(storage):
+    root, options = storage
+    url = fs.join(root, "s.tar")
+    with TarShardWriter(url, options) as writer:
+        writer.write("old", {"txt": b"v1"})
+    writer = TarShardWriter(url, options)
+    writer.write("new", {"txt": b"v2"})
+    writer.abort()
+    assert _tar_members(fs.read_bytes(url, options)) == {"old.txt": b"v1"}
+
+
+@pytest.mark.parametrize("key", ["a.b", "x/y.z", "../up", "/abs", "a/../../b"])
+def test_tar_writer_refuses_keys_that_are_not_plain_relative_names(tmp_path, key):
+    writer = TarShardWriter(str(tmp_path / "s.tar"))
+    with pytest.raises(ValueError, match="key"):
+        writer.write(key, {"txt": b"x"})
+    writer.abort()
+
+
+def test_temp_names_are_siblings_and_recognised():
+    tmp = fs.temp_name("s3://bkt/out/labels/x.tar")
+    assert tmp.startswith("s3://bkt/out/labels/_tmp.") and tmp.endswith(".x.tar")
+    assert fs.is_temp_name(tmp) and not fs.is_temp_name("s3://bkt/out/labels/x.tar")
+    assert fs.temp_name("x.tar") != fs.temp_name("x.tar")
+
+
+@pytest.mark.s3
+def test_s3_endpoint_from_aws_endpoint_url(s3, s3_root, monkeypatch):
+    """The standard AWS_ENDPOINT_URL variable reaches the endpoint with no storage_options at all."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)
+    url = f"{s3_root}/env.bin"
+    fs.put_atomic(url, b"via env")
+    assert fs.read_bytes(url, s3.storage_options) == b"via env"
+
+
+@pytest.mark.s3
+def test_loopback_guard_refuses_other_addresses(s3_root):
+    with socket.socket() as sock, pytest.raises(AssertionError, match="only 127.0.0.1"):
+        sock.connect(("192.0.2.1", 9))  # TEST-NET-1: never routable
