@@ -42,6 +42,7 @@ class Sample:
     `shard` is the shard URL as passed to `iter_samples`; `image` is (H, W, 3) uint8 RGB, 0..255;
     `json` is the parsed `json` member (an object) and `txt` the UTF-8 `txt` member, when present;
     `extra` maps every other member's extension (e.g. `"seg.png"`, or a second image) to its bytes.
+    Samples compare by identity (`eq=False`): an array has no single truth value to compare with.
     """
 
     shard: str
