@@ -20,6 +20,7 @@ COMMANDS = [
     "jobs.shapes",
     "jobs.eval",
     "jobs.label",
+    "jobs.segment",
     "jobs.submit",
 ]
 

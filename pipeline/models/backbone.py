@@ -10,7 +10,8 @@ A model is named in `ModelCfg.name` as one of (first match wins):
 
 Weights (`ModelCfg.pretrained`) are an open_clip tag (downloaded by open_clip), or a local path or
 fsspec URL of a `.safetensors` / `.pt` / `.bin` state dict or an open_clip checkpoint with a
-`state_dict` key. Empty means random init, except for folders, which carry their weights.
+`state_dict` key. Empty means random init, except for folders, which carry their weights;
+`RANDOM_INIT_WEIGHTS` ("random") means random init for every model (the untrained baseline).
 
 Positional embeddings are interpolated here (bicubic, on the parameter, cached per patch grid) so
 any input size works without forking open_clip's forward.
@@ -43,6 +44,7 @@ from pipeline.models.precision import resolve_device, resolve_dtype
 logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+RANDOM_INIT_WEIGHTS = "random"  # `ModelCfg.pretrained` value: random init even for a model that ships weights
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _SCHEMAS = ("hf-hub:", "local-dir:")
 
@@ -148,20 +150,23 @@ def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbon
     meta: dict[str, Any] = {}
     preprocess: dict[str, Any] = {}
     if source.config is None:
-        model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained or None)
+        # hf-hub: / local-dir: names carry their own config and weights; open_clip resolves both.
+        weights = "" if cfg.pretrained == RANDOM_INIT_WEIGHTS else cfg.name
+        model = open_clip.create_model(cfg.name, load_weights=bool(weights))
         tokenizer = open_clip.get_tokenizer(cfg.name)
         preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-        weights = cfg.name
     else:
         model = _build_clip(source.config, source.name)
         tokenizer = open_clip.get_tokenizer(cfg.name) if source.builtin else _tokenizer(source.config)
         weights = cfg.pretrained or (fs.join(source.folder, "weights.safetensors") if source.folder else "")
+        if weights == RANDOM_INIT_WEIGHTS:
+            weights = ""
         if source.folder and fs.exists(fs.join(source.folder, "meta.json"), storage_options):
             meta = dict(fs.read_json(fs.join(source.folder, "meta.json"), storage_options))
         if weights:
             preprocess = _load_weights(model, source, weights, storage_options)
         else:
-            logger.warning("model %s has no weights (model.pretrained is empty): random init", source.name)
+            logger.warning("model %s: random init, no weights loaded", source.name)
         _check_quick_gelu(source, weights, preprocess)
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
     mean = tuple(meta.get("mean") or preprocess.get("mean") or open_clip.OPENAI_DATASET_MEAN)

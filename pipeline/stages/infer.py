@@ -63,8 +63,8 @@ class DenseLabeler:
                 "vocab.background_threshold and vocab.background_offset need a background class: "
                 "set vocab.background words or use a vocabulary with a 'background' id"
             )
+        self.head = create_head(cfg.head.name, **cfg.head.options)  # before the model: a bad head fails fast
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
-        self.head = create_head(cfg.head.name, **cfg.head.options)
         meta = self.backbone.meta
         spec = cfg.prompts.templates
         if spec == PromptCfg().templates and meta.get("templates"):
@@ -86,6 +86,15 @@ class DenseLabeler:
     @property
     def n_classes(self) -> int:
         return len(self.vocab)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        """(N, E) float32 normalised text embeddings, one row per class name (synonyms are rows)."""
+        return self.text.weights
 
     def __call__(self, images: list[np.ndarray]) -> list[DenseResult]:
         out = []
@@ -147,7 +156,8 @@ class DenseLabeler:
         """(H, W, 3) uint8 RGB to (3, H, W) float32 in [0, 1] on the device."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"an image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(image)).to(self.backbone.device).permute(2, 0, 1).float() / 255
+        # torch.tensor copies: the array may be read-only (decoded from bytes).
+        return torch.tensor(image, device=self.backbone.device).permute(2, 0, 1).float() / 255
 
     def _working_size(self, height: int, width: int) -> tuple[int, int]:
         short = self.infer.short_side or min(self.backbone.image_size)
