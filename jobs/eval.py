@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
-from pipeline.config import load_config
-from pipeline.eval.diagnostics import DEFAULT_TOP_K
+from pipeline.config import RunCfg, load_config
+from pipeline.eval.truth import TruthSet, open_truth
 from pipeline.io import fs
+from pipeline.vocab import Vocabulary
 
 RANDOM_INIT = "random_init"
 
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, help="model.name for --head (default: the config's)")
     parser.add_argument("--pretrained", default=None, help="model.pretrained for --head (default: the config's)")
     parser.add_argument("--config", default=None, help="run config YAML, as for the labeling job")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="classes kept by the top-k diagnostic")
+    parser.add_argument("--top-k", type=int, default=None, help="classes kept by the top-k diagnostic (default 3)")
     parser.add_argument("--no-random-baseline", action="store_true", help="skip the random-init model baseline")
     parser.add_argument(
         "--zero-shot",
@@ -54,14 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="find the vocab.background_offset maximising mIoU on --truth (a calibration split, "
         "never the evaluation split) instead of evaluating",
     )
+    parser.add_argument(
+        "--offsets",
+        default=None,
+        metavar="START:STOP:STEP",
+        help="background offset shifts tried by --calibrate-background (default -0.15:0.15:0.005, cosine units)",
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON (any fsspec URL)")
     parser.add_argument("overrides", nargs="*", metavar="k=v", help="config overrides, e.g. infer.short_side=448")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.eval.truth import open_truth
-
     cfg = load_config(args.config, _overrides(args))
     so = cfg.storage_options or None
     truth = open_truth(args.truth, args.vocab, args.split, so)
@@ -88,37 +94,70 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, *extra]
 
 
-def _run_head(args: argparse.Namespace, cfg, truth) -> dict:
+def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
+    from pipeline.eval.calibrate import DEFAULT_SHIFTS, calibrate_background_offset
+    from pipeline.eval.diagnostics import DEFAULT_TOP_K
     from pipeline.eval.evaluate import evaluate_labelers
     from pipeline.stages.infer import DenseLabeler
 
     so = cfg.storage_options or None
-    labeler = DenseLabeler(cfg, truth.vocab, so)
+    vocab = _labeler_vocab(cfg, truth.vocab)
+    shifts = _shifts(args.offsets) if args.offsets else DEFAULT_SHIFTS  # checked before the model loads
+    labeler = DenseLabeler(cfg, vocab, so)
     if args.calibrate_background:
-        from pipeline.eval.calibrate import calibrate_background_offset
-
-        report = calibrate_background_offset(labeler, truth, cfg)
+        report = calibrate_background_offset(labeler, truth, labeler.background_offset, shifts, cfg.infer.batch_size)
+        report["model_meta_offset"] = labeler.background_offset - cfg.vocab.background_offset
         _print_calibration(report)
         return report
-    baselines = {} if args.no_random_baseline else {RANDOM_INIT: DenseLabeler(_random_init(cfg), truth.vocab, so)}
-    report = evaluate_labelers(truth, labeler, baselines, args.top_k, cfg.infer.batch_size)
-    report["predictions"] = {"head": cfg.head.name, "model": cfg.model.name, "pretrained": cfg.model.pretrained}
+    baselines = {}
+    if not args.no_random_baseline:
+        baselines[RANDOM_INIT] = DenseLabeler(_random_init(cfg), vocab, so)
+    top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
+    report = evaluate_labelers(truth, labeler, baselines, top_k, cfg.infer.batch_size)
+    report["predictions"] = {
+        "head": cfg.head.name,
+        "model": cfg.model.name,
+        "pretrained": cfg.model.pretrained,
+        "background_offset": labeler.background_offset,
+    }
     _print_report(report, f"{cfg.head.name} on {cfg.model.name}")
     if args.zero_shot:
         from pipeline.eval.zeroshot import zero_shot_accuracy
 
-        report["zero_shot"] = zero_shot_accuracy(labeler, args.zero_shot)
+        zs = report["zero_shot"] = zero_shot_accuracy(labeler.backbone, labeler.templates, args.zero_shot)
         print(
-            f"\nzero-shot image-level accuracy on {args.zero_shot} single-object scenes: "
-            f"class {_fmt(report['zero_shot']['accuracy'])}, colour {_fmt(report['zero_shot']['colour_accuracy'])}, "
-            f"shape {_fmt(report['zero_shot']['shape_accuracy'])}"
+            f"\nzero-shot image-level accuracy on {zs['n']} single-object ShapeWorld scenes: class {_fmt(zs['accuracy'])}, "
+            f"colour {_fmt(zs['colour_accuracy'])}, shape {_fmt(zs['shape_accuracy'])} (chance {_fmt(zs['chance'])})"
         )
     return report
 
 
-def _random_init(cfg):
-    import dataclasses
+def _shifts(spec: str) -> tuple[float, ...]:
+    try:
+        start, stop, step = (float(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--offsets {spec!r} is not START:STOP:STEP (e.g. -0.3:0.3:0.01)") from None
+    if step <= 0 or stop < start:
+        raise ValueError(f"--offsets {spec!r}: STEP must be positive and STOP at least START")
+    count = int(round((stop - start) / step)) + 1
+    return tuple(round(start + i * step, 6) for i in range(count))
 
+
+def _labeler_vocab(cfg: RunCfg, vocab: Vocabulary) -> Vocabulary:
+    """The truth's classes, with `vocab.background` words (if set) naming its background class."""
+    if cfg.vocab.classes or cfg.vocab.file:
+        raise ValueError("eval scores the truth's own classes: do not set vocab.classes or vocab.file (use --vocab)")
+    if not cfg.vocab.background:
+        return vocab
+    if vocab.background is None:
+        raise ValueError("vocab.background words were given but the truth vocabulary has no background class")
+    names = list(vocab.names)
+    names[vocab.background] = tuple(cfg.vocab.background)
+    return Vocabulary(tuple(names), vocab.background)
+
+
+def _random_init(cfg: RunCfg) -> RunCfg:
+    """The same config with an untrained model of the same architecture (the recognition floor)."""
     from pipeline.models.backbone import RANDOM_INIT_WEIGHTS
 
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=RANDOM_INIT_WEIGHTS))
@@ -167,10 +206,12 @@ def _print_report(report: dict, title: str) -> None:
 
 def _print_calibration(report: dict) -> None:
     for offset, miou in report["curve"]:
-        print(f"  background_offset {offset:+.4f}  mIoU {_fmt(miou)}")
+        print(f"  background offset {offset:+.4f}  mIoU {_fmt(miou)}")
+    best, meta = report["background_offset"], report["model_meta_offset"]
     print(
-        f"best vocab.background_offset = {report['background_offset']:.4f} (mIoU {_fmt(report['mIoU'])} "
-        f"on {report['n_images']} calibration images)"
+        f"best background offset {best:.4f} (mIoU {_fmt(report['mIoU'])} on {report['n_images']} calibration "
+        f"images): ship it as background_offset in the model's meta.json, or run with "
+        f"vocab.background_offset={best - meta:.4f} (the model's meta.json adds {meta:.4f})"
     )
 
 

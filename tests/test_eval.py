@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from jobs.cli import main
+from pipeline.config import load_config
 from pipeline.data.shapeworld_shards import write_dataset
-from pipeline.eval.evaluate import evaluate_run_output
+from pipeline.eval.calibrate import calibrate_background_offset
+from pipeline.eval.diagnostics import colour_groups, restrict, top_k_classes, true_classes
+from pipeline.eval.evaluate import evaluate_labelers, evaluate_run_output
 from pipeline.eval.predictions import RunOutputPredictions
 from pipeline.eval.truth import open_truth
 from pipeline.io.read import Sample, iter_samples
 from pipeline.outputs import write_vocabulary
+from pipeline.stages.infer import DenseLabeler
 from pipeline.stages.write import LabelShardSink, RowContext
 from pipeline.vocab import Vocabulary
 
@@ -104,7 +110,7 @@ def test_cli_writes_table_and_json(shapes, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["eval", "--truth", shapes, "--pred", run, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "all_background" in printed and "red circle" in printed
+    assert "all_background" in printed and "not scored, left out of the mean" in printed
     report = json.loads(out.read_text())
     for field in ("mIoU", "per_class", "background_iou", "small_object_iou", "baselines"):
         assert field in report
@@ -151,3 +157,94 @@ def test_voc_folder_cannot_be_scored_against_a_run_output(tmp_path, shapes):
     run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
     with pytest.raises(ValueError, match="not a set of shards"):
         evaluate_run_output(open_truth(_voc_folder(tmp_path / "voc")), RunOutputPredictions(run))
+
+
+# --- diagnostics and the on-the-fly head path (tiny random-init model, CPU) ---
+
+TINY_VIT = str(Path(__file__).resolve().parent / "data" / "tiny-vit.json")
+TINY = [f"model.name={TINY_VIT}", "model.device=cpu", "model.precision=fp32", "prompts.templates=single"]
+
+
+def test_restriction_masks_logits_before_the_argmax():
+    scores = torch.tensor([[[0.1, 0.9]], [[0.5, 0.2]], [[0.4, 0.3]]])  # (K=3, 1, 2)
+    restricted = restrict(scores, np.array([True, False, True]))
+    assert restricted.argmax(dim=0).tolist() == [[2, 0]]
+    assert torch.isfinite(restricted).all()
+    assert true_classes(np.array([[0, 2, 255]]), 3).tolist() == [True, False, True]
+    # image-level max: class 2 peaks at 0.4, class 1 at 0.5; background (0) always kept
+    assert top_k_classes(scores, 1, background=0).tolist() == [True, True, False]
+
+
+def test_colour_groups_merge_shapeworld_classes_by_colour():
+    groups = colour_groups(load_vocabulary_json_shapes())
+    assert groups[0] == 0 and len(set(groups)) == 7
+    assert groups[1] == groups[6] != groups[7]  # red circle, red cross | orange circle
+    assert colour_groups(Vocabulary.from_entries(["background", "cat"], 0)) is None
+
+
+def load_vocabulary_json_shapes() -> Vocabulary:
+    from pipeline.data.shapeworld import vocabulary_json
+
+    data = vocabulary_json()
+    return Vocabulary.from_entries(data["classes"], data["background"])
+
+
+def test_head_on_the_fly_reports_diagnostics_baselines_and_zero_shot(shapes, tmp_path, capsys):
+    out = tmp_path / "head.json"
+    argv = ["eval", "--truth", shapes, "--head", "maskclip", "--json", str(out), "--zero-shot", "12", *TINY]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "random_init" in printed and "zero-shot" in printed
+    report = json.loads(out.read_text())
+    assert report["n_images"] == 6 and report["predictions"]["head"] == "maskclip"
+    assert set(report["baselines"]) == {"all_background", "random_init"}
+    for summary in (report, report["baselines"]["random_init"]):
+        assert 0.0 <= summary["mIoU"] <= 1.0
+        assert set(summary["diagnostics"]) == {"true_classes", "top_k"}
+        assert summary["colour_mIoU"] is not None
+    zs = report["zero_shot"]
+    assert zs["n"] == 12 and zs["colour_accuracy"] >= zs["accuracy"] and zs["shape_accuracy"] >= zs["accuracy"]
+
+
+def test_true_class_diagnostic_is_perfect_on_single_class_images(tmp_path):
+    root = tmp_path / "voc"
+    for sub in ("JPEGImages", "SegmentationClass"):
+        (root / sub).mkdir(parents=True)
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(np.full((40, 48), i + 1, np.uint8)).save(root / "SegmentationClass" / f"k{i}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"k{i}.png")
+    cfg = load_config(None, [*TINY, "head.name=maskclip"])
+    truth = open_truth(str(root))
+    report = evaluate_labelers(truth, DenseLabeler(cfg, truth.vocab), top_k=1)
+    assert report["diagnostics"]["true_classes"]["mIoU"] == 1.0
+    assert report["n_images"] == 2
+
+
+def test_background_calibration_scans_offsets_on_one_forward_pass(shapes):
+    truth = open_truth(shapes)
+    labeler = DenseLabeler(load_config(None, [*TINY, "head.name=maskclip"]), truth.vocab)
+    result = calibrate_background_offset(labeler, truth, base_offset=0.25, shifts=(0.0, 100.0))
+    segs = [_seg(s) for s in _truth_samples(shapes)]
+    bg_share = sum((s == 0).sum() for s in segs) / sum(s.size for s in segs)
+    all_background = bg_share / (1 + len(set(np.concatenate([np.unique(s) for s in segs]).tolist()) - {0}))
+    assert [offset for offset, _ in result["curve"]] == [0.25, 100.25]
+    assert result["curve"][1][1] == pytest.approx(all_background, abs=1e-6)  # a huge offset: all background
+    assert result["background_offset"] in (0.25, 100.25) and result["n_images"] == 6
+
+
+def test_cli_calibrates_the_background_offset_and_writes_the_curve(shapes, tmp_path, capsys):
+    out = tmp_path / "calibration.json"
+    argv = ["eval", "--truth", shapes, "--head", "maskclip", "--calibrate-background", "--offsets=-0.1:0.1:0.1"]
+    assert main([*argv, "--json", str(out), *TINY, "vocab.background_offset=0.05"]) == 0
+    report = json.loads(out.read_text())
+    assert [offset for offset, _ in report["curve"]] == pytest.approx([-0.05, 0.05, 0.15])
+    assert report["background_offset"] in [offset for offset, _ in report["curve"]]
+    assert "vocab.background_offset=" in capsys.readouterr().out
+
+
+def test_cli_refuses_model_options_without_a_model(shapes, tmp_path, capsys):
+    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
+    assert main(["eval", "--truth", shapes, "--pred", run, "--zero-shot", "5"]) == 2
+    assert "need a model" in capsys.readouterr().err

@@ -88,7 +88,7 @@ def evaluate_labelers(
     scores = {name: ModelScores(k, vocab.background, top_k) for name in models}
     constant = _AllBackground(k, vocab.background)
     n = 0
-    for batch in _batches(truth.samples(images=True), batch_size):
+    for batch in batches(truth.samples(images=True), batch_size):
         images = [sample.image for sample in batch]
         for name, labeler in models.items():
             for sample, score_map in zip(batch, labeler.score_maps(images), strict=True):
@@ -132,7 +132,8 @@ def _report(truth: TruthSet, n_images: int, model: ModelScores, baselines: Mappi
     }
 
 
-def _batches(samples: Iterable[TruthSample], size: int) -> Iterator[list[TruthSample]]:
+def batches(samples: Iterable[TruthSample], size: int) -> Iterator[list[TruthSample]]:
+    """Consecutive lists of `size` samples (the last one shorter)."""
     it = iter(samples)
     while batch := list(itertools.islice(it, size)):
         yield batch
