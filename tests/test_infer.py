@@ -1,0 +1,159 @@
+"""Dense inference: windows, the labeler's score maps and labels, finalize in stripes, PAMR."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import blocky_uint8, tiny_backbone
+
+from pipeline import schema
+from pipeline.config import load_config
+from pipeline.models.pamr import pamr
+from pipeline.stages import infer
+from pipeline.stages import windows as win
+from pipeline.stages.infer import DenseLabeler
+from pipeline.vocab import Vocabulary
+
+VOCAB = Vocabulary.from_entries(["background", "red circle", "blue square", "green triangle"], background=0)
+
+
+def _labeler(*overrides: str, vocab: Vocabulary = VOCAB, kind: str = "vit") -> DenseLabeler:
+    cfg = load_config(None, ["prompts.templates=single", *overrides])
+    return DenseLabeler(cfg, vocab, backbone=tiny_backbone(kind))
+
+
+def test_window_plan_covers_the_image_flush_with_its_edges():
+    assert win.starts(100, 64, 32) == [0, 32, 36]
+    assert win.starts(64, 64, 32) == [0] and win.starts(40, 64, 32) == [0]
+    size, windows = win.plan(70, 130, 64, 32, multiple=8)
+    assert size == (64, 64)
+    assert sorted({(w.y0, w.y1) for w in windows}) == [(0, 64), (6, 70)]
+    assert sorted({(w.x0, w.x1) for w in windows}) == [(0, 64), (32, 96), (64, 128), (66, 130)]
+    assert win.plan(50, 60, 0, 0, multiple=8) == ((56, 64), [win.Window(0, 0, 50, 60)])
+    assert win.plan(40, 40, 64, 0, multiple=8) == ((64, 64), [win.Window(0, 0, 40, 40)])  # padded
+    with pytest.raises(ValueError, match="infer.stride 80"):
+        win.plan(100, 100, 64, 80, multiple=8)
+
+
+def test_stitch_averages_overlapping_windows():
+    windows = [win.Window(0, 0, 4, 4), win.Window(0, 2, 4, 6)]
+    scores = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 3.0)])
+    out = win.stitch(scores, windows, (4, 4), (4, 6))
+    assert out[0, :, :2].eq(1).all() and out[0, :, 2:4].eq(2).all() and out[0, :, 4:].eq(3).all()
+
+
+def test_a_window_covering_the_image_equals_whole_image_inference():
+    images = blocky_uint8(2, 64, 64, seed=1)
+    whole = _labeler("infer.short_side=64", "infer.crop=0").score_maps(images)
+    window = _labeler("infer.short_side=64", "infer.crop=64").score_maps(images)
+    for a, b in zip(whole, window, strict=True):
+        assert a.shape == (len(VOCAB), 64, 64) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_windows_of_all_images_run_as_one_batch_with_the_same_result_as_one_by_one():
+    images = blocky_uint8(3, 80, 100, seed=2) + blocky_uint8(1, 120, 90, seed=3)
+    together = _labeler("infer.short_side=80", "infer.crop=64", "infer.stride=32", "infer.batch_size=4")
+    alone = _labeler("infer.short_side=80", "infer.crop=64", "infer.stride=32", "infer.batch_size=1")
+    for a, b in zip(together.score_maps(images), alone.score_maps(images), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert [m.shape[1:] for m in together.score_maps(images)] == [(80, 100)] * 3 + [(107, 80)]
+
+
+def test_labels_and_confidence_at_the_original_size():
+    lab = _labeler("infer.short_side=64", "infer.crop=0")
+    images = blocky_uint8(2, 50, 70, seed=4)
+    results = lab(images)
+    for img, res in zip(images, results, strict=True):
+        assert res.labels.shape == img.shape[:2] and res.labels.dtype == np.uint8
+        assert res.confidence.dtype == np.float32 and 0 <= res.confidence.min() <= res.confidence.max() <= 1
+        assert res.labels.max() < len(VOCAB)
+    score = lab.score_maps(images[:1])[0]
+    up = F.interpolate(score[None], size=(50, 70), mode="bilinear", align_corners=False)[0]
+    prob = torch.softmax(40 * up, dim=0)
+    assert np.array_equal(results[0].labels, prob.argmax(0).numpy())
+    assert np.allclose(results[0].confidence, prob.max(0).values.numpy(), atol=1e-5)
+
+
+def test_finalize_in_stripes_equals_one_full_size_upsampling(monkeypatch):
+    lab = _labeler()
+    score = torch.randn(len(VOCAB), 17, 23) * 0.1
+    monkeypatch.setattr(infer, "_STRIPE_BYTES", 4 * 3 * len(VOCAB) * 101 * 7)  # 7 rows per stripe
+    striped = lab.finalize(score, (83, 101))
+    prob = torch.softmax(40 * F.interpolate(score[None], size=(83, 101), mode="bilinear", align_corners=False)[0], 0)
+    assert np.array_equal(striped.labels, prob.argmax(0).numpy())
+    assert np.allclose(striped.confidence, prob.max(0).values.numpy(), atol=1e-5)
+
+
+def test_thresholds_make_background_and_ignore():
+    score = torch.zeros(len(VOCAB), 1, 4)
+    score[1, 0, 0] = 1.0  # confident red circle
+    score[2, 0, 1] = 0.005  # weak blue square: probability 0.289 at logit scale 40
+    # pixels 2, 3: all classes equal (probability 1/4)
+    plain = _labeler().finalize(score, (1, 4))
+    assert plain.labels[0, :2].tolist() == [1, 2] and np.allclose(
+        plain.confidence[0, 1:], [0.289, 0.25, 0.25], atol=1e-3
+    )
+    bg = _labeler("vocab.background_threshold=0.3").finalize(score, (1, 4))
+    assert bg.labels.tolist() == [[1, 0, 0, 0]]
+    ignore = _labeler("infer.conf_threshold=0.3").finalize(score, (1, 4))
+    assert ignore.labels.tolist() == [[1] + [schema.IGNORE_U8] * 3]
+    # between the two thresholds: unknown (ignore); below both: background
+    both = _labeler("vocab.background_threshold=0.27", "infer.conf_threshold=0.3").finalize(score, (1, 4))
+    assert both.labels.tolist() == [[1, schema.IGNORE_U8, 0, 0]]
+
+
+def test_background_offset_and_model_calibration():
+    images = blocky_uint8(1, 64, 64, seed=5)
+    base = _labeler("infer.short_side=64").score_maps(images)[0]
+    shifted = _labeler("infer.short_side=64", "vocab.background_offset=0.5").score_maps(images)[0]
+    assert torch.allclose(shifted[0], base[0] + 0.5, atol=1e-6) and torch.allclose(shifted[1:], base[1:])
+    with pytest.raises(ValueError, match="need a background class"):
+        _labeler("vocab.background_offset=0.5", vocab=Vocabulary.from_entries(["cat", "dog"]))
+    bb = tiny_backbone("vit")
+    bb.meta.update(background_offset=0.25, logit_scale=70.0, templates=["a {} here."])
+    try:
+        lab = DenseLabeler(load_config(None, ["vocab.background_offset=0.5"]), VOCAB, backbone=bb)
+        assert lab.background_offset == 0.75 and lab.logit_scale == 70.0 and lab.templates == ("a {} here.",)
+        assert _labeler("infer.logit_scale=30").logit_scale == 30.0  # set in the config: the config wins
+        assert _labeler().templates == ("a photo of a {}.",)
+    finally:
+        bb.meta.clear()
+
+
+def test_many_classes_give_16_bit_labels():
+    vocab = Vocabulary.from_entries([f"thing {i}" for i in range(300)])
+    res = _labeler("infer.conf_threshold=0.5", vocab=vocab)(blocky_uint8(1, 40, 40, seed=6))[0]
+    assert res.labels.dtype == np.uint16
+    assert set(np.unique(res.labels).tolist()) <= set(range(300)) | {schema.IGNORE_U16}
+
+
+def test_score_crops_run_at_the_model_input_size():
+    lab = _labeler("infer.short_side=64", "infer.crop=0")
+    crops = blocky_uint8(2, 64, 64, seed=7) + blocky_uint8(1, 30, 50, seed=8)
+    maps = lab.score_crops(crops)
+    assert [m.shape for m in maps] == [(len(VOCAB), 64, 64)] * 3
+    assert torch.allclose(maps[0], lab.score_maps(crops[:1])[0], atol=1e-5)
+    resized = lab.score_crops(crops[2:], sizes=[(30, 50)])
+    assert resized[0].shape == (len(VOCAB), 30, 50)
+
+
+def test_pamr_pulls_scores_along_colour_regions():
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, :, 16:] = 1.0  # left half black, right half white
+    scores = torch.zeros(1, 2, 32, 32)
+    scores[:, 0, :, :16] = 1.0
+    scores[:, 1, :, 16:] = 1.0
+    noisy = scores.clone()
+    noisy[:, :, 8:12, 4:8] = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)  # a wrong patch inside the left half
+    refined = pamr(noisy, image, steps=10, dilations=(2, 4))
+    assert torch.equal(refined.argmax(1), scores.argmax(1))
+    flat = torch.rand(1, 1, 1, 1).expand(1, 3, 32, 32)
+    assert torch.allclose(pamr(torch.full((1, 2, 32, 32), 0.3), flat, steps=3), torch.full((1, 2, 32, 32), 0.3))
+
+
+def test_pamr_steps_in_the_labeler_and_resnet_backbone():
+    images = blocky_uint8(2, 64, 80, seed=9)
+    results = _labeler("infer.pamr_steps=3", "infer.short_side=64", kind="resnet")(images)
+    assert [r.labels.shape for r in results] == [(64, 80), (64, 80)]
