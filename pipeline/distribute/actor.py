@@ -1,0 +1,55 @@
+"""The worker held by each Ray actor: a model built once from the config, then shard after shard.
+
+The class itself holds no Ray code; the driver turns it into an actor (`ray.remote(LabelActor)`)
+with the resources of the config, so the same object also runs in-process. Only the config and the
+vocabulary travel from the driver: the model is built here, on the actor's own device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import RunCfg
+from pipeline.obs import setup_logging
+from pipeline.stages.infer import DenseLabeler
+from pipeline.stages.shard import ShardLabeler
+from pipeline.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+class LabelActor:
+    """Builds the dense labeler for `cfg` and labels whole shards into `cfg.output`."""
+
+    def __init__(self, cfg: RunCfg, vocab: Vocabulary) -> None:
+        setup_logging()
+        self.cfg = cfg
+        self.labeler = DenseLabeler(cfg, vocab, cfg.storage_options)
+        self.worker = ShardLabeler(cfg, vocab, self.labeler)
+
+    def describe(self) -> dict[str, Any]:
+        """Where this worker runs and what it labels with (the run's `_run/vocabulary.json` extras)."""
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.labeler.device),
+            "templates": list(self.labeler.templates),
+            "text_embedding_sha256": text_checksum(self.labeler.text_embeddings),
+        }
+
+    def label(self, url: str, attempt: int = 1) -> dict[str, Any]:
+        """Label and commit the shard at `url` (`attempt` 1 = first try); returns its commit marker."""
+        return self.worker(url, attempt)
+
+
+def text_checksum(embeddings: Any) -> str:
+    """sha256 of the text embeddings rounded to 4 decimals, so the same weights on another device or
+    kernel give the same checksum while other weights or prompts do not."""
+    array = np.asarray(embeddings.detach().float().cpu().numpy() if hasattr(embeddings, "detach") else embeddings)
+    return hashlib.sha256(np.round(array.astype(np.float64), 4).tobytes()).hexdigest()

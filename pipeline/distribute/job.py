@@ -1,0 +1,142 @@
+"""The labeling job from config to summary: plan the shards, check the output, run the pool, report.
+
+    expand input → resolve vocabulary → prepare output (resume or refuse) → connect to Ray
+    → label the shards not yet committed → remove partial files → summary (`_run/summary.json`)
+
+Exit codes in the summary: 0 when every input shard is committed, 1 when some failed, 130/143 when
+a SIGINT/SIGTERM stopped the run (1 for a stop requested from code).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+
+from pipeline import schema
+from pipeline.config import RunCfg, config_hash
+from pipeline.distribute.driver import PoolResult, StopRequest, run_pool
+from pipeline.io.shards import expand_shards
+from pipeline.outputs import prepare_output, remove_temporaries, write_summary, write_vocabulary
+from pipeline.vocab import Vocabulary, resolve_vocabulary
+
+logger = logging.getLogger(__name__)
+
+_PHASES = ("read_s", "wait_s", "infer_s", "write_s", "backpressure_s", "wall_s")
+
+
+def plan_shards(cfg: RunCfg) -> list[str]:
+    """Input shard URLs; refuses two inputs with the same name, which would share one output name."""
+    if not cfg.input:
+        raise ValueError("no input: set `input` to shard URLs, a brace pattern, a glob or a folder")
+    if not cfg.output:
+        raise ValueError("no output: set `output` to the URL the labels are written to")
+    urls = expand_shards(cfg.input, cfg.storage_options)
+    seen: dict[str, str] = {}
+    for url in urls:
+        name = schema.shard_name(url)
+        if name in seen:
+            raise ValueError(f"input shards {seen[name]} and {url} have the same name {name!r}; outputs would collide")
+        seen[name] = url
+    return urls
+
+
+def connect(address: str) -> bool:
+    """Join the Ray cluster at `address`, or the job's cluster (RAY_ADDRESS, set for submitted jobs),
+    or start an embedded local instance. Returns True when this call connected (and should shut down)."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Label every input shard of `cfg` not yet committed under `cfg.output`; returns the summary."""
+    started = time.monotonic()
+    urls = plan_shards(cfg)
+    vocab = resolve_vocabulary(cfg.vocab, near=urls[0].rsplit("/", 1)[0], storage_options=cfg.storage_options)
+    committed = prepare_output(cfg, vocab, overwrite)
+    todo = [url for url in urls if schema.shard_name(url) not in committed]
+    logger.info("%d input shards: %d already committed, %d to label", len(urls), len(urls) - len(todo), len(todo))
+    stop = stop or StopRequest()
+    pool = PoolResult(outcomes=[])
+    pool_started = time.monotonic()
+    if todo:
+        shutdown = connect(cfg.distribute.address)
+        stop.install()
+        try:
+            pool = run_pool(cfg, vocab, todo, _vocabulary_writer(cfg, vocab), stop)
+        finally:
+            stop.restore()
+            if shutdown:
+                ray.shutdown()
+    pool_seconds = time.monotonic() - pool_started
+    remove_temporaries(cfg.output, cfg.storage_options)
+    summary = summarize(cfg, urls, len(urls) - len(todo), pool, time.monotonic() - started, pool_seconds)
+    write_summary(cfg.output, summary, cfg.storage_options)
+    return summary
+
+
+def _vocabulary_writer(cfg: RunCfg, vocab: Vocabulary):
+    def on_ready(info: dict[str, Any]) -> None:
+        logger.info("model ready on %s (%s)", info["host"], info["device"])
+        write_vocabulary(cfg.output, vocab, info["templates"], info["text_embedding_sha256"], cfg.storage_options)
+
+    return on_ready
+
+
+def summarize(
+    cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seconds: float, pool_seconds: float
+) -> dict[str, Any]:
+    """The run's summary: shard counts, failed shards with reasons, sample counts, speed, exit code.
+
+    `images_per_s` counts the labelled images over the pool's time (actor start-up included)."""
+    by_status: dict[str, int] = {}
+    for outcome in pool.outcomes:
+        by_status[outcome.status] = by_status.get(outcome.status, 0) + 1
+    markers = [o.marker for o in pool.outcomes if o.marker is not None]
+    errors: dict[str, int] = {}
+    for marker in markers:
+        for reason, n in marker["errors"].items():
+            errors[reason] = errors.get(reason, 0) + n
+    ok = sum(m["ok"] for m in markers)
+    phases = {p: round(sum(m["stats"].get(p, 0.0) for m in markers), 3) for p in _PHASES}
+    committed = skipped + by_status.get("committed", 0)
+    if pool.interrupted:
+        exit_code = {"SIGINT": 130, "SIGTERM": 143}.get(pool.signal_name, 1)
+    else:
+        exit_code = 0 if committed == len(urls) else 1
+    return {
+        "output": cfg.output,
+        "config_hash": config_hash(cfg),
+        "exit_code": exit_code,
+        "interrupted": pool.interrupted,
+        "shards": {
+            "total": len(urls),
+            "committed": committed,
+            "skipped": skipped,
+            "labelled": by_status.get("committed", 0),
+            "failed": by_status.get("failed", 0),
+            "abandoned": by_status.get("abandoned", 0),
+            "not_started": by_status.get("not_started", 0),
+        },
+        "failed_shards": [
+            {"shard": o.name, "input": o.url, "attempts": o.attempts, "error": o.error}
+            for o in pool.outcomes
+            if o.status == "failed"
+        ],
+        "samples": {"ok": ok, "failed": sum(m["failed"] for m in markers), "errors": errors},
+        "retries": pool.retries,
+        "actors": {"started": pool.actors_started, "ready": len(pool.actor_info)},
+        "seconds": round(seconds, 3),
+        "images_per_s": round(ok / pool_seconds, 3) if ok and pool_seconds > 0 else 0.0,
+        "seconds_by_phase": phases,
+    }

@@ -1,0 +1,207 @@
+"""One input shard → one committed label shard: read → batch → dense inference → write, overlapped.
+
+This is the whole per-shard job of a worker, with no knowledge of Ray: a laptop loop and a cluster
+actor run the same `ShardLabeler`. Three threads share the work so the model never waits on I/O:
+
+    reader thread   tar stream → decoded samples → bounded queue (`prefetch` batches ahead)
+    caller thread   batches of `infer.batch_size` images → DenseLabeler (the only model user)
+    writer thread   PNG encoding + tar/Parquet writes, at most `prefetch` batches behind
+
+A corrupt sample becomes a failed row with the reader's reason, never a crashed shard. A shard the
+reader cannot open or read to the end raises `ShardReadError`, which the driver retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline import schema
+from pipeline.config import RunCfg, config_hash
+from pipeline.io.read import Sample, SampleError, iter_samples
+from pipeline.stages.write import LabelShardSink, RowContext
+from pipeline.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+Labeler = Callable[[list[np.ndarray]], list[Any]]  # images (H, W, 3) uint8 → results with .labels, .confidence
+_END = object()
+
+
+class ShardReadError(RuntimeError):
+    """The shard itself could not be opened or read to its end (retry it; do not commit it)."""
+
+
+@dataclass
+class _Item:
+    index: int  # position in the shard, so rows keep input order
+    sample: Sample | SampleError
+    read_s: float
+
+
+@dataclass
+class _Timer:
+    read_s: float = 0.0  # reader thread busy (tar streaming + decoding)
+    wait_s: float = 0.0  # caller waited for the reader: time the model sat idle for want of input
+    infer_s: float = 0.0  # model calls
+    write_s: float = 0.0  # writer thread busy (encoding + writing)
+    backpressure_s: float = 0.0  # caller waited for the writer to catch up
+
+
+class ShardLabeler:
+    """Labels whole shards into `cfg.output` with one `labeler` built once per process."""
+
+    def __init__(self, cfg: RunCfg, vocab: Vocabulary, labeler: Labeler) -> None:
+        self.cfg = cfg
+        self.vocab = vocab
+        self.labeler = labeler
+        self.context = RowContext(head=cfg.head.name, model=cfg.model.name, config_hash=config_hash(cfg))
+        self.prefetch = max(1, cfg.distribute.prefetch)
+
+    def __call__(self, url: str, attempt: int = 1) -> dict[str, Any]:
+        """Label the shard at `url` and commit it; returns its commit marker (`attempt` is recorded in it)."""
+        started = time.perf_counter()
+        name = schema.shard_name(url)
+        timer = _Timer()
+        sink = LabelShardSink(self.cfg.output, name, len(self.vocab), self.context, self.cfg.storage_options)
+        reader = _ReadAhead(url, self.cfg, maxsize=self.prefetch * self.cfg.infer.batch_size, timer=timer)
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{name}")
+        pending: deque[Future] = deque()
+        try:
+            batch: list[_Item] = []
+            for item in reader:
+                if isinstance(item.sample, SampleError):
+                    if not item.sample.key:
+                        raise ShardReadError(f"shard {url}: {item.sample.reason}")
+                    self._submit(writer, pending, timer, self._write, [(item, item.sample.reason, 0.0)], sink)
+                    continue
+                batch.append(item)
+                if len(batch) == self.cfg.infer.batch_size:
+                    self._submit(writer, pending, timer, self._write, self._infer(batch, timer), sink)
+                    batch = []
+            if batch:
+                self._submit(writer, pending, timer, self._write, self._infer(batch, timer), sink)
+            _drain(pending, timer, keep=0)
+        except BaseException:
+            reader.close()
+            writer.shutdown(wait=True, cancel_futures=True)
+            sink.abort()
+            raise
+        writer.shutdown(wait=True)
+        stats = {k: round(v, 4) for k, v in vars(timer).items()} | {"wall_s": round(time.perf_counter() - started, 4)}
+        marker = sink.commit({"input": url, "attempt": attempt, **stats})
+        logger.info("committed %s: %d ok, %d failed in %.1fs", name, marker["ok"], marker["failed"], stats["wall_s"])
+        return marker
+
+    def _submit(
+        self, writer: ThreadPoolExecutor, pending: deque[Future], timer: _Timer, fn: Callable[..., float], *args: Any
+    ) -> None:
+        _drain(pending, timer, keep=self.prefetch)
+        pending.append(writer.submit(fn, *args))
+
+    def _infer(self, batch: list[_Item], timer: _Timer) -> list[tuple[_Item, Any, float]]:
+        """Results per item as (item, DenseResult or error text, seconds of model time)."""
+        t0 = time.perf_counter()
+        try:
+            results: list[Any] = list(self.labeler([item.sample.image for item in batch]))
+            per_item = [(time.perf_counter() - t0) / len(batch)] * len(batch)
+        except Exception as exc:  # one bad image must not fail its batch: retry one by one
+            logger.warning("batch of %d failed (%s); labelling its images one by one", len(batch), exc)
+            results, per_item = [], []
+            for item in batch:
+                t1 = time.perf_counter()
+                try:
+                    results.append(self.labeler([item.sample.image])[0])
+                except Exception as one:  # recorded as the sample's failed row
+                    results.append(f"inference failed: {type(one).__name__}: {one}")
+                per_item.append(time.perf_counter() - t1)
+        timer.infer_s += time.perf_counter() - t0
+        return list(zip(batch, results, per_item, strict=True))
+
+    def _write(self, labelled: list[tuple[_Item, Any, float]], sink: LabelShardSink) -> float:
+        """Write labelled items (a result, or an error text for a failed row); returns seconds spent."""
+        started = time.perf_counter()
+        for item, result, infer_s in labelled:
+            sample = item.sample
+            if isinstance(result, str):
+                sink.add_failed(item.index, sample.key, result, seconds=item.read_s + infer_s)
+                continue
+            extra = {k: v for k, v in (("caption", sample.txt), ("source", sample.json)) if v is not None}
+            sink.add(
+                item.index,
+                sample.key,
+                result.labels,
+                result.confidence,
+                zoom_regions=getattr(result, "zoom_regions", ()),
+                timings={"read_s": item.read_s, "infer_s": infer_s},
+                extra=extra,
+            )
+        return time.perf_counter() - started
+
+
+def _drain(pending: deque[Future], timer: _Timer, keep: int) -> None:
+    """Wait until at most `keep` writes are pending (re-raising a writer error)."""
+    t0 = time.perf_counter()
+    while len(pending) > keep:
+        timer.write_s += pending.popleft().result()
+    timer.backpressure_s += time.perf_counter() - t0
+
+
+class _ReadAhead:
+    """Iterates a shard's samples, decoded on a background thread into a bounded queue."""
+
+    def __init__(self, url: str, cfg: RunCfg, maxsize: int, timer: _Timer) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._stop = threading.Event()
+        self._timer = timer
+        self._thread = threading.Thread(target=self._run, args=(url, cfg), name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, cfg: RunCfg) -> None:
+        try:
+            samples = iter_samples(url, cfg.storage_options, max_pixels=cfg.distribute.max_pixels)
+            index = 0
+            t0 = time.perf_counter()
+            for sample in samples:
+                read_s = time.perf_counter() - t0
+                self._timer.read_s += read_s
+                if not self._put(_Item(index, sample, read_s)):
+                    return
+                index += 1
+                t0 = time.perf_counter()
+            self._put(_END)
+        except BaseException as exc:  # handed to the caller, which raises it
+            self._put(exc)
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[_Item]:
+        while True:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self._timer.wait_s += time.perf_counter() - t0
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise ShardReadError(f"reading failed: {type(item).__name__}: {item}") from item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
