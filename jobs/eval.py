@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--offsets",
         default=None,
         metavar="START:STOP:STEP",
-        help="background offset shifts tried by --calibrate-background (default -0.15:0.15:0.005, cosine units)",
+        help="background offset shifts tried by --calibrate-background (default -0.5:0.5:0.01, cosine units)",
     )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON (any fsspec URL)")
     parser.add_argument("overrides", nargs="*", metavar="k=v", help="config overrides, e.g. infer.short_side=448")

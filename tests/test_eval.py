@@ -48,20 +48,20 @@ def _seg(sample: Sample) -> np.ndarray:
 
 
 def _write_run(out: str, shapes: str, label_fn, shards=("shapes-000000", "shapes-000001"), vocab=None) -> str:
-    """A run output as the labeling job writes it, with label maps label_fn(truth) for each sample."""
+    """A run output as the labeling job writes it, with label map label_fn(sample) for each sample."""
     vocab = vocab or Vocabulary.from_entries(json.load(open(f"{shapes}/vocabulary.json"))["classes"], 0)
     write_vocabulary(out, vocab, ["a photo of a {}."], "0" * 64)
     for shard in shards:
         sink = LabelShardSink(out, shard, len(vocab), RowContext("maskclip", "shapes-clip", "abc"))
         for i, sample in enumerate(s for s in iter_samples(f"{shapes}/{shard}.tar") if isinstance(s, Sample)):
-            labels = label_fn(_seg(sample)).astype(np.uint8)
+            labels = label_fn(sample).astype(np.uint8)
             sink.add(i, sample.key, labels, np.ones(labels.shape, np.float32))
         sink.commit()
     return out
 
 
 def test_run_output_built_from_the_truth_scores_one(shapes, tmp_path):
-    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
+    run = _write_run(str(tmp_path / "run"), shapes, lambda s: _seg(s))
     report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
     assert report["n_images"] == 6
     assert report["mIoU"] == 1.0 and report["background_iou"] == 1.0
@@ -71,7 +71,7 @@ def test_run_output_built_from_the_truth_scores_one(shapes, tmp_path):
 
 
 def test_all_background_run_scores_the_background_share(shapes, tmp_path):
-    run = _write_run(str(tmp_path / "run"), shapes, np.zeros_like)
+    run = _write_run(str(tmp_path / "run"), shapes, lambda s: np.zeros_like(_seg(s)))
     report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
     segs = [_seg(s) for s in _truth_samples(shapes)]
     bg_share = sum((s == 0).sum() for s in segs) / sum(s.size for s in segs)
@@ -84,13 +84,13 @@ def test_all_background_run_scores_the_background_share(shapes, tmp_path):
 
 
 def test_uncommitted_shard_counts_as_misses_and_ignore_pixels_too(shapes, tmp_path):
-    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg, shards=("shapes-000000",))
+    run = _write_run(str(tmp_path / "run"), shapes, lambda s: _seg(s), shards=("shapes-000000",))
     report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
     assert report["predictions"]["missing"] == 3
     assert 0.0 < report["mIoU"] < 1.0
     assert report["ignored_fraction"] == pytest.approx(0.5, abs=0.01)  # 3 of 6 equal-size images unlabelled
 
-    ignored = _write_run(str(tmp_path / "ignored"), shapes, lambda seg: np.where(seg > 0, 255, 0))
+    ignored = _write_run(str(tmp_path / "ignored"), shapes, lambda s: np.where(_seg(s) > 0, 255, 0))
     report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(ignored))
     assert report["background_iou"] == 1.0  # no false positives from ignored pixels
     assert all(v == 0.0 for name, v in report["per_class"].items() if name != "background" and v is not None)
@@ -100,13 +100,13 @@ def test_run_classes_are_matched_to_truth_classes_by_name(shapes, tmp_path):
     names = json.load(open(f"{shapes}/vocabulary.json"))["classes"]
     reordered = Vocabulary.from_entries([names[0], *reversed(names[1:])], 0)
     to_run = np.array([0, *range(N_CLASSES - 1, 0, -1)], dtype=np.uint8)  # truth id -> run id
-    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: to_run[seg], vocab=reordered)
+    run = _write_run(str(tmp_path / "run"), shapes, lambda s: to_run[_seg(s)], vocab=reordered)
     report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
     assert report["mIoU"] == 1.0
 
 
 def test_cli_writes_table_and_json(shapes, tmp_path, capsys):
-    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
+    run = _write_run(str(tmp_path / "run"), shapes, lambda s: _seg(s))
     out = tmp_path / "report.json"
     assert main(["eval", "--truth", shapes, "--pred", run, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -154,7 +154,7 @@ def test_voc_folder_reads_palette_labels_instances_and_class_list(tmp_path):
 
 
 def test_voc_folder_cannot_be_scored_against_a_run_output(tmp_path, shapes):
-    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
+    run = _write_run(str(tmp_path / "run"), shapes, lambda s: _seg(s))
     with pytest.raises(ValueError, match="not a set of shards"):
         evaluate_run_output(open_truth(_voc_folder(tmp_path / "voc")), RunOutputPredictions(run))
 
@@ -245,6 +245,16 @@ def test_cli_calibrates_the_background_offset_and_writes_the_curve(shapes, tmp_p
 
 
 def test_cli_refuses_model_options_without_a_model(shapes, tmp_path, capsys):
-    run = _write_run(str(tmp_path / "run"), shapes, lambda seg: seg)
+    run = _write_run(str(tmp_path / "run"), shapes, lambda s: _seg(s))
     assert main(["eval", "--truth", shapes, "--pred", run, "--zero-shot", "5"]) == 2
     assert "need a model" in capsys.readouterr().err
+
+
+def test_a_run_output_scores_the_same_as_its_labeler_on_the_fly(shapes, tmp_path):
+    truth = open_truth(shapes)
+    labeler = DenseLabeler(load_config(None, [*TINY, "head.name=maskclip"]), truth.vocab)
+    run = _write_run(str(tmp_path / "run"), shapes, lambda s: labeler([s.image])[0].labels)
+    from_run = evaluate_run_output(truth, RunOutputPredictions(run))
+    on_the_fly = evaluate_labelers(truth, labeler)
+    for key in ("mIoU", "per_class", "background_iou", "small_object_iou", "colour_mIoU", "ignored_fraction"):
+        assert from_run[key] == on_the_fly[key]

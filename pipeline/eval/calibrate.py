@@ -27,7 +27,7 @@ from pipeline.eval.truth import TruthSet
 logger = logging.getLogger(__name__)
 
 # Shifts tried, in cosine-similarity units (the units of score maps and of vocab.background_offset).
-DEFAULT_SHIFTS = tuple(np.round(np.arange(-0.15, 0.15001, 0.005), 4).tolist())
+DEFAULT_SHIFTS = tuple(np.round(np.arange(-0.5, 0.5001, 0.01), 4).tolist())
 
 
 def calibrate_background_offset(
