@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import threading
 import time
@@ -30,7 +31,6 @@ from pipeline.distribute import run_label_job
 from pipeline.distribute.driver import ACTOR_PREFIX
 from pipeline.io import fs
 from pipeline.io.read import Sample, SampleError, iter_samples
-from pipeline.stages.infer import DenseLabeler
 from pipeline.stages.shard import ShardLabeler, ShardReadError
 from pipeline.vocab import Vocabulary, load_vocabulary
 
@@ -62,7 +62,7 @@ def test_shard_worker_writes_one_row_per_sample_in_order_at_original_sizes(tmp_p
     corrupt_image(url, "000000_000004")
     cfg = job_config(url, str(tmp_path / "out"), model, "infer.batch_size=3")
     vocab = load_vocabulary(str(tmp_path / "in/vocabulary.json"))
-    marker = ShardLabeler(cfg, vocab, DenseLabeler(cfg, vocab))(url)
+    marker = ShardLabeler(cfg, vocab)(url)
 
     inputs = _input_samples(url)
     rows = read_rows(cfg.output, "shapes-000000")
@@ -92,7 +92,7 @@ def test_shard_worker_refuses_an_unreadable_shard_and_leaves_no_output(tmp_path,
     cfg = job_config(str(bad), str(tmp_path / "out"), model)
     vocab = Vocabulary.from_entries(["background", "red circle"])
     with pytest.raises(ShardReadError, match="not a tar"):
-        ShardLabeler(cfg, vocab, DenseLabeler(cfg, vocab))(str(bad))
+        ShardLabeler(cfg, vocab)(str(bad))
     assert not fs.exists(fs.join(cfg.output, schema.commit_path("shapes-000000")))
     assert not list((tmp_path / "out/labels").iterdir())
 
@@ -116,7 +116,8 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
     options = dict(s3.storage_options)
     filesystem, root = fs.url_to_fs(s3_root, options)
     filesystem.put(str(tmp_path / "in") + "/", f"{root}/in/", recursive=True)
-    cfg = job_config(f"{s3_root}/in", f"{s3_root}/out", model, storage_options=options)
+    cfg = job_config(f"{s3_root}/in", f"{s3_root}/out", model, "zoom.enabled=true", "zoom.grid=2",
+                     storage_options=options)
 
     summary = run_label_job(cfg)
 
@@ -138,6 +139,10 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
             else:
                 assert row["status"] == "ok" and (row["height"], row["width"]) == sample.image.shape[:2]
                 assert _png_shape(members[f"{sample.key}.seg.png"]) == sample.image.shape[:2]
+                meta = json.loads(members[f"{sample.key}.json"])
+                assert meta["zoom_regions"] == row["zoom_regions"] and row["zoom_regions"]  # the 2x2 grid at least
+                for x0, y0, x1, y1 in row["zoom_regions"]:
+                    assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
         marker = fs.read_json(fs.join(cfg.output, schema.commit_path(name)), options)
         for entry in marker["files"].values():
             data = fs.read_bytes(fs.join(cfg.output, entry["path"]), options)

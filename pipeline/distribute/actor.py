@@ -17,7 +17,6 @@ import numpy as np
 
 from pipeline.config import RunCfg
 from pipeline.obs import setup_logging
-from pipeline.stages.infer import DenseLabeler
 from pipeline.stages.shard import ShardLabeler
 from pipeline.vocab import Vocabulary
 
@@ -29,18 +28,17 @@ class LabelActor:
 
     def __init__(self, cfg: RunCfg, vocab: Vocabulary) -> None:
         setup_logging()
-        self.cfg = cfg
-        self.labeler = DenseLabeler(cfg, vocab, cfg.storage_options)
-        self.worker = ShardLabeler(cfg, vocab, self.labeler)
+        self.worker = ShardLabeler(cfg, vocab)
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs and what it labels with (the run's `_run/vocabulary.json` extras)."""
+        dense = self.worker.dense
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "device": str(self.labeler.device),
-            "templates": list(self.labeler.templates),
-            "text_embedding_sha256": text_checksum(self.labeler.text_embeddings),
+            "device": str(dense.device),
+            "templates": list(dense.templates),
+            "text_embedding_sha256": text_checksum(dense.text_embeddings),
         }
 
     def label(self, url: str, attempt: int = 1) -> dict[str, Any]:

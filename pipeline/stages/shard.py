@@ -23,17 +23,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from pipeline import schema
 from pipeline.config import RunCfg, config_hash
 from pipeline.io.read import Sample, SampleError, iter_samples
+from pipeline.stages.infer import DenseLabeler
 from pipeline.stages.write import LabelShardSink, RowContext
+from pipeline.stages.zoom import ZoomLabeler
 from pipeline.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-Labeler = Callable[[list[np.ndarray]], list[Any]]  # images (H, W, 3) uint8 → results with .labels, .confidence
 _END = object()
 
 
@@ -58,12 +57,13 @@ class _Timer:
 
 
 class ShardLabeler:
-    """Labels whole shards into `cfg.output` with one `labeler` built once per process."""
+    """Labels whole shards into `cfg.output`; builds its model once, from `cfg`, on construction."""
 
-    def __init__(self, cfg: RunCfg, vocab: Vocabulary, labeler: Labeler) -> None:
+    def __init__(self, cfg: RunCfg, vocab: Vocabulary) -> None:
         self.cfg = cfg
         self.vocab = vocab
-        self.labeler = labeler
+        self.dense = DenseLabeler(cfg, vocab, cfg.storage_options)
+        self.labeler = ZoomLabeler(self.dense, cfg.zoom)  # passes results through when zoom is off
         self.context = RowContext(head=cfg.head.name, model=cfg.model.name, config_hash=config_hash(cfg))
         self.prefetch = max(1, cfg.distribute.prefetch)
 
@@ -111,16 +111,17 @@ class ShardLabeler:
     def _infer(self, batch: list[_Item], timer: _Timer) -> list[tuple[_Item, Any, float]]:
         """Results per item as (item, DenseResult or error text, seconds of model time)."""
         t0 = time.perf_counter()
+        boxes = [(item.sample.json or {}).get("boxes") for item in batch]  # zoom-in proposals of the sample
         try:
-            results: list[Any] = list(self.labeler([item.sample.image for item in batch]))
+            results: list[Any] = list(self.labeler([item.sample.image for item in batch], boxes))
             per_item = [(time.perf_counter() - t0) / len(batch)] * len(batch)
         except Exception as exc:  # one bad image must not fail its batch: retry one by one
             logger.warning("batch of %d failed (%s); labelling its images one by one", len(batch), exc)
             results, per_item = [], []
-            for item in batch:
+            for item, boxes_i in zip(batch, boxes, strict=True):
                 t1 = time.perf_counter()
                 try:
-                    results.append(self.labeler([item.sample.image])[0])
+                    results.append(self.labeler([item.sample.image], [boxes_i])[0])
                 except Exception as one:  # recorded as the sample's failed row
                     results.append(f"inference failed: {type(one).__name__}: {one}")
                 per_item.append(time.perf_counter() - t1)
