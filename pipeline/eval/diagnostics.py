@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pipeline.data.shapeworld import CLASSES
 from pipeline.eval.metrics import Scores
 from pipeline.eval.truth import TruthSample
 from pipeline.vocab import Vocabulary
@@ -66,8 +67,6 @@ def colour_groups(vocab: Vocabulary) -> list[int] | None:
 
     Only for the ShapeWorld vocabulary (background + colour x shape), where the first word is a colour.
     """
-    from pipeline.data.shapeworld import CLASSES
-
     if tuple(vocab.display_names) != CLASSES:
         return None
     colours: dict[str, int] = {}

@@ -29,6 +29,8 @@ from pipeline import schema
 from pipeline.eval.metrics import TruthObject
 from pipeline.io import fs
 from pipeline.io.decode import decode_image, decode_label_png
+from pipeline.io.read import SampleError, iter_samples
+from pipeline.io.shards import expand_shards
 from pipeline.vocab import Vocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -84,8 +86,6 @@ def open_truth(
         return _open_voc(first, vocab_file, split, storage_options)
     if split:
         raise ValueError(f"split={split!r} applies to VOC-style folders only; {url} is a set of shards")
-    from pipeline.io.shards import expand_shards
-
     shards = expand_shards(url, storage_options)
     if not shards:
         raise FileNotFoundError(f"no truth shards or VOC-style folder at {url}")
@@ -107,8 +107,6 @@ def _named_background(vocab: Vocabulary) -> Vocabulary:
 
 
 def _shard_samples(truth: TruthSet) -> Iterator[TruthSample]:
-    from pipeline.io.read import SampleError, iter_samples
-
     missing = 0
     for url in truth.shards:
         shard = schema.shard_name(url)
