@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 
 from pipeline.config import RunCfg, load_config
 from pipeline.eval.truth import TruthSet, open_truth
@@ -20,6 +21,7 @@ from pipeline.io import fs
 from pipeline.vocab import Vocabulary
 
 RANDOM_INIT = "random_init"
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a dotted config key and "=", as in infer.short_side=448
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--offsets",
         default=None,
         metavar="START:STOP:STEP",
-        help="background offset shifts tried by --calibrate-background (default -0.5:0.5:0.01, cosine units)",
+        help="background offset shifts tried by --calibrate-background, in cosine units; default "
+        "--offsets=-0.5:0.5:0.01 (write it with = when START is negative)",
     )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON (any fsspec URL)")
     parser.add_argument("overrides", nargs="*", metavar="k=v", help="config overrides, e.g. infer.short_side=448")
@@ -68,9 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # `--truth A B k=v` : argparse hands trailing overrides to --truth; a key=value is never a shard URL.
+    args.overrides += [t for t in args.truth if _OVERRIDE.match(t)]
+    truth_spec = [t for t in args.truth if not _OVERRIDE.match(t)]
     cfg = load_config(args.config, _overrides(args))
     so = cfg.storage_options or None
-    truth = open_truth(args.truth, args.vocab, args.split, so)
+    truth = open_truth(truth_spec, args.vocab, args.split, so)
     if args.pred:
         if args.zero_shot or args.calibrate_background:
             raise ValueError("--zero-shot and --calibrate-background need a model: use --head, not --pred")
@@ -99,6 +105,7 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
     from pipeline.eval.diagnostics import DEFAULT_TOP_K
     from pipeline.eval.evaluate import evaluate_labelers
     from pipeline.stages.infer import DenseLabeler
+    from pipeline.stages.zoom import ZoomLabeler
 
     so = cfg.storage_options or None
     vocab = _labeler_vocab(cfg, truth.vocab)
@@ -113,7 +120,7 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
     if not args.no_random_baseline:
         baselines[RANDOM_INIT] = DenseLabeler(_random_init(cfg), vocab, so)
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
-    report = evaluate_labelers(truth, labeler, baselines, top_k, cfg.infer.batch_size)
+    report = evaluate_labelers(truth, ZoomLabeler(labeler, cfg.zoom), baselines, top_k, cfg.infer.batch_size)
     report["predictions"] = {
         "head": cfg.head.name,
         "model": cfg.model.name,

@@ -60,6 +60,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.stages.infer import DenseLabeler
+    from pipeline.stages.zoom import ZoomLabeler
     from pipeline.vocab import resolve_vocabulary
 
     overrides = [item for item in args.items if _OVERRIDE.match(item)]
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, classes=classes))
     vocab = resolve_vocabulary(cfg.vocab, storage_options=cfg.storage_options)
     images = [_read_image(path, cfg.storage_options) for path in paths]
-    labeler = DenseLabeler(cfg, vocab, cfg.storage_options)
+    labeler = ZoomLabeler(DenseLabeler(cfg, vocab, cfg.storage_options), cfg.zoom)  # zoom.enabled=true to zoom in
     for path, image, result in zip(paths, images, labeler(images), strict=True):
         stem = PurePosixPath(path.rstrip("/")).name.rsplit(".", 1)[0]
         seg_url, overlay_url = fs.join(args.out, f"{stem}.seg.png"), fs.join(args.out, f"{stem}.overlay.png")

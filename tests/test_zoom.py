@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,35 @@ def test_confidence_blend_weights_each_source_by_its_confidence():
     expected = (full[:, 0, 0] * c_full + crop[:, 0, 0] * c_crop) / (c_full + c_crop)
     torch.testing.assert_close(out[:, 0, 0], expected)
     assert out.argmax(0).item() == 0
+
+
+def test_segment_and_eval_commands_zoom_in_when_enabled(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from jobs.cli import main
+    from pipeline.data.shapeworld_shards import write_dataset
+
+    applied: list[list] = []  # regions of every real ZoomLabeler.apply call the commands make
+    real_apply = ZoomLabeler.apply
+
+    def spy(self, *args, **kwargs):
+        maps, regions = real_apply(self, *args, **kwargs)
+        applied.append(regions)
+        return maps, regions
+
+    monkeypatch.setattr(ZoomLabeler, "apply", spy)
+
+    tiny = [f"model.name={TINY_VIT}", "model.device=cpu", "model.precision=fp32", "prompts.templates=single"]
+    zoom = ["zoom.enabled=true", "zoom.grid=2", "zoom.max_regions=2"]
+    image = tmp_path / "blocks.png"
+    Image.fromarray(_images(1, 48, 64)[0]).save(image)
+    argv = ["segment", str(image), "--classes", "background, red circle", "--out", str(tmp_path), *tiny, *zoom]
+    assert main(argv) == 0
+    assert np.asarray(Image.open(tmp_path / "blocks.seg.png")).shape == (48, 64)
+    assert len(applied) == 1 and len(applied[0][0]) == 2
+    write_dataset(str(tmp_path / "shapes"), shards=1, per_shard=2, size=64, seed=5, small_objects=True)
+    report = tmp_path / "report.json"
+    argv = ["eval", "--truth", str(tmp_path / "shapes"), "--head", "maskclip", "--no-random-baseline"]
+    assert main([*argv, "--json", str(report), *tiny, *zoom]) == 0
+    assert json.loads(report.read_text())["n_images"] == 2
+    assert len(applied) == 2 and [len(r) for r in applied[1]] == [2, 2]
