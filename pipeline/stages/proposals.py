@@ -159,8 +159,8 @@ def propose(
     for box in sample_boxes(raw_boxes, size, skipped) if cfg.use_boxes else []:
         ranked.append((3.0, _fit(_grow(box, cfg.margin), size)))
     candidates = []
+    sy, sx = height / labels.shape[0], width / labels.shape[1]  # label-map pixels to image pixels
     for comp in _weak_components(labels, confidence, cfg, background):
-        sy, sx = height / labels.shape[0], width / labels.shape[1]
         x0, y0, x1, y1 = comp.box
         box = _fit(_grow((x0 * sx, y0 * sy, x1 * sx, y1 * sy), cfg.margin), size)
         if max(box[2] - box[0], box[3] - box[1]) * MIN_ZOOM > short:
