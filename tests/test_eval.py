@@ -191,7 +191,8 @@ def load_vocabulary_json_shapes() -> Vocabulary:
 
 def test_head_on_the_fly_reports_diagnostics_baselines_and_zero_shot(shapes, tmp_path, capsys):
     out = tmp_path / "head.json"
-    argv = ["eval", "--truth", shapes, "--head", "maskclip", "--json", str(out), "--zero-shot", "12", *TINY]
+    # overrides straight after --truth: they are config keys, not more truth shards
+    argv = ["eval", "--head", "maskclip", "--json", str(out), "--zero-shot", "12", "--truth", shapes, *TINY]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "random_init" in printed and "zero-shot" in printed

@@ -17,14 +17,17 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from pipeline.eval.diagnostics import DEFAULT_TOP_K, ModelScores
+from pipeline.eval.diagnostics import DEFAULT_TOP_K, Finalize, ModelScores
 from pipeline.eval.predictions import RunOutputPredictions
 from pipeline.eval.truth import TruthSample, TruthSet
+
+if TYPE_CHECKING:
+    from pipeline.stages.infer import DenseResult
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class ScoreModel(Protocol):
 
     def score_maps(self, images: list[np.ndarray]) -> list[torch.Tensor]: ...
 
-    def finalize(self, score_map: torch.Tensor, size: tuple[int, int]): ...
+    def finalize(self, score_map: torch.Tensor, size: tuple[int, int]) -> DenseResult: ...
 
 
 def evaluate_run_output(truth: TruthSet, preds: RunOutputPredictions) -> dict:
@@ -101,7 +104,7 @@ def evaluate_labelers(
     return _report(truth, n, scores["model"], {**constant.scores, **other})
 
 
-def _label_fn(labeler: ScoreModel):
+def _label_fn(labeler: ScoreModel) -> Finalize:
     return lambda score_map, size: labeler.finalize(score_map, size).labels
 
 
