@@ -118,7 +118,7 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
         return report
     baselines = {}
     if not args.no_random_baseline:
-        baselines[RANDOM_INIT] = DenseLabeler(_random_init(cfg), vocab, so)
+        baselines[RANDOM_INIT] = ZoomLabeler(DenseLabeler(_random_init(cfg), vocab, so), cfg.zoom)  # same pipeline
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     report = evaluate_labelers(truth, ZoomLabeler(labeler, cfg.zoom), baselines, top_k, cfg.infer.batch_size)
     report["predictions"] = {
