@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +59,7 @@ class PoolResult:
     interrupted: bool = False
     signal_name: str = ""
     retries: int = 0
+    labelling_s: float = 0.0  # from the first model ready to the end of the pool
     actors_started: int = 0
     actor_info: list[dict[str, Any]] = field(default_factory=list)
 
@@ -174,6 +176,7 @@ def run_pool(
                         continue
                     if not result.actor_info:
                         on_ready(info)
+                        progress.restart_clock()
                     result.actor_info.append(info)
                     idle.append(actor)
                     continue
@@ -201,6 +204,8 @@ def run_pool(
         for actor in [*idle, *starting.values(), *(a for a, _ in running.values())]:
             ray.kill(actor)
         progress.close()
+    if result.actor_info:
+        result.labelling_s = time.monotonic() - progress.started
     result.interrupted = stop.count > 0
     result.signal_name = stop.signal_name
     return result

@@ -68,7 +68,6 @@ def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None
     logger.info("%d input shards: %d already committed, %d to label", len(urls), len(urls) - len(todo), len(todo))
     stop = stop or StopRequest()
     pool = PoolResult(outcomes=[])
-    pool_started = time.monotonic()
     if todo:
         shutdown = connect(cfg.distribute.address)
         stop.install()
@@ -78,9 +77,8 @@ def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None
             stop.restore()
             if shutdown:
                 ray.shutdown()
-    pool_seconds = time.monotonic() - pool_started
     remove_temporaries(cfg.output, cfg.storage_options)
-    summary = summarize(cfg, urls, len(urls) - len(todo), pool, time.monotonic() - started, pool_seconds)
+    summary = summarize(cfg, urls, len(urls) - len(todo), pool, time.monotonic() - started)
     write_summary(cfg.output, summary, cfg.storage_options)
     return summary
 
@@ -93,12 +91,10 @@ def _vocabulary_writer(cfg: RunCfg, vocab: Vocabulary):
     return on_ready
 
 
-def summarize(
-    cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seconds: float, pool_seconds: float
-) -> dict[str, Any]:
+def summarize(cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seconds: float) -> dict[str, Any]:
     """The run's summary: shard counts, failed shards with reasons, sample counts, speed, exit code.
 
-    `images_per_s` counts the labelled images over the pool's time (actor start-up included)."""
+    `images_per_s` is over the labelling time, from the first model ready to the end (start-up excluded)."""
     by_status: dict[str, int] = {}
     for outcome in pool.outcomes:
         by_status[outcome.status] = by_status.get(outcome.status, 0) + 1
@@ -137,6 +133,7 @@ def summarize(
         "retries": pool.retries,
         "actors": {"started": pool.actors_started, "ready": len(pool.actor_info)},
         "seconds": round(seconds, 3),
-        "images_per_s": round(ok / pool_seconds, 3) if ok and pool_seconds > 0 else 0.0,
+        "images_per_s": round(ok / pool.labelling_s, 3) if ok and pool.labelling_s > 0 else 0.0,
+        "labelling_s": round(pool.labelling_s, 3),
         "seconds_by_phase": phases,
     }

@@ -31,6 +31,10 @@ class Progress:
         use_bar = sys.stderr.isatty() if tty is None else tty
         self._bar = tqdm(total=total_shards, unit="shard", dynamic_ncols=True) if use_bar and total_shards else None
 
+    def restart_clock(self) -> None:
+        """Measure rates from now (call when the first model is ready: start-up is not labelling time)."""
+        self.started = self._last_log = time.monotonic()
+
     @property
     def images_per_s(self) -> float:
         elapsed = time.monotonic() - self.started
