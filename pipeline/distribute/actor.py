@@ -17,7 +17,6 @@ import numpy as np
 
 from pipeline.config import RunCfg
 from pipeline.obs import setup_logging
-from pipeline.stages.shard import ShardLabeler
 from pipeline.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -27,6 +26,9 @@ class LabelActor:
     """Builds the dense labeler for `cfg` and labels whole shards into `cfg.output`."""
 
     def __init__(self, cfg: RunCfg, vocab: Vocabulary) -> None:
+        # Imported here, in the actor's process: the driver never loads torch or a model.
+        from pipeline.stages.shard import ShardLabeler
+
         setup_logging()
         self.worker = ShardLabeler(cfg, vocab)
 

@@ -14,7 +14,10 @@ reader cannot open or read to the end raises `ShardReadError`, which the driver 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import resource
+import sys
 import threading
 import time
 from collections import deque
@@ -98,6 +101,7 @@ class ShardLabeler:
             raise
         writer.shutdown(wait=True)
         stats = {k: round(v, 4) for k, v in vars(timer).items()} | {"wall_s": round(time.perf_counter() - started, 4)}
+        stats |= {"peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "committed_at": round(time.time(), 3)}
         marker = sink.commit({"input": url, "attempt": attempt, **stats})
         logger.info("committed %s: %d ok, %d failed in %.1fs", name, marker["ok"], marker["failed"], stats["wall_s"])
         return marker
@@ -147,6 +151,12 @@ class ShardLabeler:
                 extra=extra,
             )
         return time.perf_counter() - started
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (recorded per shard: a leak shows as growth)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def _drain(pending: deque[Future], timer: _Timer, keep: int) -> None:

@@ -1,0 +1,98 @@
+"""Peak memory of the labeling job must not grow with the number of shards, in the driver or in an actor.
+
+Writes 100 small ShapeWorld shards, then runs the job (embedded Ray, one actor) on the first 10 and,
+separately, on all 100, each in a fresh Python process. Reports the driver's peak RSS (the child's
+own `ru_maxrss`) and the actor's peak RSS (recorded in every commit marker as `peak_rss_mb`): after
+its 10th shard and after its last. The check passes when each 100-shard peak is within `--limit-mb`
+of the 10-shard one.
+
+    python bench/label_memory.py [--shards 10 100] [--per-shard 4] [--size 64] [--model JSON] [--dir DIR]
+
+Exit status 0 when the check passes, 1 when it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# A small random-init CLIP (model-config JSON): memory behaviour, not label quality, is measured here.
+SMALL_CLIP = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def run_child(work: Path, n_shards: int, model: str) -> dict:
+    """Child side: label the first `n_shards` shards of `work/in` into `work/out-N`; report peak memory."""
+    from pipeline.config import load_config
+    from pipeline.distribute import run_label_job
+
+    inputs = sorted(str(p) for p in (work / "in").glob("*.tar"))[:n_shards]
+    cfg = load_config(None, [f"model.name={model}", "prompts.templates=single", "distribute.num_actors=1"])
+    cfg = dataclasses.replace(cfg, input=inputs, output=str(work / f"out-{n_shards}"))
+    summary = run_label_job(cfg)
+    markers = [json.loads(p.read_text()) for p in (work / f"out-{n_shards}/_commits").glob("*.json")]
+    markers.sort(key=lambda m: m["stats"]["committed_at"])
+    actor = [m["stats"]["peak_rss_mb"] for m in markers]
+    return {
+        "shards": n_shards,
+        "exit_code": summary["exit_code"],
+        "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "actor_peak_mb_after_10": actor[min(9, len(actor) - 1)],
+        "actor_peak_mb_at_end": actor[-1],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, nargs=2, default=[10, 100], metavar=("FEW", "MANY"))
+    parser.add_argument("--per-shard", type=int, default=4)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--model", default="", help="model.name (default: a small random-init CLIP config)")
+    parser.add_argument("--limit-mb", type=float, default=50.0, help="allowed growth from FEW to MANY shards")
+    parser.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="label-memory-"))
+    model = args.model or str(work / "small-clip.json")
+    if args.child:
+        print(json.dumps(run_child(work, args.child, model)))
+        return 0
+    try:
+        from pipeline.data.shapeworld_shards import write_dataset
+
+        write_dataset(str(work / "in"), max(args.shards), args.per_shard, size=args.size, seed=3)
+        (work / "small-clip.json").write_text(json.dumps(SMALL_CLIP))
+        reports = []
+        for n in args.shards:
+            cmd = [sys.executable, __file__, "--child", str(n), "--dir", str(work), "--model", model]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            reports.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        few, many = reports
+        growth = {
+            "driver_mb": round(many["driver_peak_mb"] - few["driver_peak_mb"], 1),
+            "actor_mb": round(many["actor_peak_mb_at_end"] - few["actor_peak_mb_at_end"], 1),
+            "actor_within_run_mb": round(many["actor_peak_mb_at_end"] - many["actor_peak_mb_after_10"], 1),
+        }
+        ok = all(abs(v) <= args.limit_mb for v in growth.values()) and few["exit_code"] == many["exit_code"] == 0
+        print(json.dumps({"runs": reports, "growth": growth, "limit_mb": args.limit_mb, "ok": ok}, indent=1))
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Labeling throughput: end to end (read, decode, infer, encode, write) against the bare model, in one run.
+
+On the same images, model, batch size and resolution, it measures in one process:
+
+- `forward`: `DenseLabeler.score_maps` on images decoded beforehand (the model alone);
+- `labeler`: the labeler call (forward + upsampling to the original size + labels), what any pipeline
+  must run per image;
+- `end_to_end`: `ShardLabeler` on the shards (reader thread, model, writer thread, commit), in-process.
+
+Each is timed `--repeats` times, interleaved, and the best is kept (the machine may be shared). The
+target is end_to_end / labeler >= 0.9: reading and writing overlap the model and cost it little.
+
+`--actors 1 2` also runs the whole job on a local Ray instance with 1 and 2 actors of 1 CPU each and
+reports, per pool size, the run summary's img/s (from the first model ready to the end: a late second
+actor lowers it) and the steady rate (per actor, its images over the seconds its shards took, summed
+over the actors: what the pool sustains once every actor is up), and the speed-ups.
+
+    python bench/label_speed.py [--model ViT-B-16] [--size 224] [--batch 8] [--shards 4] [--per-shard 16]
+                                [--repeats 2] [--actors 1 2] [--ray-only] [--dir DIR] [k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.shapeworld_shards import write_dataset  # noqa: E402
+from pipeline.io.read import Sample, iter_samples  # noqa: E402
+from pipeline.vocab import load_vocabulary  # noqa: E402
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def in_process(cfg, urls: list[str], repeats: int) -> dict:
+    from pipeline.stages.shard import ShardLabeler
+
+    vocab = load_vocabulary(str(Path(urls[0]).parent / "vocabulary.json"))
+    worker = ShardLabeler(cfg, vocab)
+    images = [s.image for url in urls for s in iter_samples(url) if isinstance(s, Sample)]
+    batch = cfg.infer.batch_size
+    batches = [images[i : i + batch] for i in range(0, len(images), batch)]
+    worker.labeler(batches[0])  # warm-up: first-call allocations and kernel selection
+
+    best = {"forward": float("inf"), "labeler": float("inf"), "end_to_end": float("inf")}
+    for _ in range(repeats):
+        best["forward"] = min(best["forward"], _timed(lambda: [worker.dense.score_maps(b) for b in batches]))
+        best["labeler"] = min(best["labeler"], _timed(lambda: [worker.labeler(b) for b in batches]))
+        best["end_to_end"] = min(best["end_to_end"], _timed(lambda: [worker(url) for url in urls]))
+    rates = {k: len(images) / v for k, v in best.items()}
+    return {
+        "images": len(images),
+        "img_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "end_to_end_over_labeler": round(rates["end_to_end"] / rates["labeler"], 3),
+        "end_to_end_over_forward": round(rates["end_to_end"] / rates["forward"], 3),
+    }
+
+
+def on_ray(cfg, actors: list[int], out: Path) -> dict:
+    import ray
+
+    from pipeline.distribute import run_label_job
+
+    ray.init(address="local", num_cpus=max(actors), include_dashboard=False, log_to_driver=False)
+    try:
+        report = {}
+        for n in actors:
+            distribute = dataclasses.replace(cfg.distribute, num_actors=n, num_cpus=1.0)
+            run = dataclasses.replace(cfg, output=str(out / f"ray-{n}"), distribute=distribute)
+            summary = run_label_job(run)
+            report[n] = {"summary_img_per_s": summary["images_per_s"], "steady_img_per_s": _steady_rate(run.output)}
+    finally:
+        ray.shutdown()
+    if 1 in report:
+        for entry in report.values():
+            entry["speedup_summary"] = round(entry["summary_img_per_s"] / report[1]["summary_img_per_s"], 2)
+            entry["speedup_steady"] = round(entry["steady_img_per_s"] / report[1]["steady_img_per_s"], 2)
+    return report
+
+
+def _steady_rate(output: str) -> float:
+    """Sum over actors (by pid) of their images / their shards' seconds, from the commit markers."""
+    per_actor: dict[int, list[float]] = {}
+    for marker in Path(output, "_commits").glob("*.json"):
+        data = json.loads(marker.read_text())
+        images, seconds = per_actor.setdefault(data["stats"]["pid"], [0.0, 0.0])
+        per_actor[data["stats"]["pid"]] = [images + data["ok"], seconds + data["stats"]["wall_s"]]
+    return round(sum(images / seconds for images, seconds in per_actor.values()), 3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-16", help="model.name (random init unless --pretrained)")
+    parser.add_argument("--pretrained", default="", help="model.pretrained")
+    parser.add_argument("--size", type=int, default=224, help="ShapeWorld image side (= working resolution)")
+    parser.add_argument("--batch", type=int, default=8, help="infer.batch_size")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--per-shard", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--actors", type=int, nargs="*", default=[], help="also run on Ray with these pool sizes")
+    parser.add_argument("--ray-only", action="store_true", help="skip the in-process measurements")
+    parser.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("overrides", nargs="*", metavar="k=v", help="more config overrides")
+    args = parser.parse_args()
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="label-speed-"))
+    try:
+        urls = write_dataset(str(work / "in"), args.shards, args.per_shard, size=args.size, seed=1)
+        cfg = load_config(
+            None,
+            [
+                f"model.name={args.model}",
+                f"model.pretrained={args.pretrained}",
+                f"infer.batch_size={args.batch}",
+                f"infer.short_side={args.size}",
+                "prompts.templates=single",
+                "distribute.log_interval=10",
+                *args.overrides,
+            ],
+        )
+        cfg = dataclasses.replace(cfg, input=[str(work / "in")], output=str(work / "out"))
+        report = {"model": args.model, "size": args.size, "batch": args.batch}
+        if not args.ray_only:
+            report.update(in_process(cfg, urls, args.repeats))
+        if args.actors:
+            report["ray"] = on_ray(cfg, args.actors, work)
+        print(json.dumps(report, indent=1))
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
