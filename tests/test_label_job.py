@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import threading
 import time
@@ -29,6 +30,7 @@ from jobs.cli import main
 from pipeline import schema
 from pipeline.distribute import run_label_job
 from pipeline.distribute.driver import ACTOR_PREFIX
+from pipeline.distribute.progress import Progress
 from pipeline.io import fs
 from pipeline.io.read import Sample, SampleError, iter_samples
 from pipeline.stages.shard import ShardLabeler, ShardReadError
@@ -206,3 +208,18 @@ def test_a_killed_actor_mid_shard_is_replaced_and_every_shard_commits_once(tmp_p
     assert sorted(attempts.values()) == [1, 1, 2]
     assert attempts[killed.split(".", 2)[2].removesuffix(".tar")] == 2  # the killed shard was the retried one
     assert sorted(p.name for p in labels.iterdir()) == [f"{schema.shard_name(u)}.tar" for u in urls]
+
+
+def test_progress_without_a_terminal_is_one_log_line_per_interval(caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.distribute.progress")
+    progress = Progress(4, interval=3600, tty=False)
+    progress.shard_done(True, images=10, failed_rows=1)
+    progress.shard_done(False)
+    progress.tick()
+    assert caplog.messages == []  # the interval has not passed
+    progress.tick(force=True)
+    (line,) = caplog.messages
+    assert re.fullmatch(r"shards 2/4 \(1 failed\), images 10 \(1 failed\), [\d.]+ img/s, ETA 0:00:\d\d", line)
+    progress.shard_done(True, images=5)
+    progress.shard_done(True, images=5)
+    assert caplog.messages[-1].startswith("shards 4/4 (1 failed), images 20 (1 failed)")  # the last shard always logs

@@ -14,6 +14,7 @@ and are removed by the caller). Either way the pool returns with `interrupted` s
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -35,6 +36,7 @@ from pipeline.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 _WAIT_S = 0.5  # how often the loop wakes to notice a stop request
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ACTOR_PREFIX = "clipdense-label-"  # actors are named <prefix><run id>-<n> (visible in `ray list actors`)
 
 
@@ -164,6 +166,7 @@ def run_pool(
                     progress.shard_done(ok=False)
                 break
             ready, _ = ray.wait([*starting, *running], num_returns=1, timeout=_WAIT_S)
+            progress.tick()
             for ref in ready:
                 if ref in starting:
                     actor = starting.pop(ref)
@@ -171,7 +174,7 @@ def run_pool(
                         info = ray.get(ref)
                     except RayError as exc:
                         if not result.actor_info:  # no model has ever started: the config cannot work
-                            raise RuntimeError(f"the labeling model failed to start: {_reason(exc)}") from None
+                            raise ValueError(f"the labeling model could not start: {_reason(exc)}") from None
                         logger.error("an actor failed to start: %s", _reason(exc))
                         continue
                     if not result.actor_info:
@@ -212,8 +215,9 @@ def run_pool(
 
 
 def _reason(exc: BaseException) -> str:
-    """The user-facing cause of a Ray error: the remote exception's own message when there is one."""
+    """The user-facing cause of a Ray error: the remote exception itself when there is one (for an actor
+    that died in `__init__`, the last line of the creation task's traceback), else Ray's last line."""
     if isinstance(exc, RayTaskError) and exc.cause is not None:
         return f"{type(exc.cause).__name__}: {exc.cause}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

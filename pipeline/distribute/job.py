@@ -20,6 +20,7 @@ from pipeline import schema
 from pipeline.config import RunCfg, config_hash
 from pipeline.distribute.driver import PoolResult, StopRequest, run_pool
 from pipeline.io.shards import expand_shards
+from pipeline.obs import CappedCounter
 from pipeline.outputs import prepare_output, remove_temporaries, write_summary, write_vocabulary
 from pipeline.vocab import Vocabulary, resolve_vocabulary
 
@@ -99,10 +100,10 @@ def summarize(cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seco
     for outcome in pool.outcomes:
         by_status[outcome.status] = by_status.get(outcome.status, 0) + 1
     markers = [o.marker for o in pool.outcomes if o.marker is not None]
-    errors: dict[str, int] = {}
+    errors = CappedCounter()
     for marker in markers:
         for reason, n in marker["errors"].items():
-            errors[reason] = errors.get(reason, 0) + n
+            errors.add(reason, n)
     ok = sum(m["ok"] for m in markers)
     phases = {p: round(sum(m["stats"].get(p, 0.0) for m in markers), 3) for p in _PHASES}
     committed = skipped + by_status.get("committed", 0)
@@ -129,7 +130,7 @@ def summarize(cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seco
             for o in pool.outcomes
             if o.status == "failed"
         ],
-        "samples": {"ok": ok, "failed": sum(m["failed"] for m in markers), "errors": errors},
+        "samples": {"ok": ok, "failed": sum(m["failed"] for m in markers), "errors": errors.to_dict()},
         "retries": pool.retries,
         "actors": {"started": pool.actors_started, "ready": len(pool.actor_info)},
         "seconds": round(seconds, 3),

@@ -50,7 +50,12 @@ class Progress:
             failed = f"{self.failed} shards failed, " if self.failed else ""
             self._bar.set_postfix_str(failed + self._figures(), refresh=False)
             self._bar.update(1)
-        elif time.monotonic() - self._last_log >= self.interval or self.done == self.total:
+        else:
+            self.tick(force=self.done == self.total)
+
+    def tick(self, force: bool = False) -> None:
+        """Log the progress line when `interval` seconds have passed since the last one (no bar only)."""
+        if self._bar is None and (force or time.monotonic() - self._last_log >= self.interval):
             self._last_log = time.monotonic()
             logger.info("%s", self.line())
 
