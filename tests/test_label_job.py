@@ -9,6 +9,7 @@ import logging
 import re
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from PIL import Image
 
 from jobs.cli import main
 from pipeline import schema
+from pipeline.config import load_config
 from pipeline.distribute import run_label_job
 from pipeline.distribute.driver import ACTOR_PREFIX
 from pipeline.distribute.progress import Progress
@@ -223,3 +225,9 @@ def test_progress_without_a_terminal_is_one_log_line_per_interval(caplog):
     progress.shard_done(True, images=5)
     progress.shard_done(True, images=5)
     assert caplog.messages[-1].startswith("shards 4/4 (1 failed), images 20 (1 failed)")  # the last shard always logs
+
+
+def test_the_example_config_loads():
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "examples/label-shapes.yaml"))
+    assert cfg.input == ["data/shapes/shapes-{000000..000007}.tar"] and cfg.output == "data/shapes-labels"
+    assert cfg.zoom.enabled and cfg.model.name == "shapes-clip"

@@ -129,6 +129,8 @@ class ShardLabeler:
                 except Exception as one:  # recorded as the sample's failed row
                     results.append(f"inference failed: {type(one).__name__}: {one}")
                 per_item.append(time.perf_counter() - t1)
+            if len(batch) > 1 and all(isinstance(r, str) for r in results):
+                raise  # every image fails alone too: the model, not the data, is broken; fail the attempt
         timer.infer_s += time.perf_counter() - t0
         return list(zip(batch, results, per_item, strict=True))
 
