@@ -66,6 +66,7 @@ class Backbone:
     mean: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN
     std: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = field(init=False)  # "vit" or "resnet", from the vision tower
     _pos_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,8 @@ others drops both (`residual=False, mlp=False`). The default is the released cod
 cannot be measured on a random-init model, so the ShapeWorld benchmark is meant to settle it.
 
 Options `pd_thresh` / `ks_thresh` turn on prompt denoising and key smoothing (`refine.py`; MaskCLIP's
-configs use 0.5 and 1.0); 0 = off, the plain MaskCLIP setting.
+configs use 0.5 and 1.0); 0 = off, the plain MaskCLIP setting. MaskCLIP applies them to whole images;
+with sliding windows they act within each window.
 """
 
 from __future__ import annotations
