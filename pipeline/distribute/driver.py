@@ -117,101 +117,122 @@ def run_pool(
     stop: StopRequest,
 ) -> PoolResult:
     """Label `urls` on a pool of actors; `on_ready(info)` is called once, when the first model is up."""
-    n_actors, num_cpus, num_gpus = actor_resources(cfg.distribute, len(urls))
-    logger.info("labelling %d shards on %d actors (%g CPU, %g GPU each)", len(urls), n_actors, num_cpus, num_gpus)
-    actor_cls = ray.remote(LabelActor)
-    result = PoolResult(outcomes=[ShardOutcome(url) for url in urls])
-    queue: deque[ShardOutcome] = deque(result.outcomes)
-    max_attempts = 1 + cfg.distribute.max_retries
-    starting: dict[ray.ObjectRef, Any] = {}  # describe() call → actor
-    running: dict[ray.ObjectRef, tuple[Any, ShardOutcome]] = {}
-    idle: list[Any] = []
-    progress = Progress(len(urls), cfg.distribute.log_interval)
-    run_id = uuid.uuid4().hex[:8]
-    # Actors may die and be replaced; bound replacements so a crash loop cannot spin forever.
-    spawn_budget = n_actors + len(urls) * max_attempts
+    return _Pool(cfg, vocab, urls, on_ready).run(stop)
 
-    def spawn() -> None:
-        nonlocal spawn_budget
-        spawn_budget -= 1
-        name = f"{ACTOR_PREFIX}{run_id}-{result.actors_started}"
-        actor = actor_cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0).remote(cfg, vocab)
-        starting[actor.describe.remote()] = actor
-        result.actors_started += 1
 
-    def give_back(outcome: ShardOutcome, reason: str) -> None:
+class _Pool:
+    """The state of one `run_pool` call: actors starting, idle and busy, and the shard queue."""
+
+    def __init__(self, cfg: RunCfg, vocab: Vocabulary, urls: list[str], on_ready: Callable) -> None:
+        self.cfg, self.vocab, self.on_ready = cfg, vocab, on_ready
+        self.n_actors, self.num_cpus, self.num_gpus = actor_resources(cfg.distribute, len(urls))
+        self.result = PoolResult(outcomes=[ShardOutcome(url) for url in urls])
+        self.queue: deque[ShardOutcome] = deque(self.result.outcomes)
+        self.max_attempts = 1 + cfg.distribute.max_retries
+        self.starting: dict[ray.ObjectRef, Any] = {}  # describe() call -> actor
+        self.running: dict[ray.ObjectRef, tuple[Any, ShardOutcome]] = {}  # label() call -> (actor, shard)
+        self.idle: deque[Any] = deque()  # first in, first out: a retry goes to another actor when one is free
+        self.progress = Progress(len(urls), cfg.distribute.log_interval)
+        self.run_id = uuid.uuid4().hex[:8]
+        # Dead actors are replaced; the budget stops a crash loop from spinning forever.
+        self.spawn_budget = self.n_actors + len(urls) * self.max_attempts
+
+    def run(self, stop: StopRequest) -> PoolResult:
+        shards, actors, cpus, gpus = len(self.queue), self.n_actors, self.num_cpus, self.num_gpus
+        logger.info("labelling %d shards on %d actors (%g CPU, %g GPU each)", shards, actors, cpus, gpus)
+        for _ in range(self.n_actors):
+            self._spawn()
+        try:
+            while (self.queue or self.running) and stop.count < 2:
+                while self.idle and self.queue and not stop.count:
+                    actor, outcome = self.idle.popleft(), self.queue.popleft()
+                    outcome.attempts += 1
+                    self.running[actor.label.remote(outcome.url, outcome.attempts)] = (actor, outcome)
+                if not self.running and (stop.count or not self.starting):
+                    if not stop.count:
+                        self._fail_queue("no worker left to run it")
+                    break
+                ready, _ = ray.wait([*self.starting, *self.running], num_returns=1, timeout=_WAIT_S)
+                self.progress.tick()
+                for ref in ready:
+                    if ref in self.starting:
+                        self._started(ref)
+                    else:
+                        self._finished(ref)
+        finally:
+            self._wind_up()
+        self.result.interrupted, self.result.signal_name = stop.count > 0, stop.signal_name
+        return self.result
+
+    def _spawn(self) -> None:
+        self.spawn_budget -= 1
+        name = f"{ACTOR_PREFIX}{self.run_id}-{self.result.actors_started}"
+        options = {"name": name, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0}
+        actor = ray.remote(LabelActor).options(**options).remote(self.cfg, self.vocab)
+        self.starting[actor.describe.remote()] = actor
+        self.result.actors_started += 1
+
+    def _started(self, ref: ray.ObjectRef) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            info = ray.get(ref)
+        except RayError as exc:
+            if not self.result.actor_info:  # no model has ever started: the config cannot work
+                raise ValueError(f"the labeling model could not start: {_reason(exc)}") from None
+            logger.error("an actor failed to start: %s", _reason(exc))
+            return
+        if not self.result.actor_info:
+            self.on_ready(info)
+            self.progress.restart_clock()
+        self.result.actor_info.append(info)
+        self.idle.append(actor)
+
+    def _finished(self, ref: ray.ObjectRef) -> None:
+        actor, outcome = self.running.pop(ref)
+        try:
+            outcome.marker = ray.get(ref)
+        except RayTaskError as exc:  # the attempt raised; the actor itself is fine
+            self.idle.append(actor)
+            self._retry(outcome, _reason(exc))
+        except RayError as exc:  # the actor died (or its node, or its result): replace it
+            ray.kill(actor)
+            self._retry(outcome, f"worker died: {_reason(exc)}")
+            if self.spawn_budget > 0:
+                self._spawn()
+        else:
+            outcome.status, outcome.error = "committed", None
+            self.progress.shard_done(True, outcome.marker["ok"], outcome.marker["failed"])
+            self.idle.append(actor)
+
+    def _retry(self, outcome: ShardOutcome, reason: str) -> None:
         outcome.error = reason
-        if outcome.attempts < max_attempts:
-            result.retries += 1
+        if outcome.attempts < self.max_attempts:
+            self.result.retries += 1
             logger.warning("shard %s attempt %d failed (%s); retrying", outcome.name, outcome.attempts, reason)
-            queue.append(outcome)
+            self.queue.append(outcome)
         else:
             outcome.status = "failed"
             logger.error("shard %s failed after %d attempts: %s", outcome.name, outcome.attempts, reason)
-            progress.shard_done(ok=False)
+            self.progress.shard_done(ok=False)
 
-    for _ in range(n_actors):
-        spawn()
-    try:
-        while queue or running:
-            if stop.count >= 2:
-                break
-            while idle and queue and not stop.count:
-                actor, outcome = idle.pop(), queue.popleft()
-                outcome.attempts += 1
-                running[actor.label.remote(outcome.url, outcome.attempts)] = (actor, outcome)
-            if not running and (stop.count or not starting):
-                for outcome in queue if not stop.count else ():
-                    outcome.status, outcome.error = "failed", outcome.error or "no worker left to run it"
-                    progress.shard_done(ok=False)
-                break
-            ready, _ = ray.wait([*starting, *running], num_returns=1, timeout=_WAIT_S)
-            progress.tick()
-            for ref in ready:
-                if ref in starting:
-                    actor = starting.pop(ref)
-                    try:
-                        info = ray.get(ref)
-                    except RayError as exc:
-                        if not result.actor_info:  # no model has ever started: the config cannot work
-                            raise ValueError(f"the labeling model could not start: {_reason(exc)}") from None
-                        logger.error("an actor failed to start: %s", _reason(exc))
-                        continue
-                    if not result.actor_info:
-                        on_ready(info)
-                        progress.restart_clock()
-                    result.actor_info.append(info)
-                    idle.append(actor)
-                    continue
-                actor, outcome = running.pop(ref)
-                try:
-                    outcome.marker = ray.get(ref)
-                except RayTaskError as exc:  # the attempt raised; the actor itself is fine
-                    idle.append(actor)
-                    give_back(outcome, _reason(exc))
-                except RayError as exc:  # the actor died (or its node, or its result): replace it
-                    ray.kill(actor)
-                    give_back(outcome, f"worker died: {_reason(exc)}")
-                    if spawn_budget > 0:
-                        spawn()
-                else:
-                    outcome.status, outcome.error = "committed", None
-                    progress.shard_done(True, outcome.marker["ok"], outcome.marker["failed"])
-                    idle.append(actor)
-    finally:
-        for _, outcome in running.values():
+    def _fail_queue(self, reason: str) -> None:
+        for outcome in self.queue:
+            outcome.status, outcome.error = "failed", outcome.error or reason
+            self.progress.shard_done(ok=False)
+        self.queue.clear()
+
+    def _wind_up(self) -> None:
+        """Record shards still in flight as abandoned and the rest as not started; stop every actor."""
+        for _, outcome in self.running.values():
             outcome.status = "abandoned"
-        for outcome in result.outcomes:
+        for outcome in self.result.outcomes:
             if outcome.status == "pending":
                 outcome.status = "not_started"
-        for actor in [*idle, *starting.values(), *(a for a, _ in running.values())]:
+        for actor in [*self.idle, *self.starting.values(), *(a for a, _ in self.running.values())]:
             ray.kill(actor)
-        progress.close()
-    if result.actor_info:
-        result.labelling_s = time.monotonic() - progress.started
-    result.interrupted = stop.count > 0
-    result.signal_name = stop.signal_name
-    return result
+        self.progress.close()
+        if self.result.actor_info:
+            self.result.labelling_s = time.monotonic() - self.progress.started
 
 
 def _reason(exc: BaseException) -> str:
