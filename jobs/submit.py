@@ -5,6 +5,9 @@ the cluster through the Ray Jobs API with a runtime environment that carries thi
 (`py_modules`) and the resolved config (`working_dir`), so cluster nodes need only Ray and the
 dependencies. The command follows the job's logs and exits with the job's status: 0 when it
 succeeded, the job's own exit code when it failed, 130 when it was stopped. Ctrl-C stops the job.
+
+A cluster with Ray token authentication needs the token in this shell, exactly as `ray job submit`
+does: `RAY_AUTH_MODE=token` and the token in `RAY_AUTH_TOKEN` or `~/.ray/auth_token`.
 """
 
 from __future__ import annotations
