@@ -29,9 +29,9 @@ from PIL import Image
 
 from jobs.cli import main
 from pipeline import schema
-from pipeline.config import load_config
+from pipeline.config import DistributeCfg, load_config
 from pipeline.distribute import run_label_job
-from pipeline.distribute.driver import ACTOR_PREFIX
+from pipeline.distribute.driver import ACTOR_PREFIX, actor_resources
 from pipeline.distribute.progress import Progress
 from pipeline.io import fs
 from pipeline.io.read import Sample, SampleError, iter_samples
@@ -231,3 +231,12 @@ def test_the_example_config_loads():
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "examples/label-shapes.yaml"))
     assert cfg.input == ["data/shapes/shapes-{000000..000007}.tar"] and cfg.output == "data/shapes-labels"
     assert cfg.zoom.enabled and cfg.model.name == "shapes-clip"
+
+
+@pytest.mark.ray
+def test_pool_size_follows_the_cluster_unless_set(local_ray):  # noqa: F811
+    cpu_only = DistributeCfg()  # the test cluster has 2 CPUs and no GPU
+    assert actor_resources(cpu_only, n_shards=10) == (2, 1.0, 0.0)
+    assert actor_resources(cpu_only, n_shards=1) == (1, 1.0, 0.0)  # never more actors than shards
+    assert actor_resources(DistributeCfg(num_cpus=0.5), n_shards=10) == (4, 0.5, 0.0)
+    assert actor_resources(DistributeCfg(num_actors=3, num_gpus=0.25), n_shards=10) == (3, 1.0, 0.25)
