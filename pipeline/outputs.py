@@ -113,7 +113,7 @@ def committed_shards(output: str, storage_options: dict | None = None) -> set[st
     if not filesystem.exists(path):
         return set()
     names = (p.rstrip("/").rsplit("/", 1)[-1] for p in filesystem.ls(path, detail=False))
-    return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith("_tmp.")}
+    return {n[: -len(".json")] for n in names if n.endswith(".json") and not fs.is_temp_name(n)}
 
 
 def remove_temporaries(output: str, storage_options: dict | None = None) -> int:
@@ -127,7 +127,7 @@ def remove_temporaries(output: str, storage_options: dict | None = None) -> int:
         if not filesystem.exists(path):
             continue
         for entry in filesystem.ls(path, detail=False):
-            if entry.rstrip("/").rsplit("/", 1)[-1].startswith("_tmp."):
+            if fs.is_temp_name(entry):
                 filesystem.rm(entry)
                 removed += 1
     if removed:
