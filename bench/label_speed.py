@@ -9,6 +9,8 @@ On the same images, model, batch size and resolution, it measures in one process
 
 Each is timed `--repeats` times, interleaved, and the best is kept (the machine may be shared). The
 target is end_to_end / labeler >= 0.9: reading and writing overlap the model and cost it little.
+`model_idle_fraction` is the share of the shards' wall time the model thread spent waiting for the
+reader or the writer (from the last end-to-end pass's commit markers).
 
 `--actors 1 2` also runs the whole job on a local Ray instance with 1 and 2 actors of 1 CPU each and
 reports, per pool size, the run summary's img/s (from the first model ready to the end: a late second
@@ -60,8 +62,11 @@ def in_process(cfg, urls: list[str], repeats: int) -> dict:
         best["labeler"] = min(best["labeler"], _timed(lambda: [worker.labeler(b) for b in batches]))
         best["end_to_end"] = min(best["end_to_end"], _timed(lambda: [worker(url) for url in urls]))
     rates = {k: len(images) / v for k, v in best.items()}
+    stats = [json.loads(p.read_text())["stats"] for p in Path(cfg.output, "_commits").glob("*.json")]
+    waited = sum(s["wait_s"] + s["backpressure_s"] for s in stats)
     return {
         "images": len(images),
+        "model_idle_fraction": round(waited / sum(s["wall_s"] for s in stats), 3),  # waiting on read or write
         "img_per_s": {k: round(v, 2) for k, v in rates.items()},
         "end_to_end_over_labeler": round(rates["end_to_end"] / rates["labeler"], 3),
         "end_to_end_over_forward": round(rates["end_to_end"] / rates["forward"], 3),
