@@ -102,7 +102,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 @pytest.mark.ray
 def test_an_interrupted_run_resumes_to_the_output_of_an_uninterrupted_one(tmp_path, local_ray):  # noqa: F811
     model = tiny_model(tmp_path / "tiny-clip")
-    urls = shapes(str(tmp_path / "in"), 5, 12)
+    urls = shapes(str(tmp_path / "in"), 6, 32)  # shards long enough that SIGTERM lands before the last one
     names = [schema.shard_name(u) for u in urls]
     reference = job_config(str(tmp_path / "in"), str(tmp_path / "reference"), model, "infer.batch_size=2")
     assert run_label_job(reference)["exit_code"] == 0
