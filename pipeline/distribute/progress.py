@@ -34,6 +34,8 @@ class Progress:
     def restart_clock(self) -> None:
         """Measure rates from now (call when the first model is ready: start-up is not labelling time)."""
         self.started = self._last_log = time.monotonic()
+        if self._bar is not None and not self.done:
+            self._bar.reset()  # the bar's own clock too, for its rate and ETA
 
     @property
     def images_per_s(self) -> float:
