@@ -167,7 +167,9 @@ class LabelShardSink:
         }
 
     def commit(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Publish the shard: tar, then Parquet, then the marker. Returns the marker's content."""
+        """Publish the shard: tar, then Parquet, then the marker. Returns the marker's content, whose
+        `stats` are `stats` plus `commit_s`, the seconds spent publishing before the marker."""
+        started = time.perf_counter()
         self._tar.close()
         labels_url = fs.join(self.output, schema.labels_path(self.shard))
         labels_file = {"path": schema.labels_path(self.shard), **_size_and_sha256(labels_url, self.storage_options)}
@@ -193,7 +195,7 @@ class LabelShardSink:
                 },
             },
             "host": socket.gethostname(),
-            "stats": stats or {},
+            "stats": {**(stats or {}), "commit_s": round(time.perf_counter() - started, 4)},
         }
         fs.put_json(fs.join(self.output, schema.commit_path(self.shard)), marker, self.storage_options)
         return marker
