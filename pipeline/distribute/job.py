@@ -26,7 +26,7 @@ from pipeline.vocab import Vocabulary, resolve_vocabulary
 
 logger = logging.getLogger(__name__)
 
-_PHASES = ("read_s", "wait_s", "infer_s", "write_s", "backpressure_s", "wall_s")
+_PHASES = ("read_s", "wait_s", "infer_s", "write_s", "backpressure_s", "commit_s", "wall_s")
 
 
 def plan_shards(cfg: RunCfg) -> list[str]:
