@@ -14,6 +14,7 @@ otherwise unless `--overwrite`. Exit status: 0 when every shard is committed, 1 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -52,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.distribute import run_label_job
 
     file, overrides = split_config_args(args)
-    if args.address is not None:
-        overrides.append(f"distribute.address={args.address}")
     cfg = load_config(file, overrides)
+    if args.address is not None:  # set as given, not parsed as YAML
+        cfg = dataclasses.replace(cfg, distribute=dataclasses.replace(cfg.distribute, address=args.address))
     summary = run_label_job(cfg, overwrite=args.overwrite)
     print(format_summary(summary))
     return int(summary["exit_code"])
