@@ -191,7 +191,7 @@ def _resolve_source(name: str, storage_options: dict | None) -> _Source:
         return _Source(name, builtin, builtin=True)
     if fs.exists(fs.join(name, "config.json"), storage_options):
         return _folder_source(name, Path(name.rstrip("/")).name, storage_options)
-    shipped_names = sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.json").is_file())
+    shipped_names = sorted(p.parent.name for p in SHIPPED_DIR.glob("*/config.json"))
     raise ValueError(
         f"unknown model {name!r}: not a shipped model ({', '.join(shipped_names) or 'none installed'}), "
         "a model-config .json, an open_clip architecture (see open_clip.list_models()) or a model folder"

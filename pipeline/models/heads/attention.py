@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from pipeline.models.backbone import Backbone
 from pipeline.models.heads import _resnet, _vit
 from pipeline.models.heads._base import MODES, DenseHead, Encoded
@@ -30,7 +32,7 @@ class LastBlockHead(DenseHead):
             raise ValueError(f"sigma must be positive, got {sigma}")
         self.mode, self.residual, self.mlp, self.sigma, self.with_keys = mode, residual, mlp, sigma, with_keys
 
-    def encode(self, backbone: Backbone, images) -> Encoded:
+    def encode(self, backbone: Backbone, images: torch.Tensor) -> Encoded:
         if backbone.kind == "vit":
             return _vit.encode(backbone, images, self.mode, self.residual, self.mlp, self.sigma, self.with_keys)
         return _resnet.encode(backbone, images, self.mode, self.sigma, self.with_keys)
