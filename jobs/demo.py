@@ -51,5 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     return int(summary["exit_code"])
 
 
+def _main_or_error() -> int:
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as exc:  # bad input or config (ConfigError is a ValueError)
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_or_error())
