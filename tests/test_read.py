@@ -74,6 +74,7 @@ def test_bad_corpus_gives_one_error_per_bad_sample_and_keeps_every_good_one(stor
         assert fragment.lower() in errors[key].reason.lower(), (key, errors[key].reason)
         assert errors[key].shard == url
     assert "testing" not in " ".join(e.reason for e in errors.values())  # storage options never in a reason
+    assert " at 0x" not in " ".join(e.reason for e in errors.values())  # same fault, same text: reasons group
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
     assert samples["good-001"].json == {"boxes": [[0, 0, 4, 4]]}
     assert set(samples["nested/dir/good-002"].extra) == {"seg.png"}

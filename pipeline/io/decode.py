@@ -10,6 +10,7 @@ here applies `max_pixels` instead. Failures raise `ValueError` with a reason rea
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -76,6 +77,11 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+    # Drop object reprs such as `<_io.BytesIO object at 0x7f...>`: the same fault must read the same
+    # every time, so failure reasons can be grouped and counted.
+    text = _OBJECT_REPR.sub("the image data", str(exc)).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
