@@ -157,3 +157,13 @@ def test_bf16_labels_agree_with_fp32(head):
     shares = np.bincount(labels["fp32"], minlength=len(vocab)) / labels["fp32"].size
     assert (shares > 0.05).sum() >= 3, f"degenerate labels, cannot compare: {shares}"
     assert (labels["fp32"] == labels["bf16"]).mean() >= 0.98
+
+
+def test_random_init_is_the_same_in_every_process():
+    """Each Ray actor builds its own model: without weights they must still agree."""
+    cfg = ModelCfg(name=CONFIGS["vit"], pretrained=RANDOM_INIT_WEIGHTS, precision="fp32", device="cpu")
+    torch.manual_seed(123)
+    first = load_backbone(cfg).model.state_dict()
+    torch.manual_seed(456)
+    second = load_backbone(cfg).model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -19,11 +19,12 @@ any input size works without forking open_clip's forward.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from pipeline.models.precision import resolve_device, resolve_dtype
 logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+RANDOM_INIT_SEED = 0  # seed of every model built before weights load (random init is reproducible)
 RANDOM_INIT_WEIGHTS = "random"  # `ModelCfg.pretrained` value: random init even for a model that ships weights
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _SCHEMAS = ("hf-hub:", "local-dir:")
@@ -153,11 +155,13 @@ def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbon
     if source.config is None:
         # hf-hub: / local-dir: names carry their own config and weights; open_clip resolves both.
         weights = "" if cfg.pretrained == RANDOM_INIT_WEIGHTS else cfg.name
-        model = open_clip.create_model(cfg.name, load_weights=bool(weights))
+        with _seeded():
+            model = open_clip.create_model(cfg.name, load_weights=bool(weights))
         tokenizer = open_clip.get_tokenizer(cfg.name)
         preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     else:
-        model = _build_clip(source.config, source.name)
+        with _seeded():
+            model = _build_clip(source.config, source.name)
         tokenizer = open_clip.get_tokenizer(cfg.name) if source.builtin else _tokenizer(source.config)
         weights = cfg.pretrained or (fs.join(source.folder, "weights.safetensors") if source.folder else "")
         if weights == RANDOM_INIT_WEIGHTS:
@@ -174,6 +178,15 @@ def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbon
     std = tuple(meta.get("std") or preprocess.get("std") or open_clip.OPENAI_DATASET_STD)
     logger.info("loaded %s (weights: %s) on %s as %s", source.name, weights or "random", device, dtype)
     return Backbone(model, tokenizer, source.name, weights, device, dtype, mean, std, meta)
+
+
+@contextlib.contextmanager
+def _seeded() -> Iterator[None]:
+    """Build under a fixed seed: a random-init model is then the same in every process (each Ray
+    actor builds its own), so a random baseline labels a dataset consistently and reproducibly."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
 
 
 def _resolve_source(name: str, storage_options: dict | None) -> _Source:
