@@ -31,6 +31,7 @@ class ModelCfg:
     pretrained: str = ""  # open_clip tag, local path or fsspec URL of weights; "" = the shipped model's own
     precision: Precision = "auto"  # auto = bf16 where the device supports it fast, else fp32
     device: str = "auto"  # auto = cuda when present, else cpu; or cpu, cuda, cuda:N
+    seed: int = 0  # seed of the weights a model starts from before loading (decides random-init models)
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,8 +93,7 @@ def test_shipped_folder_layout_loads_weights_and_meta(tmp_path, monkeypatch):
     monkeypatch.setattr(backbone_mod, "SHIPPED_DIR", tmp_path)  # as if installed in pipeline/models/shipped/
     by_name = load_backbone(ModelCfg(name="mini-clip", precision="fp32"))
     assert _same_weights(by_name, by_path)
-    torch.manual_seed(9)
-    random = load_backbone(ModelCfg(name="mini-clip", pretrained=RANDOM_INIT_WEIGHTS, precision="fp32"))
+    random = load_backbone(ModelCfg(name="mini-clip", pretrained=RANDOM_INIT_WEIGHTS, precision="fp32", seed=9))
     assert not _same_weights(random, by_path) and random.meta == meta
 
 
@@ -161,9 +160,11 @@ def test_bf16_labels_agree_with_fp32(head):
 
 def test_random_init_is_the_same_in_every_process():
     """Each Ray actor builds its own model: without weights they must still agree."""
-    cfg = ModelCfg(name=CONFIGS["vit"], pretrained=RANDOM_INIT_WEIGHTS, precision="fp32", device="cpu")
+    cfg = ModelCfg(name=CONFIGS["vit"], pretrained=RANDOM_INIT_WEIGHTS, precision="fp32", device="cpu", seed=7)
     torch.manual_seed(123)
     first = load_backbone(cfg).model.state_dict()
     torch.manual_seed(456)
     second = load_backbone(cfg).model.state_dict()
+    other = load_backbone(ModelCfg(name=CONFIGS["vit"], precision="fp32", device="cpu", seed=8)).model.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)

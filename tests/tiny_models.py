@@ -22,8 +22,7 @@ CONFIGS = {"vit": str(DATA / "tiny-vit.json"), "resnet": str(DATA / "tiny-rn.jso
 
 
 def fresh_backbone(kind: str = "vit", precision: str = "fp32", seed: int = 0, **kwargs) -> Backbone:
-    torch.manual_seed(seed)
-    return load_backbone(ModelCfg(name=CONFIGS[kind], precision=precision, device="cpu", **kwargs))
+    return load_backbone(ModelCfg(name=CONFIGS[kind], precision=precision, device="cpu", seed=seed, **kwargs))
 
 
 @functools.cache

@@ -45,7 +45,6 @@ from pipeline.models.precision import resolve_device, resolve_dtype
 logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
-RANDOM_INIT_SEED = 0  # seed of every model built before weights load (random init is reproducible)
 RANDOM_INIT_WEIGHTS = "random"  # `ModelCfg.pretrained` value: random init even for a model that ships weights
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _SCHEMAS = ("hf-hub:", "local-dir:")
@@ -155,12 +154,12 @@ def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbon
     if source.config is None:
         # hf-hub: / local-dir: names carry their own config and weights; open_clip resolves both.
         weights = "" if cfg.pretrained == RANDOM_INIT_WEIGHTS else cfg.name
-        with _seeded():
+        with _seeded(cfg.seed):
             model = open_clip.create_model(cfg.name, load_weights=bool(weights))
         tokenizer = open_clip.get_tokenizer(cfg.name)
         preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     else:
-        with _seeded():
+        with _seeded(cfg.seed):
             model = _build_clip(source.config, source.name)
         tokenizer = open_clip.get_tokenizer(cfg.name) if source.builtin else _tokenizer(source.config)
         weights = cfg.pretrained or (fs.join(source.folder, "weights.safetensors") if source.folder else "")
@@ -181,11 +180,12 @@ def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbon
 
 
 @contextlib.contextmanager
-def _seeded() -> Iterator[None]:
-    """Build under a fixed seed: a random-init model is then the same in every process (each Ray
-    actor builds its own), so a random baseline labels a dataset consistently and reproducibly."""
+def _seeded(seed: int) -> Iterator[None]:
+    """Build under `model.seed`, not the process's random state: a random-init model is then the
+    same in every process (each Ray actor builds its own), so a random baseline labels a dataset
+    consistently and reproducibly."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
+        torch.manual_seed(seed)
         yield
 
 
