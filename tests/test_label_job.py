@@ -230,7 +230,7 @@ def test_progress_without_a_terminal_is_one_log_line_per_interval(caplog):
 def test_the_example_config_loads():
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "examples/label-shapes.yaml"))
     assert cfg.input == ["data/shapes/shapes-{000000..000007}.tar"] and cfg.output == "data/shapes-labels"
-    assert cfg.zoom.enabled and cfg.model.name == "shapes-clip"
+    assert not cfg.zoom.enabled and cfg.zoom.max_regions == 4 and cfg.model.name == "shapes-clip"
 
 
 @pytest.mark.ray
