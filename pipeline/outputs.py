@@ -57,7 +57,9 @@ def prepare_output(cfg: RunCfg, vocab: Vocabulary, overwrite: bool = False) -> s
     elif fs.exists(config_url, options):
         _check_same_run(cfg, vocab, read_run_config(out, options))
     elif committed_shards(out, options):
-        raise OutputConflict(f"{out} holds committed shards but no {schema.CONFIG_FILE}; use --overwrite or a new output")
+        raise OutputConflict(
+            f"{out} holds committed shards but no {schema.CONFIG_FILE}; use --overwrite or a new output"
+        )
     if not fs.exists(config_url, options):
         fs.put_atomic(config_url, dump_yaml(public_config(cfg)).encode(), options)
     remove_temporaries(out, options)
@@ -101,8 +103,11 @@ def write_vocabulary(
     if fs.exists(url, storage_options):
         previous = fs.read_json(url, storage_options).get("text_embedding_sha256")
         if previous != text_checksum:
-            logger.warning("text embeddings differ from the ones this output was started with (%s vs %s)",
-                           text_checksum[:12], str(previous)[:12])
+            logger.warning(
+                "text embeddings differ from the ones this output was started with (%s vs %s)",
+                text_checksum[:12],
+                str(previous)[:12],
+            )
         return
     fs.put_json(url, content, storage_options)
 

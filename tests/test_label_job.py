@@ -120,8 +120,9 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
     options = dict(s3.storage_options)
     filesystem, root = fs.url_to_fs(s3_root, options)
     filesystem.put(str(tmp_path / "in") + "/", f"{root}/in/", recursive=True)
-    cfg = job_config(f"{s3_root}/in", f"{s3_root}/out", model, "zoom.enabled=true", "zoom.grid=2",
-                     storage_options=options)
+    cfg = job_config(
+        f"{s3_root}/in", f"{s3_root}/out", model, "zoom.enabled=true", "zoom.grid=2", storage_options=options
+    )
 
     summary = run_label_job(cfg)
 
@@ -181,8 +182,9 @@ def test_unreadable_shard_fails_after_retries_and_the_rest_commits(tmp_path, cap
 @pytest.mark.ray
 def test_a_killed_actor_mid_shard_is_replaced_and_every_shard_commits_once(tmp_path, model, local_ray):  # noqa: F811
     urls = shapes(str(tmp_path / "in"), 3, 48)
-    cfg = job_config(str(tmp_path / "in"), str(tmp_path / "out"), model, "distribute.num_actors=1",
-                     "infer.batch_size=1")
+    cfg = job_config(
+        str(tmp_path / "in"), str(tmp_path / "out"), model, "distribute.num_actors=1", "infer.batch_size=1"
+    )
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run_label_job(cfg)))
     runner.start()

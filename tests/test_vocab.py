@@ -11,7 +11,9 @@ from pipeline.vocab import Vocabulary, load_vocabulary, resolve_vocabulary
 
 
 def test_json_and_text_files_with_synonyms(tmp_path):
-    (tmp_path / "v.json").write_text(json.dumps({"classes": ["background", "tv, monitor, screen", "cat"], "background": 0}))
+    (tmp_path / "v.json").write_text(
+        json.dumps({"classes": ["background", "tv, monitor, screen", "cat"], "background": 0})
+    )
     (tmp_path / "v.txt").write_text("# my classes\ntv, monitor, screen\n\ncat\n")
     vj = load_vocabulary(str(tmp_path / "v.json"))
     vt = load_vocabulary(str(tmp_path / "v.txt"))

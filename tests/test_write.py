@@ -122,7 +122,9 @@ def test_a_retry_replaces_the_partial_files_of_a_dead_attempt(tmp_path):
     again = _write_shard(out)
     assert {k: v["path"] for k, v in again["files"].items()} == {k: v["path"] for k, v in first["files"].items()}
     after = _members(tmp_path / "out/labels/shapes-000000.tar")
-    assert {k: v for k, v in after.items() if k.endswith(".png")} == {k: v for k, v in before.items() if k.endswith(".png")}
+    assert {k: v for k, v in after.items() if k.endswith(".png")} == {
+        k: v for k, v in before.items() if k.endswith(".png")
+    }
     finals = sorted(p.name for p in (tmp_path / "out/labels").iterdir() if not p.name.startswith("_tmp."))
     assert finals == ["shapes-000000.tar"]
 
