@@ -18,6 +18,7 @@ from pipeline.config import ConfigError
 COMMANDS = [
     "jobs.config_cmd",
     "jobs.shapes",
+    "jobs.pretrain_shapes",
     "jobs.eval",
     "jobs.label",
     "jobs.segment",

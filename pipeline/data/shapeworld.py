@@ -104,6 +104,11 @@ def render_single(
     return _compose(rng, size, [(cls, small)], ss)
 
 
+def render_background(seed: Sequence[int], size: int = 96, ss: int = 4) -> Scene:
+    """A scene with no object (caption "a background"): what the background class looks like alone."""
+    return _compose(np.random.default_rng(list(seed)), size, [], ss)
+
+
 def _compose(rng: np.random.Generator, size: int, specs: list[tuple[int, bool]], ss: int) -> Scene:
     if size < 16:
         raise ValueError(f"ShapeWorld image size must be at least 16 pixels, got {size}")
