@@ -50,10 +50,10 @@ SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "pipeline/models/shipped/
 @dataclass(frozen=True)
 class PretrainCfg:
     config: str = str(SHIPPED_CONFIG)  # open_clip model config JSON (embed_dim, vision_cfg, text_cfg)
-    steps: int = 6000  # optimiser steps (the schedule is fixed in steps, never in minutes)
+    steps: int = 3400  # optimiser steps (the schedule is fixed in steps, never in minutes)
     batch_size: int = 256
-    lr: float = 1e-3  # peak AdamW learning rate
-    warmup: int = 300  # linear warm-up steps, then cosine decay to 0
+    lr: float = 2e-3  # peak AdamW learning rate
+    warmup: int = 200  # linear warm-up steps, then cosine decay to 0
     weight_decay: float = 0.1  # on matrices only (not gains, biases, embeddings, logit scale)
     seed: int = 0  # model init and every train draw; evaluation uses other seed streams
     precision: str = "auto"  # auto = bf16 where the CPU/GPU computes it natively, else fp32
@@ -127,7 +127,7 @@ def pretrain(cfg: PretrainCfg, out: str, command: str = "") -> dict:
     optimizer = torch.optim.AdamW(_param_groups(master, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     tokens: dict[str, torch.Tensor] = {}
-    history = []
+    history, evals = [], []
     tick, seen, loss_sum = time.time(), 0, 0.0
     for step in range(cfg.steps):
         images, captions = sample(step)
@@ -153,9 +153,12 @@ def pretrain(cfg: PretrainCfg, out: str, command: str = "") -> dict:
             )
             tick, seen, loss_sum = time.time(), 0, 0.0
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            paused = time.time()
             result = evaluate(master.eval(), tokenizer, size, cfg.seed, cfg.eval_n)
             logger.info("step %d eval %s", step + 1, json.dumps(result))
+            evals.append({"step": step + 1} | result)
             master.train()
+            start, tick = start + time.time() - paused, tick + time.time() - paused  # evaluation is not training time
     train_minutes = _minutes(start)
     master.eval()
     metrics = evaluate(master, tokenizer, size, cfg.seed, cfg.eval_n) | {
@@ -163,7 +166,7 @@ def pretrain(cfg: PretrainCfg, out: str, command: str = "") -> dict:
         "steps": cfg.steps,
     }
     logger.info("final eval %s", json.dumps(metrics))
-    _write(out, master, model_cfg, metrics, cfg, command, history)
+    _write(out, master, model_cfg, metrics, cfg, command, history, evals)
     return metrics
 
 
@@ -251,7 +254,9 @@ def _minutes(start: float) -> float:
     return round((time.time() - start) / 60, 2)
 
 
-def _write(out: str, model, model_cfg: dict, metrics: dict, cfg: PretrainCfg, command: str, history: list) -> None:
+def _write(
+    out: str, model, model_cfg: dict, metrics: dict, cfg: PretrainCfg, command: str, history: list, evals: list
+) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     fs.put_atomic(fs.join(out, "weights.safetensors"), save_safetensors(state))
     fs.put_json(fs.join(out, "config.json"), model_cfg)
@@ -265,7 +270,7 @@ def _write(out: str, model, model_cfg: dict, metrics: dict, cfg: PretrainCfg, co
     }
     fs.put_json(fs.join(out, "meta.json"), meta)
     train = dataclasses.asdict(cfg) | {"config": "config.json", "command": command}
-    fs.put_json(fs.join(out, "metrics.json"), {"metrics": metrics, "train": train, "history": history})
+    fs.put_json(fs.join(out, "metrics.json"), {"metrics": metrics, "train": train, "history": history, "evals": evals})
     n_params = sum(v.numel() for v in state.values())
-    card = write_card(model_cfg, meta, metrics, dataclasses.asdict(cfg), command, history, n_params)
+    card = write_card(model_cfg, meta, metrics, dataclasses.asdict(cfg), command, history, evals, n_params)
     fs.put_atomic(fs.join(out, "card.md"), card.encode())
