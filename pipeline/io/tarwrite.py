@@ -8,9 +8,11 @@ give byte-identical shards on any machine.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from types import TracebackType
+from typing import Any
 
 from pipeline.io import fs
 
@@ -25,7 +27,8 @@ class TarShardWriter:
         filesystem, path = fs.url_to_fs(self._tmp, storage_options)
         filesystem.makedirs(filesystem._parent(path), exist_ok=True)
         self._file = filesystem.open(path, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._hashed = _HashingWriter(self._file)
+        self._tar = tarfile.open(fileobj=self._hashed, mode="w|", format=tarfile.USTAR_FORMAT)
         self.count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
@@ -41,6 +44,17 @@ class TarShardWriter:
             info.mode = 0o644
             self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (the whole file once closed)."""
+        return self._hashed.size
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written so far (of the whole file once closed): taken as the bytes
+        stream out, so a commit marker never has to read a shard back from object storage."""
+        return self._hashed.digest.hexdigest()
 
     def close(self) -> None:
         """Finish the tar and move it to its final name."""
@@ -64,3 +78,17 @@ class TarShardWriter:
             self.close()
         else:
             self.abort()
+
+
+class _HashingWriter:
+    """A write-only file wrapper that counts and hashes every byte on its way to `file`."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self._file.write(data)

@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 # Label maps compress well even at the fastest zlib level, and writing must keep pace with the model.
 PNG_COMPRESS_LEVEL = 1
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +170,7 @@ class LabelShardSink:
         `stats` are `stats` plus `commit_s`, the seconds spent publishing before the marker."""
         started = time.perf_counter()
         self._tar.close()
-        labels_url = fs.join(self.output, schema.labels_path(self.shard))
-        labels_file = {"path": schema.labels_path(self.shard), **_size_and_sha256(labels_url, self.storage_options)}
+        labels_file = {"path": schema.labels_path(self.shard), "bytes": self._tar.size, "sha256": self._tar.sha256}
         table = rows_table([row for _, row in sorted(self._rows, key=lambda item: item[0])])
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -209,18 +207,6 @@ def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows as a table of `schema.ROW_SCHEMA` (columns a row lacks are null)."""
     columns = {name: [row.get(name) for row in rows] for name in schema.ROW_SCHEMA.names}
     return pa.Table.from_pydict(columns, schema=schema.ROW_SCHEMA)
-
-
-def _size_and_sha256(url: str, storage_options: dict | None) -> dict[str, Any]:
-    # The tar streams to storage as it is written; its checksum is taken by reading it back once.
-    filesystem, path = fs.url_to_fs(url, storage_options)
-    digest = hashlib.sha256()
-    size = 0
-    with filesystem.open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def read_commit(output: str, shard: str, storage_options: dict | None = None) -> dict[str, Any]:
