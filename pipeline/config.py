@@ -76,6 +76,7 @@ class ZoomCfg:
     grid: int = 0  # > 0: also propose a fixed grid of grid x grid tiles
     merge_iou: float = 0.5  # proposals overlapping more than this are merged
     blend: Literal["confidence", "replace"] = "confidence"  # how crop logits go back into the image
+    protect: bool = True  # crops leave the first pass's large, confident objects alone
 
 
 @dataclass(frozen=True, slots=True)

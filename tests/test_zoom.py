@@ -13,7 +13,7 @@ import torch
 from pipeline.config import ZoomCfg, load_config
 from pipeline.obs import CappedCounter
 from pipeline.stages.infer import DenseLabeler, DenseResult
-from pipeline.stages.proposals import connected_components, merge_regions, propose, sample_boxes
+from pipeline.stages.proposals import connected_components, merge_regions, propose, protected, sample_boxes
 from pipeline.stages.zoom import ZoomLabeler, ZoomResult, blend
 from pipeline.vocab import Vocabulary
 
@@ -75,6 +75,18 @@ def test_small_and_uncertain_components_are_proposed_confident_background_is_not
     regions = propose(labels, confidence, (80, 80), None, cfg, 0, CappedCounter())
     # map pixels x2 = image pixels; each box is squared and at least 80 / 4 = 20 px wide, centred on the component
     assert sorted(regions) == [(2, 2, 22, 22), (54, 58, 74, 78)]
+
+
+def test_only_large_confident_objects_are_protected_from_crops():
+    labels = np.zeros((40, 40), np.uint8)
+    labels[4:8, 4:8] = 1  # small (1%)
+    labels[10:30, 10:30] = 2  # large and confident
+    labels[32:40, 0:20] = 3  # large (10%) but unsure
+    confidence = np.ones((40, 40), np.float32)
+    confidence[32:40, 0:20] = 0.3
+    cfg = ZoomCfg(enabled=True, min_area=0.03, min_confidence=0.5)
+    assert np.array_equal(protected(labels, confidence, cfg, 0), labels == 2)
+    assert not protected(labels, confidence, dataclasses.replace(cfg, protect=False), 0).any()
 
 
 def test_boxes_outside_or_empty_are_skipped_and_counted_never_fatal():
@@ -205,6 +217,19 @@ def test_confidence_blend_weights_each_source_by_its_confidence():
     expected = (full[:, 0, 0] * c_full + crop[:, 0, 0] * c_crop) / (c_full + c_crop)
     torch.testing.assert_close(out[:, 0, 0], expected)
     assert out.argmax(0).item() == 0
+
+
+@pytest.mark.parametrize("mode", ["replace", "confidence"])
+def test_blend_leaves_kept_pixels_alone(mode):
+    full = torch.zeros(2, 4, 4)
+    full[0] = 1.0  # class 0 everywhere
+    crop = torch.zeros(2, 4, 4)
+    crop[1] = 5.0  # a confident class 1 over the whole image
+    keep = torch.zeros(4, 4, dtype=torch.bool)
+    keep[:2] = True
+    out = blend(full, [(slice(0, 4), slice(0, 4))], [crop], mode, logit_scale=10.0, keep=keep)
+    torch.testing.assert_close(out[:, :2], full[:, :2])
+    assert (out[:, 2:].argmax(0) == 1).all()
 
 
 def test_segment_and_eval_commands_zoom_in_when_enabled(tmp_path, monkeypatch):

@@ -11,6 +11,9 @@ the crop scores back into each image's scores before the label map is taken:
 - `zoom.blend = "replace"`: inside a region the crop scores replace the first pass (crops overlapping
   one another are averaged).
 
+With `zoom.protect` (the default) neither mode touches the pixels of the first pass's large,
+confident objects (`proposals.protected`): crops are for small and unsure things.
+
 Merging happens on a canvas at the working resolution, enlarged towards the original size when the
 image is larger than that (so a crop's extra detail survives), within `CANVAS_BYTES` of scores.
 With `zoom.enabled = false` it passes the labeler's results through untouched.
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from pipeline.config import ZoomCfg
 from pipeline.obs import CappedCounter
 from pipeline.stages.infer import DenseLabeler, DenseResult
-from pipeline.stages.proposals import Box, propose
+from pipeline.stages.proposals import Box, propose, protected
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +96,8 @@ class ZoomLabeler:
         if len(score_maps) != len(images):
             raise ValueError(f"zoom: {len(images)} images but {len(score_maps)} score maps")
         boxes = _per_image(boxes, len(images))
-        regions = [self._propose(img, m, b) for img, m, b in zip(images, score_maps, boxes, strict=True)]
+        proposed = [self._propose(img, m, b) for img, m, b in zip(images, score_maps, boxes, strict=True)]
+        regions = [r for r, _ in proposed]
         canvases = [
             _canvas_size(m.shape, img.shape[:2]) if r else tuple(m.shape[1:])
             for img, m, r in zip(images, score_maps, regions, strict=True)
@@ -106,29 +110,27 @@ class ZoomLabeler:
                 sizes.append(_region_slice(box, image.shape[:2], canvas)[2])
         crop_maps = iter(self.labeler.score_crops(crops, sizes) if crops else [])
         out = []
-        for image, score_map, canvas, boxes_i in zip(images, score_maps, canvases, regions, strict=True):
+        for image, score_map, canvas, (boxes_i, keep) in zip(images, score_maps, canvases, proposed, strict=True):
             if not boxes_i:
                 out.append(score_map)
                 continue
             slices = [_region_slice(box, image.shape[:2], canvas)[:2] for box in boxes_i]
             patches = [next(crop_maps) for _ in boxes_i]
             full = _resize(score_map, canvas)
-            out.append(blend(full, slices, patches, self.cfg.blend, self.labeler.logit_scale))
+            keep_t = F.interpolate(torch.from_numpy(keep)[None, None].float(), size=canvas, mode="nearest")[0, 0]
+            out.append(
+                blend(full, slices, patches, self.cfg.blend, self.labeler.logit_scale, keep_t.to(full.device) > 0)
+            )
         return out, regions
 
-    def _propose(self, image: np.ndarray, score_map: torch.Tensor, raw_boxes: Any) -> list[Box]:
+    def _propose(self, image: np.ndarray, score_map: torch.Tensor, raw_boxes: Any) -> tuple[list[Box], np.ndarray]:
+        """Regions to re-infer, and the (h, w) bool map of first-pass pixels the crops must not change."""
         if self.cfg.max_regions == 0:
-            return []
+            return [], np.zeros(score_map.shape[1:], bool)
         first = self.labeler.finalize(score_map, tuple(score_map.shape[1:]))  # labels at the working resolution
-        return propose(
-            first.labels,
-            first.confidence,
-            image.shape[:2],
-            raw_boxes,
-            self.cfg,
-            self.labeler.vocab.background,
-            self.skipped,
-        )
+        background = self.labeler.vocab.background
+        boxes = propose(first.labels, first.confidence, image.shape[:2], raw_boxes, self.cfg, background, self.skipped)
+        return boxes, protected(first.labels, first.confidence, self.cfg, background)
 
 
 @torch.inference_mode()
@@ -138,20 +140,26 @@ def blend(
     crops: list[torch.Tensor],
     mode: str,
     logit_scale: float,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge crop scores into full-image scores. `full` (K, h, w); `regions[i]` (rows, cols) slices of it;
-    `crops[i]` (K, rows, cols) scores of region i. Returns (K, h, w) float32 (see the module docstring)."""
+    `crops[i]` (K, rows, cols) scores of region i; pixels where `keep` (h, w) bool is set keep `full`.
+    Returns (K, h, w) float32 (see the module docstring)."""
     full = full.float()
+    free = torch.ones(full.shape[1:], device=full.device) if keep is None else (~keep).float()
     if mode == "replace":
         num, den = full.clone(), torch.ones(full.shape[1:], device=full.device)
         for rows, cols in regions:
-            num[:, rows, cols] = 0
-            den[rows, cols] = 0
-        weights = [torch.ones(c.shape[1:], device=full.device) for c in crops]
+            num[:, rows, cols] *= 1 - free[rows, cols]
+            den[rows, cols] = 1 - free[rows, cols]
+        weights = [free[rows, cols].clone() for rows, cols in regions]
     elif mode == "confidence":
         den = _confidence(full, logit_scale)
         num = full * den
-        weights = [_confidence(c.float(), logit_scale) for c in crops]
+        weights = [
+            _confidence(c.float(), logit_scale) * free[rows, cols]
+            for (rows, cols), c in zip(regions, crops, strict=True)
+        ]
     else:
         raise ValueError(f"zoom.blend {mode!r} is not one of confidence, replace")
     for (rows, cols), crop, weight in zip(regions, crops, weights, strict=True):
