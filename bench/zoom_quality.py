@@ -44,7 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["blend=confidence", "blend=replace"],
+        default=["blend=confidence", "blend=replace", "blend=confidence,protect=false"],
         help="zoom variants, e.g. grid=2,blend=replace",
     )
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")
