@@ -130,6 +130,8 @@ class ZoomLabeler:
         first = self.labeler.finalize(score_map, tuple(score_map.shape[1:]))  # labels at the working resolution
         background = self.labeler.vocab.background
         boxes = propose(first.labels, first.confidence, image.shape[:2], raw_boxes, self.cfg, background, self.skipped)
+        if not boxes:  # nothing to merge: skip the second look at the components
+            return boxes, np.zeros(score_map.shape[1:], bool)
         return boxes, protected(first.labels, first.confidence, self.cfg, background)
 
 
