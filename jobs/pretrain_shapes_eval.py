@@ -2,9 +2,8 @@
 
 - Zero-shot: single-object images (held-out seeds), 36-way over "a photo of a {colour shape}." prompts;
   colour and shape accuracies are read off the same predictions.
-- Dense: MaskCLIP's value path (Zhou et al., ECCV'22, as in its released code): the last block's
-  attention is replaced by the output projection of each token's own value, the residual and MLP are
-  kept, then `ln_post` and `proj`. Cosine scores against the 37 class prompts are upsampled
+- Dense: the engine's `maskclip` head (MaskCLIP's value path, Zhou et al., ECCV'22, with the residual
+  and MLP of its released code, or without them). Cosine scores against the 37 class prompts are upsampled
   (bilinear) to the image, the background score gets `background_offset`, and the argmax is scored
   with `pipeline.eval.metrics.ConfusionMatrix` (mIoU over classes present in truth or prediction).
 - Calibration: the background offset that maximises mIoU on its own seed stream, never the
@@ -26,6 +25,10 @@ from torch import nn
 from jobs.pretrain_shapes_data import TEMPLATE
 from pipeline.data.shapeworld import BACKGROUND, CLASSES, render_scene, render_single
 from pipeline.eval.metrics import ConfusionMatrix
+from pipeline.models.backbone import Backbone
+from pipeline.models.heads import create_head
+from pipeline.models.prompts import build_text_classifier
+from pipeline.vocab import Vocabulary
 
 ZERO_SHOT_STREAM, DENSE_STREAM, SMALL_STREAM, CALIBRATION_STREAM = 20, 21, 22, 30
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -46,28 +49,6 @@ def class_embeddings(model: nn.Module, tokenizer: Callable, names: list[str]) ->
 
 
 @torch.inference_mode()
-def dense_features(model: nn.Module, x: torch.Tensor, residual_mlp: bool = True) -> torch.Tensor:
-    """MaskCLIP value-path features of normalised images x (B, 3, S, S): (B, E, h, w) float32, L2-normalised.
-
-    `residual_mlp=False` drops the last block's residual and MLP (the variant ClearCLIP re-implements).
-    """
-    vis = model.visual
-    tokens = vis._embeds(x.to(vis.conv1.weight.dtype))  # (B, 1 + h*w, D)
-    for block in vis.transformer.resblocks[:-1]:
-        tokens = block(tokens)
-    last = vis.transformer.resblocks[-1]
-    width = tokens.shape[-1]
-    value = F.linear(last.ln_1(tokens), last.attn.in_proj_weight[2 * width :], last.attn.in_proj_bias[2 * width :])
-    y = last.ls_1(last.attn.out_proj(value))
-    if residual_mlp:
-        y = tokens + y
-        y = y + last.ls_2(last.mlp(last.ln_2(y)))
-    feats = vis.ln_post(y[:, 1:]).float() @ vis.proj.float()  # (B, h*w, E)
-    side = int(round(feats.shape[1] ** 0.5))
-    return F.normalize(feats, dim=-1).transpose(1, 2).reshape(len(x), -1, side, side)
-
-
-@torch.inference_mode()
 def zero_shot(model: nn.Module, tokenizer: Callable, size: int, seed: int, n: int = 1000) -> dict[str, float]:
     """Accuracy of the 36-way colour+shape prediction on `n` single objects, plus colour-only and shape-only."""
     text = class_embeddings(model, tokenizer, list(CLASSES[1:]))
@@ -76,8 +57,8 @@ def zero_shot(model: nn.Module, tokenizer: Callable, size: int, seed: int, n: in
     preds = []
     for start in range(0, n, 250):
         images = np.stack([s.image for s in scenes[start : start + 250]])
-        feats = F.normalize(model.encode_image(to_input(images, _dtype(model))).float(), dim=-1)
-        preds.append((feats @ text.T).argmax(dim=1).numpy())
+        feats = model.encode_image(to_input(images, _dtype(model)).to(_device(model)))
+        preds.append((F.normalize(feats.float(), dim=-1) @ text.T).argmax(dim=1).cpu().numpy())
     pred = np.concatenate(preds)
     return {
         "zero_shot_accuracy": float((pred == truth).mean()),
@@ -97,16 +78,20 @@ def dense_scores(
     small_objects: bool = False,
     residual_mlp: bool = True,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Cosine scores (n, 37, S, S) float32 (bilinear from the patch grid) and truth maps (n, S, S) uint8."""
-    text = class_embeddings(model, tokenizer, list(CLASSES))
+    """Cosine scores (n, 37, S, S) float32 (bilinear from the patch grid) and truth maps (n, S, S) uint8.
+
+    The scores come from the engine's own `maskclip` head (`residual_mlp` sets its `residual` and `mlp`
+    options), so the trainer measures and calibrates exactly what labeling will run."""
+    backbone = Backbone(model, tokenizer, "shapes-clip (training)", "", _device(model), _dtype(model))
+    text = build_text_classifier(backbone, Vocabulary.from_entries(list(CLASSES), BACKGROUND), (TEMPLATE,))
+    head = create_head("maskclip", residual=residual_mlp, mlp=residual_mlp)
     scenes = [render_scene((seed, stream, i), size, small_objects) for i in range(n)]
     out = []
     for start in range(0, n, 100):
         images = np.stack([s.image for s in scenes[start : start + 100]])
-        feats = dense_features(model, to_input(images, _dtype(model)), residual_mlp)
-        grid = torch.einsum("behw,ke->bkhw", feats, text)
+        grid = head(backbone, text, to_input(images).to(backbone.device))
         out.append(F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False))
-    return torch.cat(out), np.stack([s.seg for s in scenes])
+    return torch.cat(out).cpu(), np.stack([s.seg for s in scenes])
 
 
 def dense_miou(scores: torch.Tensor, truth: np.ndarray, offsets: list[float]) -> list[float]:
@@ -154,3 +139,7 @@ def evaluate(model: nn.Module, tokenizer: Callable, size: int, seed: int, n: int
 
 def _dtype(model: nn.Module) -> torch.dtype:
     return model.visual.conv1.weight.dtype
+
+
+def _device(model: nn.Module) -> torch.device:
+    return model.visual.conv1.weight.device

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from jobs.pretrain_shapes import PretrainCfg, pretrain
 from jobs.pretrain_shapes_data import BatchSampler, _dihedral, object_caption, render_pool
-from jobs.pretrain_shapes_eval import dense_features, dense_miou, to_input
+from jobs.pretrain_shapes_eval import DENSE_STREAM, dense_miou, dense_scores
 from pipeline.data.shapeworld import CLASSES
 
 TINY = {
@@ -94,8 +94,10 @@ def test_short_run_learns_and_writes_a_loadable_model(tmp_path):
     meta = json.loads((tmp_path / "model/meta.json").read_text())
     assert meta["templates"] == ["a photo of a {}."] and meta["image_size"] == 32
     assert meta["background_offset"] == metrics["background_offset"]
-    model = open_clip.CLIP(**json.loads((tmp_path / "model/config.json").read_text()))
+    model_cfg = json.loads((tmp_path / "model/config.json").read_text())
+    model = open_clip.CLIP(**model_cfg)
     model.load_state_dict(load_file(tmp_path / "model/weights.safetensors"))
-    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
-    assert dense_features(model.eval(), to_input(images)).shape == (2, 32, 4, 4)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
+    scores, truth = dense_scores(model.eval(), tokenizer, 32, 0, DENSE_STREAM, 2)
+    assert scores.shape == (2, 37, 32, 32) and truth.shape == (2, 32, 32)
     assert (tmp_path / "model/card.md").read_text().count("clipdense pretrain-shapes test") == 1
