@@ -59,10 +59,13 @@ class InferCfg:
     short_side: int = 0  # resize so the short side is this many pixels; 0 = the model's input size
     crop: int = 0  # sliding-window crop in pixels; 0 = whole image in one pass
     stride: int = 0  # sliding-window stride; 0 = crop // 2
+    shifts: int | None = None  # n > 1: also run every window shifted by multiples of patch/n pixels
+    #   (n x n passes, a map on an n-times finer grid); null = the model's recommendation, else 1
     batch_size: int = 16  # images per forward batch (all their windows run together)
     logit_scale: float = 40.0  # temperature of the softmax that turns cosine scores into probabilities
     conf_threshold: float = 0.0  # pixels whose max class probability is below become ignore
-    pamr_steps: int = 0  # pixel-adaptive mask refinement iterations on the upsampled logits; 0 = off
+    pamr_steps: int | None = None  # pixel-adaptive mask refinement iterations on the upsampled logits;
+    #   0 = off; null = the model's recommendation, else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,46 @@ def test_stitch_averages_overlapping_windows():
     assert out[0, :, :2].eq(1).all() and out[0, :, 2:4].eq(2).all() and out[0, :, 4:].eq(3).all()
 
 
+def test_shifted_windows_start_above_and_left_by_fractions_of_a_patch():
+    size, windows = win.plan(64, 64, 0, 0, multiple=8, shifts=2)
+    assert size == (64, 64)
+    assert [(w.y0, w.x0, w.y1, w.x1) for w in windows] == [
+        (0, 0, 64, 64),
+        (0, -4, 64, 60),
+        (-4, 0, 60, 64),
+        (-4, -4, 60, 60),
+    ]
+    _, windows = win.plan(70, 70, 64, 32, multiple=16, shifts=4)
+    assert len(windows) == 4 * 16 and sorted({w.y0 for w in windows}) == [-12, -8, -6, -4, -2, 0, 2, 6]
+    assert win.plan(64, 64, 0, 0, multiple=8, shifts=1)[1] == [win.Window(0, 0, 64, 64)]
+    with pytest.raises(ValueError, match="infer.shifts 0"):
+        win.plan(64, 64, 0, 0, multiple=8, shifts=0)
+
+
+def test_cut_then_stitch_of_shifted_windows_gives_back_the_image():
+    """Each shifted crop holds the image moved down/right, padded with zeros; stitching the crops
+    themselves as full-resolution "scores" must put every pixel back where it was."""
+    image = torch.rand(3, 21, 30)
+    size, windows = win.plan(21, 30, 16, 8, multiple=8, shifts=2)
+    crops = win.cut(image, windows, size)
+    shifted = crops[windows.index(win.Window(-4, -4, 12, 12))]
+    assert shifted[:, :4].eq(0).all() and shifted[:, :, :4].eq(0).all()
+    assert torch.equal(shifted[:, 4:, 4:], image[:, :12, :12])
+    assert torch.allclose(win.stitch(crops, windows, size, (21, 30)), image, atol=1e-6)
+
+
+def test_sub_patch_shifts_refine_the_map_of_the_labeler():
+    images = blocky_uint8(2, 64, 64, seed=11)
+    single = _labeler("infer.short_side=64").score_maps(images)
+    shifted = _labeler("infer.short_side=64", "infer.shifts=2").score_maps(images)
+    for a, b in zip(single, shifted, strict=True):
+        assert a.shape == b.shape == (len(VOCAB), 64, 64)
+        assert not torch.allclose(a, b, atol=1e-3)
+        # a single-pass map is constant between its 8-pixel patch centres' bilinear ramps; with shifts,
+        # the map changes inside every 4-pixel step too
+        assert (b[:, 2:-2, 2:-2].diff(dim=1).abs().sum(dim=(0, 2)) > 0).all()
+
+
 def test_a_window_covering_the_image_equals_whole_image_inference():
     images = blocky_uint8(2, 64, 64, seed=1)
     whole = _labeler("infer.short_side=64", "infer.crop=0").score_maps(images)
@@ -122,6 +162,27 @@ def test_background_offset_and_model_calibration():
         bb.meta.clear()
 
 
+def test_the_models_recommended_inference_settings_apply_where_the_config_leaves_them_unset():
+    bb = tiny_backbone("vit")
+    bb.meta.update(infer={"shifts": 2, "pamr_steps": 10})
+    try:
+        lab = DenseLabeler(load_config(None, ["prompts.templates=single"]), VOCAB, backbone=bb)
+        assert (lab.infer.shifts, lab.infer.pamr_steps) == (2, 10)
+        explicit = ["prompts.templates=single", "infer.shifts=1", "infer.pamr_steps=0"]
+        lab = DenseLabeler(load_config(None, explicit), VOCAB, backbone=bb)
+        assert (lab.infer.shifts, lab.infer.pamr_steps) == (1, 0)
+        bb.meta["infer"] = {"crop": 224}
+        with pytest.raises(ValueError, match=r"recommends infer keys \['crop'\]"):
+            DenseLabeler(load_config(None, ["prompts.templates=single"]), VOCAB, backbone=bb)
+        bb.meta["infer"] = {"shifts": 0}
+        with pytest.raises(ValueError, match="infer.shifts must be a whole number >= 1, got 0"):
+            DenseLabeler(load_config(None, ["prompts.templates=single"]), VOCAB, backbone=bb)
+    finally:
+        bb.meta.clear()
+    plain = _labeler()
+    assert (plain.infer.shifts, plain.infer.pamr_steps) == (1, 0)  # a model without recommendations
+
+
 def test_many_classes_give_16_bit_labels():
     vocab = Vocabulary.from_entries([f"thing {i}" for i in range(300)])
     res = _labeler("infer.conf_threshold=0.5", vocab=vocab)(blocky_uint8(1, 40, 40, seed=6))[0]
@@ -151,6 +212,16 @@ def test_pamr_pulls_scores_along_colour_regions():
     assert torch.equal(refined.argmax(1), scores.argmax(1))
     flat = torch.rand(1, 1, 1, 1).expand(1, 3, 32, 32)
     assert torch.allclose(pamr(torch.full((1, 2, 32, 32), 0.3), flat, steps=3), torch.full((1, 2, 32, 32), 0.3))
+
+
+def test_pamr_in_the_labeler_reaches_half_a_patch_and_one_patch():
+    """The labeler's PAMR dilations follow the model's feature stride (8 for the tiny ViT)."""
+    images = blocky_uint8(1, 64, 64, seed=12)
+    raw = _labeler("infer.short_side=64").score_maps(images)[0]
+    refined = _labeler("infer.short_side=64", "infer.pamr_steps=2").score_maps(images)[0]
+    image = torch.tensor(images[0]).permute(2, 0, 1)[None].float() / 255
+    assert torch.allclose(refined, pamr(raw[None], image, 2, dilations=(4, 8))[0], atol=1e-5)
+    assert not torch.allclose(refined, pamr(raw[None], image, 2, dilations=(8, 16))[0], atol=1e-3)
 
 
 def test_pamr_steps_in_the_labeler_and_resnet_backbone():

@@ -9,8 +9,8 @@ or the reported mIoU is tuned on its own test set.
 Each image goes through the model once: every candidate offset is applied to the same score maps and
 scored into its own streaming confusion matrix. The candidate is added to the background row of the
 score map the labeler produced (which already holds the labeler's own offset), so the result is the
-labeler's offset plus the best shift. With `infer.pamr_steps` > 0 the refinement saw the old offset,
-so the search is then an approximation.
+labeler's offset plus the best shift. That is exact with sub-patch shifts and PAMR too: both average
+scores with weights that sum to one, so a constant added to one class passes through them unchanged.
 """
 
 from __future__ import annotations

@@ -4,24 +4,32 @@
 text classifier of the vocabulary (cached) and the head. For a batch of images it:
 
 1. resizes each image so its short side is `infer.short_side` (0 = the model's input size);
-2. cuts sliding windows (`infer.crop`/`infer.stride`; crop 0 = whole image) and runs the windows of
+2. cuts sliding windows (`infer.crop`/`infer.stride`; crop 0 = whole image), each with its sub-patch
+   shifted copies (`infer.shifts`, see `pipeline.stages.windows`), and runs the windows of
    ALL images of the batch through the head together (images of a whole-image batch are grouped by
    size), which is what makes it many times faster than the usual one-crop-at-a-time loop;
 3. upsamples and averages window scores into a (K, h, w) map per image at the working resolution,
-   adds the background offset, and optionally refines it with PAMR (`infer.pamr_steps`);
+   adds the background offset, and optionally refines it with PAMR (`infer.pamr_steps`; its dilations
+   are half a patch and one patch, the model's feature stride in working pixels: PAMR mends edges
+   that the patch grid blurred, and fixed pixel dilations would reach across whole objects of a
+   small-patch model or stop short on a coarse one);
 4. `finalize` upsamples a map to the original image size in horizontal stripes, so a 2048x1536
    image with 150 classes never holds a full-size float32 K x H x W tensor, and turns it into labels
    and confidences (softmax at `infer.logit_scale`), with background and ignore thresholds.
 
 Model calibration: a model's `meta.json` may carry `background_offset` (added to
 `vocab.background_offset`), `logit_scale` and `templates` (used while the config keeps the
-defaults of `infer.logit_scale` and `prompts.templates`).
+defaults of `infer.logit_scale` and `prompts.templates`), and `infer`: its recommended
+`shifts` and `pamr_steps`, used where the config leaves them unset (null). The background offset is
+calibrated under those settings, so they travel together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +65,7 @@ class DenseLabeler:
         self, cfg: RunCfg, vocab: Vocabulary, storage_options: dict | None = None, backbone: Backbone | None = None
     ) -> None:
         self.cfg, self.vocab = cfg, vocab
-        self.infer: InferCfg = cfg.infer
+        self.infer: InferCfg = cfg.infer  # resolved below, once the model's recommendations are known
         if (cfg.vocab.background_threshold > 0 or cfg.vocab.background_offset) and vocab.background is None:
             raise ValueError(
                 "vocab.background_threshold and vocab.background_offset need a background class: "
@@ -66,6 +74,7 @@ class DenseLabeler:
         self.head = create_head(cfg.head.name, **cfg.head.options)  # before the model: a bad head fails fast
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
         meta = self.backbone.meta
+        self.infer = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
         if spec == PromptCfg().templates and meta.get("templates"):
             spec = meta["templates"]
@@ -187,7 +196,9 @@ class DenseLabeler:
     def _score(self, images: list[torch.Tensor], crop: int) -> list[torch.Tensor]:
         """Score maps (K, h, w) of [0, 1] images (3, h, w): all windows of all images in one head call
         per window size (one call when `crop` > 0)."""
-        plans = [win.plan(*img.shape[1:], crop, self.infer.stride, self.backbone.stride) for img in images]
+        plans = [
+            win.plan(*img.shape[1:], crop, self.infer.stride, self.backbone.stride, self.infer.shifts) for img in images
+        ]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (size, _) in enumerate(plans):
             groups.setdefault(size, []).append(i)
@@ -204,8 +215,33 @@ class DenseLabeler:
         if self.vocab.background is not None and self.background_offset:
             scores[self.vocab.background] += self.background_offset
         if self.infer.pamr_steps > 0:
-            scores = pamr(scores[None], image[None], self.infer.pamr_steps)[0]
+            stride = self.backbone.stride
+            scores = pamr(scores[None], image[None], self.infer.pamr_steps, (max(1, stride // 2), stride))[0]
         return scores
+
+
+_UNSET_DEFAULTS = {"shifts": 1, "pamr_steps": 0}  # what an unset (null) key means when the model recommends nothing
+
+
+def resolve_infer(infer: InferCfg, recommended: dict[str, Any], model: str) -> InferCfg:
+    """`infer` with its unset keys taken from the model's recommendation (meta.json `infer`), else the defaults."""
+    unknown = sorted(set(recommended) - _UNSET_DEFAULTS.keys())
+    if unknown:
+        raise ValueError(
+            f"model {model!r}: meta.json recommends infer keys {unknown} that a model may not set; "
+            f"it may set {sorted(_UNSET_DEFAULTS)}"
+        )
+    values = {}
+    for key, default in _UNSET_DEFAULTS.items():
+        value = getattr(infer, key)
+        if value is None:
+            value = recommended.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < default:
+                raise ValueError(
+                    f"model {model!r}: meta.json infer.{key} must be a whole number >= {default}, got {value!r}"
+                )
+        values[key] = value
+    return dataclasses.replace(infer, **values)
 
 
 def _lerp_index(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

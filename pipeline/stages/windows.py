@@ -5,6 +5,13 @@ image is covered without running past it. An image smaller than the crop gets on
 at the bottom/right (with zeros, i.e. the mean colour after normalisation). `crop = 0` means one
 window holding the whole image, padded up to a multiple of the patch size. Window scores are
 upsampled (bilinear) to the window's pixels and averaged where windows overlap.
+
+Sub-patch shifts (`shifts` = n > 1): a ViT scores one vector per patch, so its map can only change
+every `multiple` pixels and an object's edge is placed to within a patch. Every window is therefore
+also run shifted up and left by each multiple of patch/n pixels (n x n copies in all; the strip a
+shifted window gains above and left of the image is padded like the far edges); averaged, the copies
+give a map on an n times finer grid. On the shipped shapes-clip, 2 x 2 shifts raised `maskclip` mIoU
+from 0.18 to 0.22 (README, quality table) for 4x the forward passes.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Window:
-    y0: int
+    y0: int  # may be negative: a shifted window starts above / left of the image
     x0: int
-    y1: int  # exclusive; the window's pixels past the image (padding) are not part of it
+    y1: int  # exclusive, at most the image's size; the window's pixels outside the image (padding) are not part of it
     x1: int
 
 
@@ -30,20 +37,30 @@ def starts(length: int, crop: int, stride: int) -> list[int]:
     return out if out[-1] == length - crop else [*out, length - crop]
 
 
-def plan(height: int, width: int, crop: int, stride: int, multiple: int) -> tuple[tuple[int, int], list[Window]]:
-    """Window size (rounded up to `multiple`) and the windows of a height x width image."""
+def plan(
+    height: int, width: int, crop: int, stride: int, multiple: int, shifts: int = 1
+) -> tuple[tuple[int, int], list[Window]]:
+    """Window size (rounded up to `multiple`) and the windows of a height x width image, each window
+    followed by its `shifts` x `shifts` - 1 sub-patch shifted copies."""
+    if shifts < 1:
+        raise ValueError(f"infer.shifts {shifts} must be at least 1 (1 = no sub-patch shifts)")
     if crop <= 0:
-        return (_ceil_to(height, multiple), _ceil_to(width, multiple)), [Window(0, 0, height, width)]
-    stride = stride or crop // 2
-    if not 0 < stride <= crop:
-        raise ValueError(f"infer.stride {stride} must be in (0, infer.crop={crop}] so windows cover the image")
-    size = _ceil_to(crop, multiple)
+        size = (_ceil_to(height, multiple), _ceil_to(width, multiple))
+        origins = [(0, 0)]
+    else:
+        stride = stride or crop // 2
+        if not 0 < stride <= crop:
+            raise ValueError(f"infer.stride {stride} must be in (0, infer.crop={crop}] so windows cover the image")
+        size = (_ceil_to(crop, multiple),) * 2
+        origins = [(y, x) for y in starts(height, size[0], stride) for x in starts(width, size[1], stride)]
+    offsets = sorted({round(i * multiple / shifts) for i in range(shifts)})
     windows = [
-        Window(y, x, min(y + size, height), min(x + size, width))
-        for y in starts(height, size, stride)
-        for x in starts(width, size, stride)
+        Window(y - dy, x - dx, min(y - dy + size[0], height), min(x - dx + size[1], width))
+        for y, x in origins
+        for dy in offsets
+        for dx in offsets
     ]
-    return (size, size), windows
+    return size, windows
 
 
 def _ceil_to(value: int, multiple: int) -> int:
@@ -51,11 +68,13 @@ def _ceil_to(value: int, multiple: int) -> int:
 
 
 def cut(image: torch.Tensor, windows: list[Window], size: tuple[int, int]) -> torch.Tensor:
-    """Crops (n, C, *size) of an image (C, H, W), zero-padded at the bottom/right where they run past it."""
+    """Crops (n, C, *size) of an image (C, H, W), zero-padded where they run past it."""
     crops = []
     for win in windows:
-        crop = image[:, win.y0 : win.y1, win.x0 : win.x1]
-        crops.append(F.pad(crop, (0, size[1] - crop.shape[2], 0, size[0] - crop.shape[1])))
+        top, left = max(0, -win.y0), max(0, -win.x0)
+        crop = image[:, win.y0 + top : win.y1, win.x0 + left : win.x1]
+        pad = (left, size[1] - left - crop.shape[2], top, size[0] - top - crop.shape[1])
+        crops.append(F.pad(crop, pad))
     return torch.stack(crops)
 
 
@@ -67,6 +86,7 @@ def stitch(
     count = scores.new_zeros(out_size)
     for score, win in zip(scores, windows, strict=True):
         up = F.interpolate(score[None], size=size, mode="bilinear", align_corners=False)[0]
-        canvas[:, win.y0 : win.y1, win.x0 : win.x1] += up[:, : win.y1 - win.y0, : win.x1 - win.x0]
-        count[win.y0 : win.y1, win.x0 : win.x1] += 1
+        y0, x0 = max(0, win.y0), max(0, win.x0)
+        canvas[:, y0 : win.y1, x0 : win.x1] += up[:, y0 - win.y0 : win.y1 - win.y0, x0 - win.x0 : win.x1 - win.x0]
+        count[y0 : win.y1, x0 : win.x1] += 1
     return canvas / count
