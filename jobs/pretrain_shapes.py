@@ -10,8 +10,8 @@ of the model, several times faster than fp32, while AdamW updates an fp32 master
 hold small updates); autocast is not used, it re-casts weights on every op and was measured slower.
 
 OUT receives a shipped-model folder: `config.json`, `weights.safetensors` (fp16), `meta.json` (what
-inference needs: calibrated `background_offset`, `logit_scale`, `templates`, image size,
-normalisation), `metrics.json` and `card.md`.
+inference needs: recommended `infer` settings, the `background_offset` calibrated under them,
+`logit_scale`, `templates`, image size, normalisation), `metrics.json` and `card.md`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jobs.pretrain_shapes_card import write_card
 from jobs.pretrain_shapes_data import TEMPLATE, BatchSampler, render_pool
-from jobs.pretrain_shapes_eval import evaluate, to_input
+from jobs.pretrain_shapes_eval import RECOMMENDED_INFER, evaluate, to_input
 from pipeline.io import fs
 
 logger = logging.getLogger(__name__)
@@ -262,6 +262,7 @@ def _write(
     fs.put_json(fs.join(out, "config.json"), model_cfg)
     meta = {
         "background_offset": metrics["background_offset"],
+        "infer": RECOMMENDED_INFER,
         "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
         "templates": [TEMPLATE],
         "image_size": int(model_cfg["vision_cfg"]["image_size"]),

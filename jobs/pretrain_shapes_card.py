@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-_CURVE_KEYS = ("zero_shot_accuracy", "shape_accuracy", "dense_miou", "dense_miou_value_only")
+_CURVE_KEYS = ("zero_shot_accuracy", "shape_accuracy", "dense_miou", "dense_miou_single_pass", "dense_miou_value_only")
 
 
 def write_card(
@@ -21,7 +21,7 @@ def write_card(
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in metrics.items())
     losses = " ".join(f"{h['step']}: {h['loss']}" for h in history[:: max(1, len(history) // 10)])
     curve = "\n".join(
-        f"| {e['step']} | " + " | ".join(str(e[k]) for k in _CURVE_KEYS) + " |"
+        f"| {e['step']} | " + " | ".join(str(e.get(k, "-")) for k in _CURVE_KEYS) + " |"
         for e in [*evals, metrics | {"step": "end"}]
     )
     n_single = min(cfg["batch_size"] // 7, 36)
@@ -43,8 +43,12 @@ embedding), stored as fp16 in `weights.safetensors`
 ## Inference (`meta.json`)
 - prompt template `{meta["templates"][0]}` with the bare class name ("a photo of a orange star." : article "a" \
 everywhere, exactly as in training); the background class is prompted as "a photo of a background.".
+- `infer` {_settings(meta["infer"])}: the inference settings the engine uses with this model where a run leaves
+  them unset (`infer.shifts`: the map is averaged over sub-patch shifted passes; `infer.pamr_steps`: PAMR on the
+  scores). Set `infer.shifts=1 infer.pamr_steps=0` for a single plain pass (`dense_miou_single_pass` below).
 - `background_offset` {meta["background_offset"]}: added to the background class's cosine score before the argmax or
-  softmax; calibrated for the engine's default head (`maskclip`, residual and MLP kept) on its own seed streams.
+  softmax; calibrated for the engine's default head (`maskclip`, residual and MLP kept) under those settings, on its
+  own seed streams.
 - `logit_scale` {meta["logit_scale"]} (the learned temperature), `image_size` {meta["image_size"]}, CLIP mean/std.
 
 ## Training
@@ -74,11 +78,13 @@ Mean training loss by step: {losses}
 ## Evaluation (held-out seeds, printed by the command above)
 - zero-shot: {max(cfg["eval_n"], 360)} single objects, 36-way over the class prompts; colour and shape accuracies come
   from the same predictions.
-- dense: MaskCLIP's value path of the last block, cosine scores upsampled bilinearly to the image, 37-class argmax
-  with the calibrated background offset, mIoU over {cfg["eval_n"]} scenes (`_small_objects`: scenes with objects under
-  3% of the image). `dense_miou`: residual and MLP of the last block kept (MaskCLIP's released code, the engine's
-  default); `dense_miou_value_only`: both dropped (head option `residual: false, mlp: false`), with its own offset
-  `background_offset_value_only`.
+- dense: the engine's labeler with the `maskclip` head (MaskCLIP's value path of the last block), 37-class argmax
+  with a calibrated background offset, mIoU over {cfg["eval_n"]} scenes (`_small_objects`: scenes with objects under
+  3% of the image). `dense_miou`: as shipped (residual and MLP of the last block kept, as in MaskCLIP's released
+  code and the engine's default; the recommended `infer` settings); `dense_miou_single_pass`: one plain pass;
+  `dense_miou_value_only`: one pass with residual and MLP dropped (head option `residual: false, mlp: false`). Each
+  has its own calibrated offset (`background_offset_single_pass`, ...). A "-" in the table below: not measured by
+  that run.
 
 | metric | value |
 |---|---|
@@ -87,13 +93,18 @@ Mean training loss by step: {losses}
 During training:
 
 | step | {" | ".join(_CURVE_KEYS)} |
-|---|---|---|---|---|
+|---|---|---|---|---|---|
 {curve}
 
 ## Limitations
-Its {grid}x{grid} patch grid blurs object boundaries and misses small objects; sliding windows or zoom-in help there.
+Its {grid}x{grid} patch grid blurs object boundaries and misses small objects; the recommended shifts and PAMR,
+sliding windows or zoom-in help there.
 It has never seen a photograph.
 """
+
+
+def _settings(infer: dict) -> str:
+    return ", ".join(f"`{k}: {v}`" for k, v in infer.items())
 
 
 def _machine(threads: int) -> str:

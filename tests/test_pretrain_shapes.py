@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 from jobs.pretrain_shapes import PretrainCfg, pretrain
 from jobs.pretrain_shapes_data import BatchSampler, _dihedral, object_caption, render_pool
 from jobs.pretrain_shapes_eval import DENSE_STREAM, dense_miou, dense_scores
-from pipeline.data.shapeworld import CLASSES
+from pipeline.config import load_config
+from pipeline.data.shapeworld import CLASSES, render_scene
+from pipeline.stages.infer import DenseLabeler
+from pipeline.vocab import Vocabulary
 
 TINY = {
     "embed_dim": 32,
@@ -94,10 +97,20 @@ def test_short_run_learns_and_writes_a_loadable_model(tmp_path):
     meta = json.loads((tmp_path / "model/meta.json").read_text())
     assert meta["templates"] == ["a photo of a {}."] and meta["image_size"] == 32
     assert meta["background_offset"] == metrics["background_offset"]
+    assert meta["infer"] == {"shifts": 2, "pamr_steps": 10}  # the settings the offset was calibrated under
+    assert {"dense_miou_single_pass", "background_offset_single_pass", "dense_miou_value_only"} <= metrics.keys()
     model_cfg = json.loads((tmp_path / "model/config.json").read_text())
     model = open_clip.CLIP(**model_cfg)
     model.load_state_dict(load_file(tmp_path / "model/weights.safetensors"))
     tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     scores, truth = dense_scores(model.eval(), tokenizer, 32, 0, DENSE_STREAM, 2)
     assert scores.shape == (2, 37, 32, 32) and truth.shape == (2, 32, 32)
+    # A labeling run on the written folder, with nothing set but the model, scores what the trainer
+    # measured and calibrated: its recommended settings and offset come from meta.json.
+    cfg = load_config(None, [f"model.name={tmp_path / 'model'}", "model.precision=fp32"])
+    labeler = DenseLabeler(cfg, Vocabulary.from_entries(list(CLASSES), 0))
+    images = [render_scene((0, DENSE_STREAM, i), 32).image for i in range(2)]
+    labeled = torch.stack(labeler.score_maps(images))
+    scores[:, 0] += meta["background_offset"]
+    assert torch.allclose(labeled, scores, atol=1e-4)
     assert (tmp_path / "model/card.md").read_text().count("clipdense pretrain-shapes test") == 1
