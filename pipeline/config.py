@@ -73,8 +73,8 @@ class ZoomCfg:
     enabled: bool = False  # re-infer small or uncertain regions at higher resolution
     max_regions: int = 4  # per-image budget of crops
     min_area: float = 0.03  # components below this fraction of the image are proposed
-    min_confidence: float = 0.5  # components with mean confidence below this are proposed
-    margin: float = 0.5  # grow each proposal by this fraction of its size on every side
+    min_confidence: float = 0.3  # components with mean confidence below this are proposed (and are never protected)
+    margin: float = 1.0  # grow each proposal by this fraction of its size on every side (CLIP needs context)
     use_boxes: bool = True  # also propose the `boxes` of the sample's json
     grid: int = 0  # > 0: also propose a fixed grid of grid x grid tiles
     merge_iou: float = 0.5  # proposals overlapping more than this are merged

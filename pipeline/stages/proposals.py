@@ -225,9 +225,10 @@ def _grow(box: tuple[float, float, float, float], margin: float) -> tuple[float,
 
 
 def _fit(box: tuple[float, float, float, float], size: tuple[int, int]) -> Box:
-    """The box made square around its centre, at least short side / MAX_ZOOM wide, shifted inside the image."""
+    """The box made square around its centre, at least short side / MAX_ZOOM wide and at most the short side
+    (a crop is resized to a square, so a wider one would be squashed), shifted inside the image."""
     height, width = size
-    side = max(box[2] - box[0], box[3] - box[1], min(height, width) / MAX_ZOOM)
+    side = min(max(box[2] - box[0], box[3] - box[1], min(height, width) / MAX_ZOOM), min(height, width))
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     (x0, x1), (y0, y1) = _span(cx, side, width), _span(cy, side, height)
     return x0, y0, x1, y1
