@@ -65,6 +65,7 @@ class PretrainCfg:
     log_every: int = 50  # steps between progress lines
     eval_every: int = 0  # steps between quick evaluations (0 = only at the end)
     eval_n: int = 500  # evaluation images per metric
+    calibration_n: int = 200  # scenes the background offset is calibrated on (half with small objects)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -154,14 +155,14 @@ def pretrain(cfg: PretrainCfg, out: str, command: str = "") -> dict:
             tick, seen, loss_sum = time.time(), 0, 0.0
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             paused = time.time()
-            result = evaluate(master.eval(), tokenizer, size, cfg.seed, cfg.eval_n)
+            result = evaluate(master.eval(), tokenizer, size, cfg.seed, cfg.eval_n, cfg.calibration_n)
             logger.info("step %d eval %s", step + 1, json.dumps(result))
             evals.append({"step": step + 1} | result)
             master.train()
             start, tick = start + time.time() - paused, tick + time.time() - paused  # evaluation is not training time
     train_minutes = _minutes(start)
     master.eval()
-    metrics = evaluate(master, tokenizer, size, cfg.seed, cfg.eval_n) | {
+    metrics = evaluate(master, tokenizer, size, cfg.seed, cfg.eval_n, cfg.calibration_n) | {
         "train_minutes": train_minutes,
         "steps": cfg.steps,
     }

@@ -52,8 +52,9 @@ everywhere, exactly as in training); the background class is prompted as "a phot
 - `logit_scale` {meta["logit_scale"]} (the learned temperature), `image_size` {meta["image_size"]}, CLIP mean/std.
 
 ## Training
-- data: ShapeWorld rendered from seed {cfg["seed"]}, seed streams 10-13; evaluation uses streams 20-22 and the
-  background calibration streams 30-31, so no evaluation image is ever trained on. Pools of {cfg["pool_scenes"]} scenes
+- data: ShapeWorld rendered from seed {cfg["seed"]}, seed streams 10-13; the dense evaluation uses streams 21-22,
+  the background calibration streams 30-31 and zero-shot its own seed namespace (`pipeline.eval.zeroshot`), so no
+  evaluation image is ever trained on. Pools of {cfg["pool_scenes"]} scenes
   (1-3 objects; a quarter with objects under 3% of the image), {cfg["pool_singles"]} single objects (balanced over the
   36 classes) and {cfg["pool_backgrounds"]} empty backgrounds; every draw gets a random flip or quarter turn.
 - batches of {cfg["batch_size"]}: {n_single} single objects of distinct classes, {n_background} empty background(s),
@@ -76,14 +77,14 @@ Reproduce (the same batches and initial weights on any machine; results match up
 Mean training loss by step: {losses}
 
 ## Evaluation (held-out seeds, printed by the command above)
-- zero-shot: {max(cfg["eval_n"], 360)} single objects, 36-way over the class prompts; colour and shape accuracies come
-  from the same predictions.
+- zero-shot: {max(cfg["eval_n"], 360)} single objects cycling through the 36 classes, 36-way over the class prompts;
+  colour and shape accuracies come from the same predictions (`pipeline.eval.zeroshot`, as `clipdense eval --zero-shot`).
 - dense: the engine's labeler with the `maskclip` head (MaskCLIP's value path of the last block), 37-class argmax
   with a calibrated background offset, mIoU over {cfg["eval_n"]} scenes (`_small_objects`: scenes with objects under
   3% of the image). `dense_miou`: as shipped (residual and MLP of the last block kept, as in MaskCLIP's released
   code and the engine's default; the recommended `infer` settings); `dense_miou_single_pass`: one plain pass;
   `dense_miou_value_only`: one pass with residual and MLP dropped (head option `residual: false, mlp: false`). Each
-  has its own calibrated offset (`background_offset_single_pass`, ...). A "-" in the table below: not measured by
+  has its own offset (`background_offset_single_pass`, ...), calibrated on {cfg.get("calibration_n", 200)} scenes. A "-" in the table below: not measured by
   that run.
 
 | metric | value |

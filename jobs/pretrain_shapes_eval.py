@@ -1,16 +1,14 @@
-"""Quick quality checks of a ShapeWorld CLIP: zero-shot accuracy, MaskCLIP dense mIoU, background calibration.
+"""Quick quality checks of a ShapeWorld CLIP during and after training, made with the engine's own parts.
 
-- Zero-shot: single-object images (held-out seeds), 36-way over "a photo of a {colour shape}." prompts;
-  colour and shape accuracies are read off the same predictions.
-- Dense: the engine's own labeler (`DenseLabeler`) with its `maskclip` head (MaskCLIP's value path,
+- Zero-shot: `pipeline.eval.zeroshot` (single objects of its own held-out seed namespace, 36-way over
+  the class prompts; colour and shape accuracies from the same predictions).
+- Dense: the engine's labeler (`DenseLabeler`) with its `maskclip` head (MaskCLIP's value path,
   Zhou et al., ECCV'22, with the residual and MLP of its released code, or without them), so the
-  trainer measures and calibrates exactly what labeling runs. Score maps against the 37 class prompts
-  get `background_offset` on the background class, and the argmax is scored with
-  `pipeline.eval.metrics.ConfusionMatrix` (mIoU over classes present in truth or prediction).
-- Calibration: the background offset that maximises mIoU on its own seed stream, never the
-  evaluation streams, under the inference settings it will ship with.
+  trainer measures exactly what labeling runs; mIoU by `pipeline.eval.metrics.ConfusionMatrix`.
+- Calibration: `pipeline.eval.calibrate` picks the background offset with the best mIoU on its own
+  seed streams, never the evaluation streams, under the inference settings the model will ship with.
 
-This is the trainer's own yardstick; `clipdense eval` runs the full engine on written shards.
+`clipdense eval` runs the same parts on written shards.
 """
 
 from __future__ import annotations
@@ -20,21 +18,25 @@ from collections.abc import Callable
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jobs.pretrain_shapes_data import TEMPLATE
-from pipeline.config import HeadCfg, InferCfg, PromptCfg, RunCfg
-from pipeline.data.shapeworld import BACKGROUND, CLASSES, render_scene, render_single
+from pipeline.config import HeadCfg, InferCfg, PromptCfg, RunCfg, VocabCfg
+from pipeline.data.shapeworld import BACKGROUND, CLASSES, Scene, render_scene
+from pipeline.eval.calibrate import best_background_offset
 from pipeline.eval.metrics import ConfusionMatrix
+from pipeline.eval.truth import TruthSample
+from pipeline.eval.zeroshot import zero_shot_accuracy
 from pipeline.models.backbone import Backbone
 from pipeline.stages.infer import DenseLabeler
 from pipeline.vocab import Vocabulary
 
-ZERO_SHOT_STREAM, DENSE_STREAM, SMALL_STREAM, CALIBRATION_STREAM = 20, 21, 22, 30
+DENSE_STREAM, SMALL_STREAM, CALIBRATION_STREAM = 21, 22, 30
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-OFFSETS = np.round(np.arange(-1.0, 1.0001, 0.01), 2)  # background offsets (cosine units) tried by the calibration
+OFFSETS = tuple(np.round(np.arange(-1.0, 1.0001, 0.01), 2).tolist())  # background offsets tried (cosine units)
+VOCAB = Vocabulary.from_entries(list(CLASSES), BACKGROUND)
+_BATCH = 100  # images per labeler call
 
 # Inference settings the model recommends in its meta.json (the engine uses them where a run leaves
 # `infer.shifts` / `infer.pamr_steps` unset): sub-patch shifts and PAMR mend the 8x8 grid's coarse
@@ -51,66 +53,38 @@ def to_input(images: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Te
     return ((x - MEAN) / STD).to(dtype)
 
 
-@torch.inference_mode()
-def class_embeddings(model: nn.Module, tokenizer: Callable, names: list[str]) -> torch.Tensor:
-    """(K, E) float32 L2-normalised text embeddings of TEMPLATE.format(name)."""
-    return F.normalize(model.encode_text(tokenizer([TEMPLATE.format(n) for n in names])).float(), dim=-1)
-
-
-@torch.inference_mode()
-def zero_shot(model: nn.Module, tokenizer: Callable, size: int, seed: int, n: int = 1000) -> dict[str, float]:
-    """Accuracy of the 36-way colour+shape prediction on `n` single objects, plus colour-only and shape-only."""
-    text = class_embeddings(model, tokenizer, list(CLASSES[1:]))
-    scenes = [render_single((seed, ZERO_SHOT_STREAM, i), size) for i in range(n)]
-    truth = np.array([s.objects[0].class_id for s in scenes]) - 1
-    preds = []
-    for start in range(0, n, 250):
-        images = np.stack([s.image for s in scenes[start : start + 250]])
-        feats = model.encode_image(to_input(images, _dtype(model)).to(_device(model)))
-        preds.append((F.normalize(feats.float(), dim=-1) @ text.T).argmax(dim=1).cpu().numpy())
-    pred = np.concatenate(preds)
-    return {
-        "zero_shot_accuracy": float((pred == truth).mean()),
-        "colour_accuracy": float((pred // 6 == truth // 6).mean()),
-        "shape_accuracy": float((pred % 6 == truth % 6).mean()),
-    }
-
-
-def dense_scores(
+def dense_labeler(
     model: nn.Module,
     tokenizer: Callable,
-    size: int,
-    seed: int,
-    stream: int,
-    n: int,
-    small_objects: bool = False,
     infer: dict = RECOMMENDED_INFER,
     residual_mlp: bool = True,
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Score maps (n, 37, S, S) float32 without any background offset, and truth maps (n, S, S) uint8.
-
-    They come from the engine's `DenseLabeler` with the `maskclip` head (`residual_mlp` sets its
-    `residual` and `mlp` options) and the `infer` settings (`shifts`, `pamr_steps`)."""
+    background_offset: float = 0.0,
+) -> DenseLabeler:
+    """The engine's labeler around the model being trained: `maskclip` head (`residual_mlp` sets its
+    `residual` and `mlp` options), the training prompt, the `infer` settings (`shifts`, `pamr_steps`)."""
     backbone = Backbone(model, tokenizer, "shapes-clip (training)", "", _device(model), _dtype(model))
-    head = HeadCfg("maskclip", {"residual": residual_mlp, "mlp": residual_mlp})
-    cfg = RunCfg(head=head, prompts=PromptCfg(templates="single"), infer=InferCfg(batch_size=100, **infer))
-    labeler = DenseLabeler(cfg, Vocabulary.from_entries(list(CLASSES), BACKGROUND), backbone=backbone)
-    scenes = [render_scene((seed, stream, i), size, small_objects) for i in range(n)]
-    scores = labeler.score_maps([s.image for s in scenes])
-    return torch.stack(scores).cpu(), np.stack([s.seg for s in scenes])
+    cfg = RunCfg(
+        head=HeadCfg("maskclip", {"residual": residual_mlp, "mlp": residual_mlp}),
+        prompts=PromptCfg(templates="single"),  # TEMPLATE, as in the training captions
+        vocab=VocabCfg(background_offset=background_offset),
+        infer=InferCfg(batch_size=_BATCH, **infer),
+    )
+    return DenseLabeler(cfg, VOCAB, backbone=backbone)
 
 
-def dense_miou(scores: torch.Tensor, truth: np.ndarray, offsets: list[float]) -> list[float]:
-    """mIoU of argmax(scores + offset on the background class) against the truth maps, per offset."""
-    best, arg = scores[:, 1:].max(dim=1)  # ShapeWorld's background is class 0, objects are 1..36
-    arg = arg.numpy() + 1
-    margin = (scores[:, BACKGROUND] - best).numpy()
-    out = []
-    for offset in offsets:
-        confusion = ConfusionMatrix(len(CLASSES))
-        confusion.update(truth, np.where(margin + offset >= 0, BACKGROUND, arg))
-        out.append(confusion.miou())
-    return out
+def scenes(size: int, seed: int, stream: int, n: int, small_objects: bool = False) -> list[TruthSample]:
+    """`n` held-out scenes of one seed stream as truth samples (image and class map)."""
+    return [_sample(render_scene((seed, stream, i), size, small_objects), i) for i in range(n)]
+
+
+def dense_miou(labeler: DenseLabeler, samples: list[TruthSample]) -> float:
+    """mIoU of the labeler's label maps over `samples`."""
+    confusion = ConfusionMatrix(len(VOCAB))
+    for start in range(0, len(samples), _BATCH):
+        batch = samples[start : start + _BATCH]
+        for sample, result in zip(batch, labeler([s.image for s in batch]), strict=True):
+            confusion.update(sample.truth, result.labels)
+    return confusion.miou()
 
 
 def calibrate_background(
@@ -122,17 +96,17 @@ def calibrate_background(
     residual_mlp: bool = True,
     n: int = 200,
 ) -> float:
-    """The background offset (cosine units) with the best mIoU on the calibration stream (half with small objects)."""
-    half = [
-        dense_scores(model, tokenizer, size, seed, CALIBRATION_STREAM + k, n // 2, k == 1, infer, residual_mlp)
-        for k in (0, 1)
-    ]
-    scores, truth = torch.cat([h[0] for h in half]), np.concatenate([h[1] for h in half])
-    results = dense_miou(scores, truth, [float(o) for o in OFFSETS])
-    return float(OFFSETS[int(np.argmax(results))])
+    """The background offset (cosine units) with the best mIoU on the calibration streams (half with small objects)."""
+    samples = scenes(size, seed, CALIBRATION_STREAM, n // 2) + scenes(size, seed, CALIBRATION_STREAM + 1, n // 2, True)
+    labeler = dense_labeler(model, tokenizer, infer, residual_mlp)
+    where = f"ShapeWorld calibration streams {CALIBRATION_STREAM}-{CALIBRATION_STREAM + 1}"
+    return best_background_offset(labeler, samples, VOCAB, 0.0, OFFSETS, _BATCH, where)["background_offset"]
 
 
-def evaluate(model: nn.Module, tokenizer: Callable, size: int, seed: int, n: int = 500) -> dict:
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, tokenizer: Callable, size: int, seed: int, n: int = 500, calibration_n: int = 200
+) -> dict:
     """Calibrated background offsets, zero-shot accuracies and dense mIoU on the evaluation streams.
 
     Dense mIoU is measured for each of `VARIANTS` (`dense_miou`: the recommended settings with the
@@ -141,14 +115,23 @@ def evaluate(model: nn.Module, tokenizer: Callable, size: int, seed: int, n: int
     variant with its own calibrated offset.
     """
     metrics: dict[str, float] = {}
+    evaluation = {"": scenes(size, seed, DENSE_STREAM, n), "_small_objects": scenes(size, seed, SMALL_STREAM, n, True)}
     for variant, (infer, residual_mlp) in VARIANTS.items():
-        offset = calibrate_background(model, tokenizer, size, seed, infer, residual_mlp)
+        offset = calibrate_background(model, tokenizer, size, seed, infer, residual_mlp, calibration_n)
         metrics[f"background_offset{variant}"] = offset
-        for scenes, stream, small in (("", DENSE_STREAM, False), ("_small_objects", SMALL_STREAM, True)):
-            scores, truth = dense_scores(model, tokenizer, size, seed, stream, n, small, infer, residual_mlp)
-            (metrics[f"dense_miou{variant}{scenes}"],) = dense_miou(scores, truth, [offset])
-    metrics |= zero_shot(model, tokenizer, size, seed, n=max(n, 360))
+        labeler = dense_labeler(model, tokenizer, infer, residual_mlp, offset)
+        for kind, samples in evaluation.items():
+            metrics[f"dense_miou{variant}{kind}"] = dense_miou(labeler, samples)
+    backbone = dense_labeler(model, tokenizer).backbone
+    zero_shot = zero_shot_accuracy(backbone, (TEMPLATE,), max(n, 360))
+    metrics |= {"zero_shot_accuracy": zero_shot["accuracy"]} | {
+        k: zero_shot[k] for k in ("colour_accuracy", "shape_accuracy")
+    }
     return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def _sample(scene: Scene, i: int) -> TruthSample:
+    return TruthSample(shard="", key=f"{i:06d}", truth=scene.seg, image=scene.image)
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from jobs.pretrain_shapes import PretrainCfg, pretrain
 from jobs.pretrain_shapes_data import BatchSampler, _dihedral, object_caption, render_pool
-from jobs.pretrain_shapes_eval import DENSE_STREAM, dense_miou, dense_scores
+from jobs.pretrain_shapes_eval import DENSE_STREAM, dense_labeler
 from pipeline.config import load_config
 from pipeline.data.shapeworld import CLASSES, render_scene
 from pipeline.stages.infer import DenseLabeler
@@ -69,23 +69,12 @@ def test_dihedral_transforms_are_flips_and_quarter_turns():
     assert np.array_equal(out[1], np.rot90(images[1][:, ::-1], k=1, axes=(0, 1)))
 
 
-def test_dense_miou_moves_pixels_to_background_with_the_offset():
-    scores = torch.zeros(1, len(CLASSES), 2, 2)
-    scores[0, 5] = 0.3  # class 5 scores 0.3 everywhere
-    scores[0, 0] = torch.tensor([[0.25, 0.25], [0.1, 0.1]])  # background is closer in the top row
-    truth = np.array([[[0, 0], [5, 5]]], dtype=np.uint8)
-    plain, right, too_much = dense_miou(scores, truth, [0.0, 0.1, 0.25])
-    assert plain == pytest.approx((0 + 0.5) / 2)  # all class 5: background IoU 0, class 5 IoU 2/4
-    assert right == pytest.approx(1.0)
-    assert too_much == pytest.approx((0.5 + 0) / 2)  # all background
-
-
 def test_short_run_learns_and_writes_a_loadable_model(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
     cfg = PretrainCfg(
         config=str(config), steps=150, batch_size=32, lr=2e-3, warmup=5, threads=1, precision="fp32",
-        pool_scenes=200, pool_singles=144, pool_backgrounds=8, log_every=50, eval_n=20,
+        pool_scenes=200, pool_singles=144, pool_backgrounds=8, log_every=50, eval_n=20, calibration_n=40,
     )  # fmt: skip
     metrics = pretrain(cfg, str(tmp_path / "model"), command="clipdense pretrain-shapes test")
     saved = json.loads((tmp_path / "model/metrics.json").read_text())
@@ -103,14 +92,13 @@ def test_short_run_learns_and_writes_a_loadable_model(tmp_path):
     model = open_clip.CLIP(**model_cfg)
     model.load_state_dict(load_file(tmp_path / "model/weights.safetensors"))
     tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
-    scores, truth = dense_scores(model.eval(), tokenizer, 32, 0, DENSE_STREAM, 2)
-    assert scores.shape == (2, 37, 32, 32) and truth.shape == (2, 32, 32)
     # A labeling run on the written folder, with nothing set but the model, scores what the trainer
     # measured and calibrated: its recommended settings and offset come from meta.json.
+    images = [render_scene((0, DENSE_STREAM, i), 32).image for i in range(2)]
+    trainer = dense_labeler(model.eval(), tokenizer, background_offset=meta["background_offset"])
     cfg = load_config(None, [f"model.name={tmp_path / 'model'}", "model.precision=fp32"])
     labeler = DenseLabeler(cfg, Vocabulary.from_entries(list(CLASSES), 0))
-    images = [render_scene((0, DENSE_STREAM, i), 32).image for i in range(2)]
-    labeled = torch.stack(labeler.score_maps(images))
-    scores[:, 0] += meta["background_offset"]
-    assert torch.allclose(labeled, scores, atol=1e-4)
+    assert (labeler.infer.shifts, labeler.infer.pamr_steps) == (2, 10)
+    for a, b in zip(labeler.score_maps(images), trainer.score_maps(images), strict=True):
+        assert a.shape == (37, 32, 32) and torch.allclose(a, b, atol=1e-4)
     assert (tmp_path / "model/card.md").read_text().count("clipdense pretrain-shapes test") == 1

@@ -16,13 +16,14 @@ scores with weights that sum to one, so a constant added to one class passes thr
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from pipeline.eval.evaluate import ScoreModel, batches
 from pipeline.eval.metrics import ConfusionMatrix
-from pipeline.eval.truth import TruthSet
+from pipeline.eval.truth import TruthSample, TruthSet
+from pipeline.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +38,36 @@ def calibrate_background_offset(
     shifts: Sequence[float] = DEFAULT_SHIFTS,
     batch_size: int = 16,
 ) -> dict:
-    """Best background offset for `labeler` on the calibration split `truth`.
+    """Best background offset for `labeler` on the calibration split `truth` (see `best_background_offset`)."""
+    return best_background_offset(
+        labeler, truth.samples(images=True), truth.vocab, base_offset, shifts, batch_size, where=truth.url
+    )
+
+
+def best_background_offset(
+    labeler: ScoreModel,
+    samples: Iterable[TruthSample],
+    vocab: Vocabulary,
+    base_offset: float,
+    shifts: Sequence[float] = DEFAULT_SHIFTS,
+    batch_size: int = 16,
+    where: str = "calibration samples",
+) -> dict:
+    """Best background offset for `labeler` on `samples` (with images) whose class ids are `vocab`'s.
 
     `base_offset` is the offset already inside the labeler's score maps (DenseLabeler.background_offset).
     Returns `background_offset` (= base + best shift), its `mIoU`, the whole `curve` of
-    (offset, mIoU) pairs, `n_images` and the calibration `truth`. Ties go to the smallest shift.
+    (offset, mIoU) pairs, `n_images` and `truth` (= `where`). Ties go to the smallest shift.
     """
-    bg = truth.vocab.background
+    bg = vocab.background
     if bg is None:
-        raise ValueError(f"{truth.url}: the vocabulary has no background class, so there is no offset to calibrate")
+        raise ValueError(f"{where}: the vocabulary has no background class, so there is no offset to calibrate")
     if not shifts:
         raise ValueError("no background offsets to try")
-    k = len(truth.vocab)
+    k = len(vocab)
     matrices = [ConfusionMatrix(k) for _ in shifts]
     n = 0
-    for batch in batches(truth.samples(images=True), batch_size):
+    for batch in batches(samples, batch_size):
         for sample, score_map in zip(batch, labeler.score_maps([s.image for s in batch]), strict=True):
             for shift, matrix in zip(shifts, matrices, strict=True):
                 shifted = score_map.clone()
@@ -60,7 +76,7 @@ def calibrate_background_offset(
         n += len(batch)
         logger.info("calibration: %d images scored at %d offsets", n, len(shifts))
     if n == 0:
-        raise ValueError(f"{truth.url}: no calibration samples with ground truth")
+        raise ValueError(f"{where}: no calibration samples with ground truth")
     mious = np.array([m.miou() for m in matrices])
     order = np.lexsort((np.abs(np.asarray(shifts)), -np.nan_to_num(mious, nan=-1.0)))
     best = int(order[0])
@@ -71,5 +87,5 @@ def calibrate_background_offset(
         "mIoU": float(mious[best]),
         "curve": [(round(base_offset + s, 6), float(v)) for s, v in zip(shifts, mious, strict=True)],
         "n_images": n,
-        "truth": truth.url,
+        "truth": where,
     }
