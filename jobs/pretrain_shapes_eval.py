@@ -62,14 +62,13 @@ def dense_labeler(
 ) -> DenseLabeler:
     """The engine's labeler around the model being trained: `maskclip` head (`residual_mlp` sets its
     `residual` and `mlp` options), the training prompt, the `infer` settings (`shifts`, `pamr_steps`)."""
-    backbone = Backbone(model, tokenizer, "shapes-clip (training)", "", _device(model), _dtype(model))
     cfg = RunCfg(
         head=HeadCfg("maskclip", {"residual": residual_mlp, "mlp": residual_mlp}),
         prompts=PromptCfg(templates="single"),  # TEMPLATE, as in the training captions
         vocab=VocabCfg(background_offset=background_offset),
         infer=InferCfg(batch_size=_BATCH, **infer),
     )
-    return DenseLabeler(cfg, VOCAB, backbone=backbone)
+    return DenseLabeler(cfg, VOCAB, backbone=_backbone(model, tokenizer))
 
 
 def scenes(size: int, seed: int, stream: int, n: int, small_objects: bool = False) -> list[TruthSample]:
@@ -122,12 +121,15 @@ def evaluate(
         labeler = dense_labeler(model, tokenizer, infer, residual_mlp, offset)
         for kind, samples in evaluation.items():
             metrics[f"dense_miou{variant}{kind}"] = dense_miou(labeler, samples)
-    backbone = dense_labeler(model, tokenizer).backbone
-    zero_shot = zero_shot_accuracy(backbone, (TEMPLATE,), max(n, 360))
+    zero_shot = zero_shot_accuracy(_backbone(model, tokenizer), (TEMPLATE,), max(n, 360))
     metrics |= {"zero_shot_accuracy": zero_shot["accuracy"]} | {
         k: zero_shot[k] for k in ("colour_accuracy", "shape_accuracy")
     }
     return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def _backbone(model: nn.Module, tokenizer: Callable) -> Backbone:
+    return Backbone(model, tokenizer, "shapes-clip (training)", "", _device(model), _dtype(model))
 
 
 def _sample(scene: Scene, i: int) -> TruthSample:
