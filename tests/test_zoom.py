@@ -13,7 +13,14 @@ import torch
 from pipeline.config import ZoomCfg, load_config
 from pipeline.obs import CappedCounter
 from pipeline.stages.infer import DenseLabeler, DenseResult
-from pipeline.stages.proposals import connected_components, merge_regions, propose, protected, sample_boxes
+from pipeline.stages.proposals import (
+    connected_components,
+    first_pass,
+    merge_regions,
+    propose,
+    protected,
+    sample_boxes,
+)
 from pipeline.stages.zoom import ZoomLabeler, ZoomResult, blend
 from pipeline.vocab import Vocabulary
 
@@ -72,7 +79,7 @@ def test_small_and_uncertain_components_are_proposed_confident_background_is_not
     confidence = np.ones((40, 40), np.float32)
     confidence[32:36, 30:34] = 0.2  # uncertain background: where a missed object may hide
     cfg = ZoomCfg(enabled=True, max_regions=8, min_area=0.03, min_confidence=0.5, margin=0.0, merge_iou=0.9)
-    regions = propose(labels, confidence, (80, 80), None, cfg, 0, CappedCounter())
+    regions = propose(first_pass(labels, confidence, cfg, 0), (80, 80), None, cfg, CappedCounter())
     # map pixels x2 = image pixels; each box is squared and at least 80 / 4 = 20 px wide, centred on the component
     assert sorted(regions) == [(2, 2, 22, 22), (54, 58, 74, 78)]
 
@@ -85,8 +92,9 @@ def test_only_large_confident_objects_are_protected_from_crops():
     confidence = np.ones((40, 40), np.float32)
     confidence[32:40, 0:20] = 0.3
     cfg = ZoomCfg(enabled=True, min_area=0.03, min_confidence=0.5)
-    assert np.array_equal(protected(labels, confidence, cfg, 0), labels == 2)
-    assert not protected(labels, confidence, dataclasses.replace(cfg, protect=False), 0).any()
+    assert np.array_equal(protected(first_pass(labels, confidence, cfg, 0), cfg), labels == 2)
+    unprotected = dataclasses.replace(cfg, protect=False)
+    assert not protected(first_pass(labels, confidence, unprotected, 0), unprotected).any()
 
 
 def test_boxes_outside_or_empty_are_skipped_and_counted_never_fatal():
@@ -133,7 +141,9 @@ def test_the_budget_keeps_the_best_proposals():
     boxes = [[10 * i, 0, 10 * i + 8, 8] for i in range(8)] + [[0, 50, 8, 58]]
     cfg = ZoomCfg(enabled=True, max_regions=3, margin=0.0, grid=4, merge_iou=1.0)  # no merging
     skipped = CappedCounter()
-    regions = propose(np.zeros((10, 10), np.uint8), np.ones((10, 10)), (100, 100), boxes, cfg, 0, skipped)
+    regions = propose(
+        first_pass(np.zeros((10, 10), np.uint8), np.ones((10, 10)), cfg, 0), (100, 100), boxes, cfg, skipped
+    )
     assert regions == [(0, 0, 25, 25), (2, 0, 27, 25), (12, 0, 37, 25)]  # sample boxes first, then grid tiles
     assert skipped.counts["over the zoom.max_regions budget"] == 9 + 16 - 3
 

@@ -44,6 +44,33 @@ class Component:
     mean_confidence: float
 
 
+@dataclass(frozen=True)
+class FirstPass:
+    """The first pass's label map cut into components, read by both `propose` and `protected` (worked out
+    once per image). Unsure background pixels (below `zoom.min_confidence`) form components of their own."""
+
+    components: list[Component]
+    pixel_component: np.ndarray  # (h, w) int64 index into `components` of every pixel
+    background: int | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixel_component.shape
+
+    def is_weak(self, comp: Component, cfg: ZoomCfg) -> bool:
+        """Small or unsure, and not confident background: worth a crop, and never protected."""
+        small = comp.area < cfg.min_area * self.pixel_component.size
+        return comp.label != self.background and (small or comp.mean_confidence < cfg.min_confidence)
+
+
+def first_pass(labels: np.ndarray, confidence: np.ndarray, cfg: ZoomCfg, background: int | None) -> FirstPass:
+    """`labels` (h, w) int class ids and `confidence` (h, w) float in [0, 1] of the first pass, as components."""
+    marked = labels.astype(np.int64)
+    if background is not None:
+        marked[(marked == background) & (confidence < cfg.min_confidence)] = _UNCERTAIN
+    return FirstPass(*label_components(marked, confidence), background)
+
+
 def connected_components(labels: np.ndarray, confidence: np.ndarray | None = None) -> list[Component]:
     """4-connected components of equal labels in an (h, w) integer map; `confidence` (h, w) float in [0, 1]."""
     return label_components(labels, confidence)[0]
@@ -146,27 +173,19 @@ def _skip(skipped: CappedCounter, reason: str) -> None:
     skipped.add(reason)
 
 
-def propose(
-    labels: np.ndarray,
-    confidence: np.ndarray,
-    size: tuple[int, int],
-    raw_boxes: Any,
-    cfg: ZoomCfg,
-    background: int | None,
-    skipped: CappedCounter,
-) -> list[Box]:
+def propose(first: FirstPass, size: tuple[int, int], raw_boxes: Any, cfg: ZoomCfg, skipped: CappedCounter) -> list[Box]:
     """Regions to re-infer for one image, best first, at most `cfg.max_regions` (see the module docstring).
 
-    `labels`/`confidence` are the first pass at any resolution (h, w): int class ids and float in [0, 1];
-    `size` is the original image's (H, W); the result is in its pixels."""
+    `first` is the first pass at any resolution (h, w); `size` is the original image's (H, W); the
+    result is in its pixels."""
     height, width = size
     short = min(height, width)
     ranked: list[tuple[float, Box]] = []  # (priority, box); higher priority is kept first
     for box in sample_boxes(raw_boxes, size, skipped) if cfg.use_boxes else []:
         ranked.append((3.0, _fit(_grow(box, cfg.margin), size)))
     candidates = []
-    sy, sx = height / labels.shape[0], width / labels.shape[1]  # label-map pixels to image pixels
-    for comp in _weak_components(labels, confidence, cfg, background):
+    sy, sx = height / first.shape[0], width / first.shape[1]  # label-map pixels to image pixels
+    for comp in (c for c in first.components if first.is_weak(c, cfg)):
         x0, y0, x1, y1 = comp.box
         box = _fit(_grow((x0 * sx, y0 * sy, x1 * sx, y1 * sy), cfg.margin), size)
         if max(box[2] - box[0], box[3] - box[1]) * MIN_ZOOM > short:
@@ -183,39 +202,17 @@ def propose(
     return [box for _, box in merged[: cfg.max_regions]]
 
 
-def _weak_components(
-    labels: np.ndarray, confidence: np.ndarray, cfg: ZoomCfg, background: int | None
-) -> list[Component]:
-    return [c for c in _classified(labels, confidence, cfg, background)[0] if _is_weak(c, cfg, labels.size, background)]
-
-
-def protected(labels: np.ndarray, confidence: np.ndarray, cfg: ZoomCfg, background: int | None) -> np.ndarray:
+def protected(first: FirstPass, cfg: ZoomCfg) -> np.ndarray:
     """(h, w) bool: pixels of the first pass's strong objects (components of a class other than background,
     at least `zoom.min_area` of the image and `zoom.min_confidence` sure). With `zoom.protect` crops
     leave them alone: the first pass sees such an object whole, while a crop cuts through it and,
     seeing a fragment, names it worse (measured on ShapeWorld, `bench/zoom_quality.py`)."""
-    if not cfg.protect:
-        return np.zeros(labels.shape, bool)
-    components, pixel_component = _classified(labels, confidence, cfg, background)
+    if not cfg.protect or not first.components:
+        return np.zeros(first.shape, bool)
     strong = np.array(
-        [c.label not in (background, _UNCERTAIN) and not _is_weak(c, cfg, labels.size, background) for c in components],
-        dtype=bool,
+        [c.label not in (first.background, _UNCERTAIN) and not first.is_weak(c, cfg) for c in first.components]
     )
-    return strong[pixel_component] if len(strong) else np.zeros(labels.shape, bool)
-
-
-def _classified(
-    labels: np.ndarray, confidence: np.ndarray, cfg: ZoomCfg, background: int | None
-) -> tuple[list[Component], np.ndarray]:
-    """Components of the label map in which unsure background pixels form components of their own."""
-    marked = labels.astype(np.int64)
-    if background is not None:
-        marked[(marked == background) & (confidence < cfg.min_confidence)] = _UNCERTAIN
-    return label_components(marked, confidence)
-
-
-def _is_weak(comp: Component, cfg: ZoomCfg, total: int, background: int | None) -> bool:
-    return comp.label != background and (comp.area < cfg.min_area * total or comp.mean_confidence < cfg.min_confidence)
+    return strong[first.pixel_component]
 
 
 def _grow(box: tuple[float, float, float, float], margin: float) -> tuple[float, float, float, float]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pipeline.config import ZoomCfg
 from pipeline.obs import CappedCounter
 from pipeline.stages.infer import DenseLabeler, DenseResult
-from pipeline.stages.proposals import Box, propose, protected
+from pipeline.stages.proposals import Box, first_pass, propose, protected
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +128,8 @@ class ZoomLabeler:
         if self.cfg.max_regions == 0:
             return [], np.zeros(score_map.shape[1:], bool)
         first = self.labeler.finalize(score_map, tuple(score_map.shape[1:]))  # labels at the working resolution
-        background = self.labeler.vocab.background
-        boxes = propose(first.labels, first.confidence, image.shape[:2], raw_boxes, self.cfg, background, self.skipped)
-        if not boxes:  # nothing to merge: skip the second look at the components
-            return boxes, np.zeros(score_map.shape[1:], bool)
-        return boxes, protected(first.labels, first.confidence, self.cfg, background)
+        parts = first_pass(first.labels, first.confidence, self.cfg, self.labeler.vocab.background)
+        return propose(parts, image.shape[:2], raw_boxes, self.cfg, self.skipped), protected(parts, self.cfg)
 
 
 @torch.inference_mode()
