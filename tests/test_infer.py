@@ -188,6 +188,10 @@ def test_the_models_recommended_inference_settings_apply_where_the_config_leaves
         bb.meta.clear()
     plain = _labeler()
     assert (plain.infer.shifts, plain.infer.pamr_steps) == (1, 0)  # a model without recommendations
+    with pytest.raises(ValueError, match="^infer.shifts must be a whole number >= 1, got 0"):
+        _labeler("infer.shifts=0")  # refused when the labeler is built, before any image
+    with pytest.raises(ValueError, match="^infer.pamr_steps must be a whole number >= 0, got -1"):
+        _labeler("infer.pamr_steps=-1")
 
 
 def test_many_classes_give_16_bit_labels():

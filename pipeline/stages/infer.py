@@ -65,7 +65,6 @@ class DenseLabeler:
         self, cfg: RunCfg, vocab: Vocabulary, storage_options: dict | None = None, backbone: Backbone | None = None
     ) -> None:
         self.cfg, self.vocab = cfg, vocab
-        self.infer: InferCfg = cfg.infer  # resolved below, once the model's recommendations are known
         if (cfg.vocab.background_threshold > 0 or cfg.vocab.background_offset) and vocab.background is None:
             raise ValueError(
                 "vocab.background_threshold and vocab.background_offset need a background class: "
@@ -74,7 +73,7 @@ class DenseLabeler:
         self.head = create_head(cfg.head.name, **cfg.head.options)  # before the model: a bad head fails fast
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
         meta = self.backbone.meta
-        self.infer = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
+        self.infer: InferCfg = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
         if spec == PromptCfg().templates and meta.get("templates"):
             spec = meta["templates"]
@@ -220,11 +219,12 @@ class DenseLabeler:
         return scores
 
 
-_UNSET_DEFAULTS = {"shifts": 1, "pamr_steps": 0}  # what an unset (null) key means when the model recommends nothing
+_UNSET_DEFAULTS = {"shifts": 1, "pamr_steps": 0}  # what an unset (null) key means, and its smallest value
 
 
 def resolve_infer(infer: InferCfg, recommended: dict[str, Any], model: str) -> InferCfg:
-    """`infer` with its unset keys taken from the model's recommendation (meta.json `infer`), else the defaults."""
+    """`infer` with its unset keys taken from the model's recommendation (meta.json `infer`), else the
+    defaults; every value is checked here, so a bad one stops the run before any image is read."""
     unknown = sorted(set(recommended) - _UNSET_DEFAULTS.keys())
     if unknown:
         raise ValueError(
@@ -232,14 +232,12 @@ def resolve_infer(infer: InferCfg, recommended: dict[str, Any], model: str) -> I
             f"it may set {sorted(_UNSET_DEFAULTS)}"
         )
     values = {}
-    for key, default in _UNSET_DEFAULTS.items():
-        value = getattr(infer, key)
+    for key, smallest in _UNSET_DEFAULTS.items():
+        value, source = getattr(infer, key), f"infer.{key}"
         if value is None:
-            value = recommended.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < default:
-                raise ValueError(
-                    f"model {model!r}: meta.json infer.{key} must be a whole number >= {default}, got {value!r}"
-                )
+            value, source = recommended.get(key, smallest), f"model {model!r}: meta.json infer.{key}"
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            raise ValueError(f"{source} must be a whole number >= {smallest}, got {value!r}")
         values[key] = value
     return dataclasses.replace(infer, **values)
 
