@@ -38,8 +38,8 @@ from safetensors.torch import save as save_safetensors
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jobs.pretrain_shapes_card import write_card
-from jobs.pretrain_shapes_data import TEMPLATE, BatchSampler, render_pool
-from jobs.pretrain_shapes_eval import RECOMMENDED_INFER, evaluate, to_input
+from jobs.pretrain_shapes_data import TEMPLATE, BatchSampler, render_pool, to_input
+from jobs.pretrain_shapes_eval import RECOMMENDED_INFER, evaluate
 from pipeline.io import fs
 
 logger = logging.getLogger(__name__)

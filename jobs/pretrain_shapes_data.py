@@ -24,6 +24,8 @@ import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
+import open_clip
+import torch
 
 from pipeline.data.shapeworld import CLASSES, SHAPES, render_background, render_scene, render_single
 
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 TEMPLATE = "a photo of a {}."  # training captions and zero-shot prompts share it
 SCENE_STREAM, SINGLE_STREAM, BACKGROUND_STREAM, BATCH_STREAM = 10, 11, 12, 13
 N_OBJECT_CLASSES = len(CLASSES) - 1
+MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
 
 def object_caption(names: list[str]) -> str:
@@ -115,6 +119,12 @@ class BatchSampler:
     def _caption(classes: tuple[int, ...], rng: np.random.Generator) -> str:
         order = rng.permutation(len(classes))
         return object_caption([CLASSES[classes[i]] for i in order])
+
+
+def to_input(images: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, S, S, 3) uint8 RGB -> (B, 3, S, S) normalised with CLIP's mean and std."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return ((x - MEAN) / STD).to(dtype)
 
 
 def _colour(class_id: int) -> int:
