@@ -20,21 +20,52 @@ DEFAULT_MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None  # replaced by the explicit max_pixels check in _open_checked
 
 # Modes a class-id map may be stored in, and the dtype the ids come out as.
+# Formats whose 16-bit grey files Pillow opens as mode I (values 0..65535) rather than I;16.
+_SIXTEEN_BIT_AS_I = ("PNG", "PPM")
+
 _LABEL_MODES = {"L": np.uint8, "P": np.uint8, "1": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.uint16}
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode JPEG/PNG/WebP bytes to an (H, W, 3) uint8 RGB array, values 0..255.
+    """Decode image bytes (any format Pillow opens) to an (H, W, 3) uint8 RGB array, values 0..255.
 
     Pixels come out as stored: EXIF orientation is not applied, so label maps computed from this
-    array line up with the raw pixels any other decoder returns. Alpha is dropped, palette and
-    grey images are expanded to RGB, and animated images give their first frame.
+    array line up with the raw pixels any other decoder returns. Every 8-bit mode goes through
+    Pillow's conversion: alpha is dropped (the stored colour is kept), palette, 1-bit and grey
+    images are expanded to RGB, CMYK and YCbCr are converted, animated images give their first
+    frame. 16-bit grey (modes `I;16*`, and mode `I` as PNG and PGM decode 16-bit files) is scaled by
+    255/65535 with rounding; Pillow's own conversion would clip every value above 255 to white.
+    32-bit integer (`I`, other formats) and float (`F`) pixels have no defined white level, so they
+    are refused rather than guessed.
+
+    Raises:
+        ValueError: the bytes are not a readable image, have too many pixels, or the mode has no
+            faithful 8-bit form; the reason names the format and the mode.
     """
     image = _open_checked(data, max_pixels)
     try:
-        return np.array(image.convert("RGB"), dtype=np.uint8)  # np.array, not asarray: callers get a writable array
+        return _to_rgb(image)
+    except ValueError:
+        raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error... for malformed data
-        raise ValueError(f"cannot decode {image.format} image: {_describe(exc)}") from None
+        raise ValueError(f"cannot decode {image.format} image (mode {image.mode}): {_describe(exc)}") from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of an opened image; np.array, not asarray, so callers get a writable array."""
+    mode = image.mode
+    if mode.startswith("I;16") or (mode == "I" and image.format in _SIXTEEN_BIT_AS_I):
+        grey = np.array(image).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"{image.format} image of mode {mode} holds values outside 0..65535")
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return np.repeat(grey8[..., None], 3, axis=2)
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "32-bit float"
+        raise ValueError(
+            f"{image.format} image of mode {mode} ({kind} pixels) has no defined white level; store it as 8- or 16-bit"
+        )
+    return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def decode_label_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -1,0 +1,107 @@
+"""decode_image on every image mode Pillow opens: each gives the right 8-bit RGB, or a reason naming the mode."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.io.decode import decode_image
+
+RAMP = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit value once
+
+
+def _encode(image: Image.Image, fmt: str, **save: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def _grey(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values[..., None], 3, axis=2)
+
+
+def _png16(array: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG written byte by byte (colour type 0 grey, 2 RGB, 4 grey+alpha), big-endian samples."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = array.shape[:2]
+    rows = array.astype(">u2").reshape(height, -1).tobytes()
+    stride = len(rows) // height
+    raw = b"".join(b"\x00" + rows[i * stride : (i + 1) * stride] for i in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+SIXTEEN = RAMP.astype(np.uint16) * 257  # the same picture at full 16-bit range
+ODD16 = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)  # values between the x257 steps
+
+
+def _cases() -> dict[str, tuple[bytes, np.ndarray]]:
+    rgb = np.dstack([RAMP, RAMP[::-1], np.full_like(RAMP, 77)])
+    palette_img = Image.fromarray(RAMP % 16).convert("P")
+    palette_img.putpalette([v for i in range(16) for v in (i * 16, 255 - i * 16, i)])
+    palette_rgb = np.stack([(RAMP % 16) * 16, 255 - (RAMP % 16) * 16, RAMP % 16], -1)
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 255, 0, 0], [0, 0, 255, 0], [0, 0, 0, 255]]], np.uint8)
+    cmyk_rgb = np.array([[[255, 255, 255], [0, 255, 255], [255, 0, 255], [255, 255, 0], [0, 0, 0]]], np.uint8)
+    big_endian = Image.frombytes("I;16B", (16, 16), SIXTEEN.astype(">u2").tobytes())
+    return {
+        "L png": (_encode(Image.fromarray(RAMP), "PNG"), _grey(RAMP)),
+        "1 png": (_encode(Image.fromarray(RAMP > 127), "PNG"), _grey(np.where(RAMP > 127, 255, 0).astype(np.uint8))),
+        "P png (4-bit palette)": (_encode(palette_img, "PNG", bits=4), palette_rgb),
+        "P gif": (_encode(palette_img, "GIF"), palette_rgb),
+        "RGB png": (_encode(Image.fromarray(rgb), "PNG"), rgb),
+        "RGB bmp": (_encode(Image.fromarray(rgb), "BMP"), rgb),
+        "RGB tiff": (_encode(Image.fromarray(rgb), "TIFF"), rgb),
+        "RGB webp lossless": (_encode(Image.fromarray(rgb), "WEBP", lossless=True), rgb),
+        "RGBA png (alpha dropped)": (_encode(Image.fromarray(np.dstack([rgb, RAMP])), "PNG"), rgb),
+        "LA png (alpha dropped)": (_encode(Image.fromarray(np.dstack([RAMP, RAMP[::-1]])), "PNG"), _grey(RAMP)),
+        "P png with transparency": (_encode(palette_img, "PNG", transparency=0), palette_rgb),
+        "CMYK tiff": (_encode(Image.fromarray(cmyk, "CMYK"), "TIFF"), cmyk_rgb),
+        "I;16 png": (_encode(Image.fromarray(SIXTEEN), "PNG"), _grey(RAMP)),
+        "I;16 png, between steps": (
+            _encode(Image.fromarray(ODD16), "PNG"),
+            _grey(np.round(ODD16 / 257).astype(np.uint8)),
+        ),
+        "I;16 tiff": (_encode(Image.fromarray(SIXTEEN), "TIFF"), _grey(RAMP)),
+        "I;16B tiff": (_encode(big_endian, "TIFF"), _grey(RAMP)),
+        "I pgm (16-bit)": (_encode(Image.fromarray(SIXTEEN), "PPM"), _grey(RAMP)),
+        "16-bit grey png by hand": (_png16(SIXTEEN, 0), _grey(RAMP)),
+        "16-bit RGB png": (
+            _png16(np.dstack([SIXTEEN, SIXTEEN[::-1], SIXTEEN]), 2),
+            np.dstack([RAMP, RAMP[::-1], RAMP]),
+        ),
+        "16-bit grey+alpha png": (_png16(np.dstack([SIXTEEN, SIXTEEN]), 4), _grey(RAMP)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_mode_decodes_to_its_reference_rgb(case):
+    data, expected = _cases()[case]
+    out = decode_image(data)
+    assert out.dtype == np.uint8 and out.shape == expected.shape
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_cmyk_jpeg_decodes_to_its_colours():
+    solid = Image.new("CMYK", (16, 16), (255, 0, 0, 0))  # pure cyan ink
+    out = decode_image(_encode(solid, "JPEG", quality=95))
+    assert np.abs(out.astype(int) - [0, 255, 255]).max() <= 3
+
+
+@pytest.mark.parametrize(
+    ("image", "mode"),
+    [
+        (Image.fromarray(RAMP.astype(np.int32) * 100_000), "I"),  # 32-bit integer TIFF
+        (Image.fromarray(RAMP.astype(np.float32) / 255), "F"),  # float TIFF
+    ],
+)
+def test_modes_without_a_white_level_are_refused_by_name(image, mode):
+    with pytest.raises(ValueError, match=rf"TIFF image of mode {mode} \(32-bit (integer|float) pixels\)"):
+        decode_image(_encode(image, "TIFF"))
