@@ -39,10 +39,15 @@ def ignore_value(n_classes: int) -> int:
     return IGNORE_U8 if n_classes < IGNORE_U8 else IGNORE_U16
 
 
+# Input shard names: a tar, or a tar compressed as WebDataset reads it (tarfile's transparent "r|*").
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
 def shard_name(url: str) -> str:
-    """Output name of an input shard: its basename without `.tar` (same name in, same name out)."""
+    """Output name of an input shard: its basename without its shard suffix (`x.tar`, `x.tar.gz` → `x`)."""
     base = url.rstrip("/").rsplit("/", 1)[-1]
-    return base[: -len(".tar")] if base.endswith(".tar") else base
+    suffix = next((s for s in SHARD_SUFFIXES if base.endswith(s)), "")
+    return base[: len(base) - len(suffix)]
 
 
 def labels_path(shard: str) -> str:
@@ -61,7 +66,7 @@ ZOOM_REGION = pa.list_(pa.int32(), 4)  # x0, y0, x1, y1 in original image pixels
 
 ROW_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),  # see key_columns for keys that are not UTF-8
         pa.field("shard", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # ok | failed
         pa.field("error", pa.string()),
@@ -77,7 +82,26 @@ ROW_SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("config_hash", pa.string()),
         pa.field("seconds", pa.float32()),
+        pa.field("key_bytes", pa.binary()),  # the key's bytes when they are not UTF-8, else null
     ]
 )
+
+
+def key_columns(key: str) -> dict[str, str | bytes | None]:
+    """Parquet `key` and `key_bytes` of a sample key.
+
+    Keys are tar member names, which may be any bytes; the reader keeps bytes that are not UTF-8 as
+    surrogate escapes (`"caf\\udce9"` for Latin-1 b"caf\\xe9", PEP 383), which Parquet's UTF-8
+    strings cannot hold. Such a key is stored as readable text with backslash escapes
+    (`"caf\\\\xe9"`) plus its exact bytes in `key_bytes`, from which the key is
+    `key_bytes.decode("utf-8", "surrogateescape")`.
+    """
+    try:
+        key.encode("utf-8")
+        return {"key": key, "key_bytes": None}
+    except UnicodeEncodeError:
+        raw = key.encode("utf-8", "surrogateescape")
+        return {"key": raw.decode("utf-8", "backslashreplace"), "key_bytes": raw}
+
 
 ERROR_FIELDS = ("shard", "key", "reason")  # an error record from the reader

@@ -2,7 +2,10 @@
 
 A spec is a list (each element itself a spec), a brace pattern (`train-{000000..000099}.tar`, zero
 padding kept; `{train,val}` alternatives; several and nested groups), a glob (`s3://bkt/x/*.tar`)
-or a folder (its `*.tar` files). Brace expansion comes first, so `s3://bkt/{a,b}/*.tar` works.
+or a folder (its shards: `*.tar`, and the compressed forms of `schema.SHARD_SUFFIXES`). Brace
+expansion comes first, so `s3://bkt/{a,b}/*.tar` works. A path that exists always means itself,
+even when it holds `*`, `?`, `[` or braces (`photos[2019].tar`, `{raw}/`): a spec and each name its
+braces spell out are looked up as written first, and only expanded or globbed when missing.
 
 Rules, chosen so a typo fails before any compute is spent:
 - Every string spec (each list element) must match at least one shard, or ValueError names it.
@@ -24,11 +27,10 @@ from collections import defaultdict
 
 from fsspec.spec import AbstractFileSystem
 
+from pipeline import schema
 from pipeline.io import fs
 
 logger = logging.getLogger(__name__)
-
-SHARD_SUFFIX = ".tar"
 
 _RANGE = re.compile(r"(\d+)\.\.(\d+)")
 _GLOB_CHARS = ("*", "?", "[")
@@ -72,14 +74,14 @@ def expand_braces(pattern: str) -> list[str]:
 def _expand_one(spec: str, storage_options: dict | None) -> list[str]:
     filesystem, _ = fs.url_to_fs(spec, storage_options)
     filesystem.invalidate_cache()  # a listing cached earlier in this process may predate new shards
-    patterns = expand_braces(spec)
-    names = [filesystem._strip_protocol(p) for p in patterns if not _is_glob(p)]
-    kinds = _kinds(filesystem, names)
+    literal = "{" in spec or "}" in spec
+    patterns = [spec] if literal and _kind(filesystem, filesystem._strip_protocol(spec)) else expand_braces(spec)
+    kinds = _kinds(filesystem, [filesystem._strip_protocol(p) for p in patterns])
     missing = [p for p in patterns if not _is_glob(p) and kinds[filesystem._strip_protocol(p)] is None]
     paths: list[str] = []
     for pattern in patterns:
         path = filesystem._strip_protocol(pattern)
-        if _is_glob(pattern):
+        if kinds[path] is None and _is_glob(pattern):
             found = filesystem.glob(path, detail=True)
             paths.extend(sorted(p for p, info in found.items() if info["type"] == "file" and not fs.is_temp_name(p)))
         elif kinds[path] == "directory":
@@ -123,7 +125,7 @@ def _folder_shards(filesystem: AbstractFileSystem, folder: str) -> list[str]:
     return sorted(
         e["name"]
         for e in entries
-        if e["type"] == "file" and e["name"].endswith(SHARD_SUFFIX) and not fs.is_temp_name(e["name"])
+        if e["type"] == "file" and e["name"].endswith(schema.SHARD_SUFFIXES) and not fs.is_temp_name(e["name"])
     )
 
 

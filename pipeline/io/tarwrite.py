@@ -4,6 +4,11 @@ Members are written as they come (never a whole shard in memory) to a temporary 
 a clean `close()` moves the file to its final name, so a killed writer leaves no half shard under a
 name a reader trusts. Headers carry fixed metadata (mtime 0, uid 0, mode 0o644) so the same samples
 give byte-identical shards on any machine.
+
+The format is POSIX pax, so any key an input tar can hold can be written back byte for byte: names
+longer than ustar's 100 + 155 bytes go into a pax header, and a key that is not valid UTF-8 (the
+reader keeps such bytes as surrogate escapes, PEP 383) is written with `hdrcharset=BINARY`, its
+original bytes. Plain ASCII names of ustar length get no pax header, the same bytes as ustar.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class TarShardWriter:
         filesystem.makedirs(filesystem._parent(path), exist_ok=True)
         self._file = filesystem.open(path, "wb")
         self._hashed = _HashingWriter(self._file)
-        self._tar = tarfile.open(fileobj=self._hashed, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._hashed, mode="w|", format=tarfile.PAX_FORMAT)
         self.count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:

@@ -155,7 +155,7 @@ class LabelShardSink:
 
     def _row(self, key: str, status: str, error: str | None, seconds: float) -> dict[str, Any]:
         return {
-            "key": key,
+            **schema.key_columns(key),
             "shard": self.shard,
             "status": status,
             "error": error,

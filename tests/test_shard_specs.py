@@ -1,0 +1,53 @@
+"""expand_shards on names real datasets have: literal paths with glob or brace characters, compressed shards."""
+
+from __future__ import annotations
+
+import pytest
+from test_shards import _make, _names
+
+from pipeline import schema
+from pipeline.io import fs
+from pipeline.io.shards import expand_shards
+
+ODD = ["photos[2019].tar", "what?.tar", "star*.tar", "x{1}.tar", "{a,b}.tar", "set[2]/s-0.tar", "{raw}/r-0.tar"]
+PLAIN = ["photos1.tar", "whatA.tar", "star-2.tar", "a.tar", "b.tar", "set2/s-9.tar"]
+
+
+@pytest.fixture
+def odd(storage):
+    root, options = storage
+    _make(root, options, ODD + PLAIN)
+    return root, options
+
+
+@pytest.mark.parametrize("name", ["photos[2019].tar", "what?.tar", "star*.tar", "x{1}.tar", "{a,b}.tar"])
+def test_an_existing_name_means_itself(odd, name):
+    root, options = odd
+    assert _names(expand_shards(fs.join(root, name), options), root) == [name]
+
+
+@pytest.mark.parametrize(("folder", "inside"), [("set[2]", "set[2]/s-0.tar"), ("{raw}", "{raw}/r-0.tar")])
+def test_an_existing_folder_with_special_characters_gives_its_shards(odd, folder, inside):
+    root, options = odd
+    assert _names(expand_shards(fs.join(root, folder), options), root) == [inside]
+
+
+def test_patterns_still_expand_when_no_such_name_exists(odd):
+    root, options = odd
+    assert _names(expand_shards(fs.join(root, "star-*.tar"), options), root) == ["star-2.tar"]
+    assert _names(expand_shards(fs.join(root, "what[A].tar"), options), root) == ["whatA.tar"]
+    assert _names(expand_shards(fs.join(root, "{b,a}.tar"), options), root) == ["b.tar", "a.tar"]
+    # a brace pattern whose spelled-out names hold glob characters: each name is looked up as written
+    assert _names(expand_shards(fs.join(root, "{photos[2019],what?}.tar"), options), root) == [
+        "photos[2019].tar",
+        "what?.tar",
+    ]
+
+
+def test_compressed_shards_are_listed_and_named_without_their_suffix(tmp_path):
+    root = str(tmp_path)
+    names = ["a.tar", "b.tar.gz", "c.tgz", "d.tar.bz2", "e.tar.xz"]
+    _make(root, None, [*names, "f.zip", "g.gz"])
+    urls = expand_shards(root)
+    assert _names(urls, root) == names
+    assert [schema.shard_name(u) for u in urls] == ["a", "b", "c", "d", "e"]
