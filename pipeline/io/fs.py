@@ -109,6 +109,34 @@ def put_json(url: str, obj: Any, storage_options: StorageOptions | None = None) 
     put_atomic(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
 
 
+def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None = None) -> bool:
+    """Create `url` holding `data` only if no file has that name; True if this call created it.
+
+    Of any number of writers racing for one name, exactly one wins, and a reader never sees a partial
+    file. Locally: a hard link to a complete temporary file (fails when the name exists); on object
+    stores: a conditional write (S3 `If-None-Match: *`) through fsspec's exclusive mode `xb`.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    if not is_local(fs):
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        return True
+    tmp = temp_name(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
+    return True
+
+
 def remove(url: str, storage_options: StorageOptions | None = None) -> None:
     fs, path = url_to_fs(url, storage_options)
     if fs.exists(path):
