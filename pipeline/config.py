@@ -89,6 +89,7 @@ class DistributeCfg:
     num_cpus: float = 1.0  # CPUs per actor
     num_gpus: float = -1.0  # GPUs per actor; -1 = 1 when the cluster has GPUs, else 0
     max_retries: int = 2  # attempts after the first before a shard is recorded as failed
+    read_retry_s: float = 60.0  # seconds a failing read of an input shard is resumed before the attempt fails
     max_pixels: int = 100_000_000  # images with more pixels are recorded as failed, never decoded
     prefetch: int = 2  # batches each actor decodes ahead of the model (and may write behind it)
     log_interval: float = 30.0  # seconds between progress log lines when the output is not a terminal

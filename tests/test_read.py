@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.io import fs
 from pipeline.io.decode import decode_image, decode_label_png
-from pipeline.io.read import Sample, SampleError, iter_samples
+from pipeline.io.read import ReadStats, Sample, SampleError, ShardReadError, iter_samples
 from pipeline.io.tarwrite import TarShardWriter
 
 
@@ -212,3 +212,64 @@ def test_reading_streams_without_waiting_for_the_whole_shard(tmp_path):
     release.set()
     assert [r.key for r in records] == ["001", "002", "003"]
     thread.join(timeout=20)
+
+
+class _FlakyFileSystem(AbstractFileSystem):
+    """Local files whose reads raise OSError from byte `FAIL_AT` on, `failures` times in all: a store
+    that breaks mid-read (a 500, a reset) and recovers, or never does."""
+
+    protocol = "testflaky"
+    FAIL_AT = 20_000
+    failures = 0
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: object) -> io.RawIOBase:
+        f = open(path, mode)
+        read = f.read
+
+        def failing_read(size: int = -1) -> bytes:
+            cls = type(self)
+            if f.tell() >= cls.FAIL_AT and cls.failures > 0:
+                cls.failures -= 1
+                raise OSError("connection reset by peer")
+            return read(size)
+
+        f.read = failing_read
+        return f
+
+
+def _flaky_shard(tmp_path, failures: int) -> tuple[str, int]:
+    fsspec.register_implementation(_FlakyFileSystem.protocol, _FlakyFileSystem, clobber=True)
+    _FlakyFileSystem.failures = failures
+    noisy = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)  # ~7 kB per image
+    data = tar_bytes([(f"{i:03d}.png", image_bytes(noisy)) for i in range(6)])
+    path = tmp_path / "flaky.tar"
+    path.write_bytes(data)
+    return f"testflaky://{path}", len(data)
+
+
+def test_a_read_error_mid_shard_resumes_at_its_offset_and_loses_no_sample(tmp_path):
+    url, size = _flaky_shard(tmp_path, failures=2)  # fails at 20 kB, twice in a row
+    stats = ReadStats()
+    records = list(iter_samples(url, retry_s=30, stats=stats))
+    assert [(type(r).__name__, r.key) for r in records] == [("Sample", f"{i:03d}") for i in range(6)]
+    assert (stats.members, stats.end_of_archive, stats.bytes, stats.resumed_reads) == (6, True, size, 2)
+
+
+def test_a_read_error_that_outlasts_the_retries_fails_the_shard_instead_of_truncating_it(tmp_path):
+    url, _ = _flaky_shard(tmp_path, failures=10**6)
+    stats = ReadStats()
+    records = []
+    with pytest.raises(ShardReadError, match=r"failed at byte \d+ for 0.3s: OSError: connection reset"):
+        records.extend(iter_samples(url, retry_s=0.3, stats=stats))
+    assert [r.key for r in records] == ["000", "001"]  # what came before the failure, and no failed row
+    assert all(isinstance(r, Sample) for r in records) and not stats.end_of_archive
+
+
+def test_a_cut_shard_records_that_it_did_not_reach_the_end(tmp_path):
+    jpg = image_bytes(gradient(), "JPEG")
+    data = tar_bytes([(f"{k}.jpg", jpg) for k in ("a", "b", "c")])
+    url = str(tmp_path / "cut.tar")
+    fs.put_atomic(url, data[: member_end(data, "b.jpg") + 700])
+    stats = ReadStats()
+    assert [r.key for r in iter_samples(url, stats=stats)] == ["a", "b", "c"]
+    assert (stats.members, stats.end_of_archive, stats.resumed_reads) == (3, False, 0)

@@ -11,6 +11,12 @@ on. A shard that cannot be opened or is not a tar gives one `SampleError` with k
 off mid-way gives its good samples and then one `SampleError` for the sample it was reading (or key
 `""` when it broke between samples). Reasons name the member and the problem, never the storage
 options.
+
+A failing store is not bad input. When a read raises (S3 answering 500, a reset connection) the
+file is reopened and the read resumes at the same byte offset, with backoff, for up to `retry_s`
+seconds; the tar parser never sees the failure. After that `ShardReadError` is raised: the shard
+must be retried, never committed with the samples read so far (that would be silent data loss).
+Only bytes that really end early or are corrupt give the "truncated" `SampleError` above.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import json
 import logging
 import posixpath
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -33,6 +40,26 @@ logger = logging.getLogger(__name__)
 
 # A member larger than this is refused unread (a sample is held in memory while it is decoded).
 MAX_MEMBER_BYTES = 1 << 30
+# Seconds a failing read is retried (resuming at its offset) before the shard attempt fails; the
+# backoff between tries doubles from the first delay up to the last.
+READ_RETRY_S = 60.0
+_BACKOFF_S = (0.5, 8.0)
+
+
+class ShardReadError(RuntimeError):
+    """The shard's bytes could not be read (the store kept failing): retry the shard, never commit it."""
+
+
+@dataclass
+class ReadStats:
+    """What the reader saw of one shard, for its commit marker: tar `members` (every entry, directories
+    included), whether the end-of-archive marker was reached (`end_of_archive`, False for a cut or
+    corrupt shard), `bytes` read, and `resumed_reads`, reads that failed and were resumed."""
+
+    members: int = 0
+    end_of_archive: bool = False
+    bytes: int = 0
+    resumed_reads: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,14 +99,24 @@ class _Group:
 
 
 def iter_samples(
-    url: str, storage_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    url: str,
+    storage_options: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    retry_s: float = READ_RETRY_S,
+    stats: ReadStats | None = None,
 ) -> Iterator[Sample | SampleError]:
     """Stream the samples of the tar shard at `url`, in tar order, as `Sample` or `SampleError`.
 
     Nothing is extracted to disk; member names only become keys, so a name such as
     `../../etc/x.jpg` is reported as unsafe and never used as a path. `max_pixels` bounds the
-    pixel count read from an image header before decoding.
+    pixel count read from an image header before decoding. A read that keeps failing for
+    `retry_s` seconds raises `ShardReadError`. `stats`, when given, is filled in as reading goes.
+
+    Raises:
+        ShardReadError: the store failed for longer than `retry_s` (the samples yielded so far are
+            not the whole shard).
     """
+    stats = stats if stats is not None else ReadStats()
     try:
         filesystem, path = fs.url_to_fs(url, storage_options)
         raw = filesystem.open(path, "rb")
@@ -89,11 +126,14 @@ def iter_samples(
     except Exception as exc:  # permissions, network, bad URL: the shard is unreadable, the run goes on
         yield _shard_error(url, f"cannot open shard: {type(exc).__name__}: {exc}")
         return
-    with raw:
-        yield from _iter_tar(url, _CountingReader(raw), max_pixels)
+    reader = _ResumingReader(url, raw, lambda: filesystem.open(path, "rb"), retry_s, stats)
+    try:
+        yield from _iter_tar(url, reader, max_pixels, stats)
+    finally:
+        reader.close()
 
 
-def _iter_tar(url: str, raw: _CountingReader, max_pixels: int) -> Iterator[Sample | SampleError]:
+def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats) -> Iterator[Sample | SampleError]:
     try:
         tar = tarfile.open(fileobj=raw, mode="r|")
     except tarfile.ReadError as exc:
@@ -106,6 +146,7 @@ def _iter_tar(url: str, raw: _CountingReader, max_pixels: int) -> Iterator[Sampl
     seen: set[str] = set()
     try:
         for member in tar:
+            stats.members += 1
             if member.isdir():
                 continue  # directory entries carry no sample data
             key, ext = _split_name(member.name)
@@ -121,6 +162,7 @@ def _iter_tar(url: str, raw: _CountingReader, max_pixels: int) -> Iterator[Sampl
             # tarfile ends quietly when a shard is cut exactly between members; only a missing
             # end-of-archive block tells us, and the last sample may then lack members.
             raise tarfile.ReadError("no end-of-archive marker")
+        stats.end_of_archive = True
     except (tarfile.TarError, OSError) as exc:
         key = group.key if group is not None else ""
         where = "while reading this sample" if group is not None else "before its first sample"
@@ -196,14 +238,46 @@ def _shard_error(url: str, reason: str) -> SampleError:
     return SampleError(url, "", reason)
 
 
-class _CountingReader:
-    """Read-only file wrapper that counts the bytes delivered, to tell a cut-off tar from a whole one."""
+class _ResumingReader:
+    """Read-only file wrapper that counts the bytes delivered (to tell a cut-off tar from a whole one)
+    and, when a read raises, reopens the file and resumes at the same offset until `retry_s` is spent."""
 
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
+    def __init__(
+        self, url: str, f: IO[bytes], reopen: Callable[[], IO[bytes]], retry_s: float, stats: ReadStats
+    ) -> None:
+        self._url, self._f, self._reopen, self._retry_s, self._stats = url, f, reopen, retry_s, stats
         self.bytes_read = 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
+        deadline, delay = None, _BACKOFF_S[0]
+        while True:
+            try:
+                if self._f is None:
+                    self._f = self._reopen()
+                    self._f.seek(self.bytes_read)
+                data = self._f.read(size)
+                break
+            except Exception as exc:  # whatever the store raises (OSError, botocore, aiohttp): retry
+                self.close()
+                now = time.monotonic()
+                deadline = deadline or now + self._retry_s
+                problem = f"{type(exc).__name__}: {exc}"
+                if now >= deadline:
+                    raise ShardReadError(
+                        f"reading {self._url} failed at byte {self.bytes_read} for {self._retry_s:g}s: {problem}"
+                    ) from exc
+                logger.warning("reading %s failed at byte %d (%s); resuming", self._url, self.bytes_read, problem)
+                self._stats.resumed_reads += 1
+                time.sleep(min(delay, deadline - now))
+                delay = min(2 * delay, _BACKOFF_S[1])
         self.bytes_read += len(data)
+        self._stats.bytes = self.bytes_read
         return data
+
+    def close(self) -> None:
+        if self._f is not None:
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except Exception as exc:  # a broken connection may fail to close too; it is dropped either way
+                logger.debug("closing %s: %s", self._url, exc)

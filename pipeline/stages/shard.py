@@ -8,7 +8,10 @@ actor run the same `ShardLabeler`. Three threads share the work so the model nev
     writer thread   PNG encoding + tar/Parquet writes, at most `prefetch` batches behind
 
 A corrupt sample becomes a failed row with the reader's reason, never a crashed shard. A shard the
-reader cannot open or read to the end raises `ShardReadError`, which the driver retries.
+reader cannot open, or whose store keeps failing (`pipeline.io.read`), raises `ShardReadError`,
+which the driver retries; it is never committed with part of its samples. The commit marker's
+`read` entry records what the reader saw (members, end of archive reached), so a reader of the
+output can check a shard's completeness.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 from pipeline import schema
 from pipeline.config import RunCfg, config_hash
-from pipeline.io.read import Sample, SampleError, iter_samples
+from pipeline.io.read import ReadStats, Sample, SampleError, ShardReadError, iter_samples
 from pipeline.stages.infer import DenseLabeler
 from pipeline.stages.write import LabelShardSink, RowContext
 from pipeline.stages.zoom import ZoomLabeler
@@ -39,8 +42,7 @@ logger = logging.getLogger(__name__)
 _END = object()
 
 
-class ShardReadError(RuntimeError):
-    """The shard itself could not be opened or read to its end (retry it; do not commit it)."""
+__all__ = ["ShardLabeler", "ShardReadError", "peak_rss_mb"]
 
 
 @dataclass
@@ -102,7 +104,11 @@ class ShardLabeler:
         writer.shutdown(wait=True)
         stats = {k: round(v, 4) for k, v in vars(timer).items()} | {"wall_s": round(time.perf_counter() - started, 4)}
         stats |= {"peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "committed_at": round(time.time(), 3)}
-        marker = sink.commit({"input": url, "attempt": attempt, **stats})
+        if sink.n_ok + sink.n_failed != reader.count:  # the promise of a committed shard: one row per sample
+            sink.abort()
+            raise RuntimeError(f"shard {url}: {reader.count} samples read but {sink.n_ok + sink.n_failed} rows")
+        read = {"samples": reader.count, **vars(reader.stats)}
+        marker = sink.commit({"input": url, "attempt": attempt, **stats}, read=read)
         logger.info("committed %s: %d ok, %d failed in %.1fs", name, marker["ok"], marker["failed"], stats["wall_s"])
         return marker
 
@@ -176,12 +182,15 @@ class _ReadAhead:
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._stop = threading.Event()
         self._timer = timer
+        self.stats = ReadStats()
+        self.count = 0  # samples and failed samples handed out
         self._thread = threading.Thread(target=self._run, args=(url, cfg), name="read-ahead", daemon=True)
         self._thread.start()
 
     def _run(self, url: str, cfg: RunCfg) -> None:
         try:
-            samples = iter_samples(url, cfg.storage_options, max_pixels=cfg.distribute.max_pixels)
+            dist = cfg.distribute
+            samples = iter_samples(url, cfg.storage_options, dist.max_pixels, dist.read_retry_s, self.stats)
             index = 0
             t0 = time.perf_counter()
             for sample in samples:
@@ -211,8 +220,11 @@ class _ReadAhead:
             self._timer.wait_s += time.perf_counter() - t0
             if item is _END:
                 return
+            if isinstance(item, ShardReadError):
+                raise item
             if isinstance(item, BaseException):
                 raise ShardReadError(f"reading failed: {type(item).__name__}: {item}") from item
+            self.count += 1
             yield item
 
     def close(self) -> None:

@@ -165,9 +165,10 @@ class LabelShardSink:
             "seconds": float(seconds),
         }
 
-    def commit(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    def commit(self, stats: dict[str, Any] | None = None, read: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publish the shard: tar, then Parquet, then the marker. Returns the marker's content, whose
-        `stats` are `stats` plus `commit_s`, the seconds spent publishing before the marker."""
+        `stats` are `stats` plus `commit_s`, the seconds spent publishing before the marker, and whose
+        `read` is what the reader saw of the input (`pipeline.io.read.ReadStats` plus `samples`)."""
         started = time.perf_counter()
         self._tar.close()
         labels_file = {"path": schema.labels_path(self.shard), "bytes": self._tar.size, "sha256": self._tar.sha256}
@@ -192,6 +193,7 @@ class LabelShardSink:
                     "sha256": hashlib.sha256(meta_bytes).hexdigest(),
                 },
             },
+            "read": dict(read or {}),
             "host": socket.gethostname(),
             "stats": {**(stats or {}), "commit_s": round(time.perf_counter() - started, 4)},
         }
