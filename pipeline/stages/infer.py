@@ -3,7 +3,12 @@
 `DenseLabeler` is built once per process from the run config: it loads the backbone, builds the
 text classifier of the vocabulary (cached) and the head. For a batch of images it:
 
-1. resizes each image so its short side is `infer.short_side` (0 = the model's input size);
+1. resizes each image so its short side is `infer.short_side` (0 = the model's input size), but
+   never to more than `MAX_ASPECT` x short_side² pixels: a 1920x8 panorama strip would otherwise
+   become 64x15360 working pixels for a 64 px model, one whole-image window of 15360 tokens whose
+   attention alone needs several GB. Past that aspect ratio the image is scaled to the budget (its
+   short side ends up below short_side), so work and memory per image are bounded by the budget
+   whatever its shape;
 2. cuts sliding windows (`infer.crop`/`infer.stride`; crop 0 = whole image), each with its sub-patch
    shifted copies (`infer.shifts`, see `pipeline.stages.windows`), and runs the windows of
    ALL images of the batch through the head together (images of a whole-image batch are grouped by
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +53,9 @@ from pipeline.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 _STRIPE_BYTES = 64 << 20  # working memory of one finalize stripe
+# Working pixels of an image are at most MAX_ASPECT x short_side²: images up to 4:1 keep their short
+# side at short_side (ordinary photos are 4:3 to 16:9, panoramas about 3:1); longer strips shrink.
+MAX_ASPECT = 4
 
 
 @dataclass(frozen=True)
@@ -181,8 +190,9 @@ class DenseLabeler:
         return torch.tensor(image, device=self.backbone.device).permute(2, 0, 1).float() / 255
 
     def _working_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the image is resized to: short side at short_side, pixels at most MAX_ASPECT x short_side²."""
         short = self.infer.short_side or min(self.backbone.image_size)
-        scale = short / min(height, width)
+        scale = min(short / min(height, width), math.sqrt(MAX_ASPECT * short * short / (height * width)))
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     @staticmethod
