@@ -113,11 +113,8 @@ def write_vocabulary(
 
 
 def committed_shards(output: str, storage_options: dict | None = None) -> set[str]:
-    """Names of the shards under `output` that have a commit marker."""
-    filesystem, path = fs.url_to_fs(fs.join(output, schema.COMMITS_DIR), storage_options)
-    if not filesystem.exists(path):
-        return set()
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in filesystem.ls(path, detail=False))
+    """Names of the shards under `output` that have a commit marker (listed now, never from a cache)."""
+    names = fs.listdir(fs.join(output, schema.COMMITS_DIR), storage_options)
     return {n[: -len(".json")] for n in names if n.endswith(".json") and not fs.is_temp_name(n)}
 
 
@@ -128,12 +125,9 @@ def remove_temporaries(output: str, storage_options: dict | None = None) -> int:
     """
     removed = 0
     for folder in (schema.LABELS_DIR, schema.META_DIR, schema.COMMITS_DIR, schema.RUN_DIR):
-        filesystem, path = fs.url_to_fs(fs.join(output, folder), storage_options)
-        if not filesystem.exists(path):
-            continue
-        for entry in filesystem.ls(path, detail=False):
-            if fs.is_temp_name(entry):
-                filesystem.rm(entry)
+        for name in fs.listdir(fs.join(output, folder), storage_options):
+            if fs.is_temp_name(name):
+                fs.remove(fs.join(output, folder, name), storage_options)
                 removed += 1
     if removed:
         logger.info("removed %d partial files of interrupted attempts", removed)

@@ -4,13 +4,22 @@ resets connections, cuts responses, or serves a listing that is out of date."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from bad_corpus import image_bytes, tar_bytes
 from faultproxy import Fault, FaultProxy
 
+from pipeline import schema
+from pipeline.config import load_config
 from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, ShardReadError, iter_samples
+from pipeline.outputs import committed_shards, prepare_output
+from pipeline.stages.write import LabelShardSink, RowContext, read_commit
+from pipeline.vocab import Vocabulary
 
 BLOCK = 16_384  # s3fs block size in these tests: a small shard takes many ranged reads
 
@@ -62,3 +71,36 @@ def test_s3_failing_longer_than_the_retry_window_raises_and_yields_no_failed_row
     with pytest.raises(ShardReadError, match=r"failed at byte \d+ for 1s: OSError: .*Internal Server Error"):
         records.extend(iter_samples(url, through(proxy, s3), retry_s=1))
     assert records and all(isinstance(r, Sample) for r in records) and len(records) < 12
+
+
+def _remove_from_another_process(url: str, endpoint: str) -> None:
+    """Delete `url` on S3 from a separate process, as another job or an operator would."""
+    code = (
+        "import sys, fsspec; fsspec.filesystem('s3', client_kwargs={'endpoint_url': sys.argv[1]}, key='testing', "
+        "secret='testing', skip_instance_cache=True).rm(sys.argv[2])"
+    )
+    subprocess.run([sys.executable, "-c", code, endpoint, url], check=True, timeout=60)
+
+
+def test_a_marker_removed_by_another_process_is_seen_as_gone_in_the_same_process(s3, s3_root):
+    options = dict(s3.storage_options)
+    cfg = load_config(None, [f"output={s3_root}/out", "input=shards/a.tar"])
+    cfg = dataclasses.replace(cfg, storage_options=options)
+    vocab = Vocabulary.from_entries(["background", "red circle"], background=0)
+    prepare_output(cfg, vocab)
+    for shard in ("a", "b"):
+        sink = LabelShardSink(
+            cfg.output, shard, n_classes=2, context=RowContext("maskclip", "m", "h"), storage_options=options
+        )
+        sink.add(0, "k", np.zeros((2, 2), np.uint8), np.ones((2, 2), np.float32))
+        sink.commit()
+    marker = fs.join(cfg.output, schema.commit_path("b"))
+    assert prepare_output(cfg, vocab) == {"a", "b"} and fs.exists(marker, options)  # listings now cached
+    _remove_from_another_process(marker, s3.endpoint_url)
+    assert not fs.exists(marker, options)
+    assert committed_shards(cfg.output, options) == {"a"}
+    assert prepare_output(cfg, vocab) == {"a"}
+    with pytest.raises(FileNotFoundError):
+        read_commit(cfg.output, "b", options)
+    _remove_from_another_process(fs.join(cfg.output, schema.commit_path("a")), s3.endpoint_url)
+    assert fs.listdir(fs.join(cfg.output, schema.COMMITS_DIR), options) == []

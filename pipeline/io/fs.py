@@ -4,6 +4,11 @@ Credentials and endpoints come from the standard places of each filesystem (for 
 variables, including `AWS_ENDPOINT_URL`, and profiles) or from `storage_options`. Nothing here
 formats storage options into a message: errors name the URL only, so keys never reach a log.
 
+Every answer to "does this exist" and "what is in this folder" is asked of the store, never of a
+listing cache: s3fs and gcsfs keep listings per filesystem instance for the life of the process, so
+a long-lived process (a notebook, a service, a second run) would otherwise see a removed commit
+marker as present. `exists`, `listdir` and the reads drop the cached entries of their path first.
+
 Writes follow the commit protocol of FORMAT.md: data goes to a temporary name, is moved to its final
 name, and a commit marker is written last. On object stores a move is copy-then-delete and not
 atomic, which is why readers trust only the marker.
@@ -46,8 +51,15 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
+def fresh(url: str, storage_options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
+    """`url_to_fs` with the filesystem's cached listings of the path (and its parents) dropped."""
     fs, path = url_to_fs(url, storage_options)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
+    fs, path = fresh(url, storage_options)  # a cached size from a listing would cut a rewritten file
     try:
         with fs.open(path, "rb") as f:
             return f.read()
@@ -64,8 +76,18 @@ def read_json(url: str, storage_options: StorageOptions | None = None) -> Any:
 
 
 def exists(url: str, storage_options: StorageOptions | None = None) -> bool:
-    fs, path = url_to_fs(url, storage_options)
+    fs, path = fresh(url, storage_options)
     return fs.exists(path)
+
+
+def listdir(url: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """Names (basenames) of the entries of folder `url`, as the store lists them now; [] when it is missing."""
+    fs, path = fresh(url, storage_options)
+    try:
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path.rstrip("/"))
 
 
 TEMP_PREFIX = "_tmp."
