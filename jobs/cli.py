@@ -22,6 +22,7 @@ COMMANDS = [
     "jobs.eval",
     "jobs.label",
     "jobs.segment",
+    "jobs.review",
     "jobs.submit",
 ]
 

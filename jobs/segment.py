@@ -9,14 +9,13 @@ with a legend of the classes present). Any `k=v` argument is a config override
 from __future__ import annotations
 
 import argparse
-import colorsys
 import dataclasses
 import io
 import re
 from pathlib import PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import load_config
 from pipeline.io import fs
@@ -59,6 +58,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.review.overlay import overlay
     from pipeline.stages.infer import DenseLabeler
     from pipeline.stages.zoom import ZoomLabeler
     from pipeline.vocab import resolve_vocabulary
@@ -103,28 +103,3 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 colours, hues spread by the golden ratio so neighbouring ids differ clearly."""
-    hsv = [((i * 0.618034) % 1.0, 0.65 if i % 2 else 0.9, 0.95) for i in range(n)]
-    return (np.array([colorsys.hsv_to_rgb(*c) for c in hsv]) * 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, names: list[str], ignore: int) -> Image.Image:
-    """The image (H, W, 3) tinted by class (ignored pixels dimmed), with a legend of the classes present."""
-    colours = palette(len(names))
-    known = labels != ignore
-    tint = colours[np.where(known, labels, 0)].astype(np.float32)
-    out = np.where(known[..., None], 0.45 * image + 0.55 * tint, 0.4 * image).astype(np.uint8)
-    ids, counts = np.unique(labels[known], return_counts=True)
-    rows = sorted(zip(counts.tolist(), ids.tolist(), strict=True), reverse=True)
-    height, width = labels.shape
-    canvas = Image.new("RGB", (width + 220, max(height, 16 * len(rows) + 10)), "white")
-    canvas.paste(Image.fromarray(out), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for row, (count, cls) in enumerate(rows):
-        y = 5 + 16 * row
-        draw.rectangle((width + 6, y, width + 18, y + 12), fill=tuple(int(c) for c in colours[cls]))
-        draw.text((width + 24, y), f"{names[cls]} {100 * count / labels.size:.1f}%", fill="black")
-    return canvas

@@ -1,0 +1,286 @@
+"""`clipdense review`: the HTML report of a ShapeWorld run labelled on S3, its structure, its orders,
+the fine-tune section, and the page opened in a real (headless) browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jobs_fixtures import (
+    corrupt_image,
+    job_config,
+    local_ray,  # noqa: F401 - module fixture
+    read_rows,
+    replace_image,
+    shapes,
+    tiny_model,
+)
+from PIL import Image
+
+from jobs.cli import main
+from pipeline.distribute import run_label_job
+from pipeline.io import fs
+from pipeline.review import write_report
+from pipeline.review.finetune import open_finetune
+from pipeline.review.overlay import font_size, overlay
+from pipeline.review.run import open_run, select
+
+CHROMIUM = "/usr/bin/chromium"
+N = 6
+
+
+@dataclass
+class Run:
+    url: str  # the run's output on the loopback S3
+    options: dict
+    rows: list[dict]  # every Parquet row, shard by shard
+    root: Path  # local scratch folder of the module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, s3, local_ray) -> Run:  # noqa: F811
+    """Two ShapeWorld shards on S3 (12 scenes, one 60x150, two corrupt) labelled onto S3, zoom grid on."""
+    root = tmp_path_factory.mktemp("review")
+    urls = shapes(str(root / "in"), 2, 6)
+    replace_image(urls[0], "000000_000002", (60, 150))
+    corrupt_image(urls[1], "000001_000001")
+    corrupt_image(urls[1], "000001_000004")
+    options = dict(s3.storage_options)
+    prefix = f"{s3.url}/review-{uuid.uuid4().hex[:8]}"
+    filesystem, path = fs.url_to_fs(prefix, options)
+    filesystem.put(str(root / "in") + "/", f"{path}/in/", recursive=True)
+    cfg = job_config(
+        f"{prefix}/in",
+        f"{prefix}/out",
+        tiny_model(root / "tiny-clip"),
+        "zoom.enabled=true",
+        "zoom.grid=2",
+        storage_options=options,
+    )
+    assert run_label_job(cfg)["shards"]["committed"] == 2
+    rows = [row for shard in ("shapes-000000", "shapes-000001") for row in read_rows(cfg.output, shard, options)]
+    return Run(cfg.output, options, rows, root)
+
+
+@pytest.fixture(scope="module")
+def report(run) -> Path:
+    """The report of `run`, lowest confidence first, written to a local folder."""
+    out = run.root / "report"
+    assert write_report(run.url, str(out), n=N, storage_options=run.options) == str(out / "index.html")
+    return out
+
+
+class _Page(HTMLParser):
+    """Cards (their data-* attributes), every src/href, and the text of the page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.cards: list[dict[str, str]] = []
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "article" and a.get("class") == "card":
+            self.cards.append(a)
+        if tag == "img":
+            self.images.append(a["src"])
+        if tag == "a":
+            self.links.append(a["href"])
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_the_report_of_a_run_on_s3_shows_the_lowest_confidence_samples_with_every_file_present(run, report):
+    parsed = _Page((report / "index.html").read_text())
+    ok = [r for r in run.rows if r["status"] == "ok"]
+    lowest = sorted(ok, key=lambda r: r["mean_confidence"])[:N]
+    assert [c["data-key"] for c in parsed.cards] == [r["key"] for r in lowest]
+    shown = [float(c["data-confidence"]) for c in parsed.cards]
+    assert shown == sorted(shown) and max(shown) <= min(r["mean_confidence"] for r in ok if r not in lowest) + 1e-6
+    # Every referenced file exists, and nothing else was written: the report grows with N, not the run.
+    referenced = set(parsed.images) | set(parsed.links)
+    assert all((report / name).is_file() for name in referenced)
+    written = {str(p.relative_to(report)) for p in report.rglob("*") if p.is_file()}
+    assert written == referenced | {"index.html"}
+    assert len(written) == 1 + 3 + 6 * N  # page, 3 plots, 3 thumbnails + 3 full-size pictures per card
+    by_key = {r["key"]: r for r in ok}
+    for number, card in enumerate(parsed.cards):
+        row = by_key[card["data-key"]]
+        full, thumb = f"full/{number:04d}", f"thumbs/{number:04d}"
+        assert _size(report / f"{full}.image.jpg") == (row["width"], row["height"])
+        assert _size(report / f"{full}.confidence.jpg") == (row["width"], row["height"])
+        width, height = _size(report / f"{full}.overlay.jpg")  # the image and its legend panel
+        assert width > row["width"] and height >= row["height"]
+        assert max(_size(report / f"{thumb}.image.jpg")) <= 256
+        assert _size(report / f"{thumb}.overlay.jpg") == _size(report / f"{thumb}.image.jpg")
+        shares = json.loads(card["data-shares"])
+        assert sum(shares.values()) == pytest.approx(1 - row["ignored_fraction"], abs=1e-4)
+    text = " ".join(parsed.text)
+    assert "2 failed samples in committed shards" in text and "jpg: not a readable image" in text
+    assert "shapes-000001/000001_000001, shapes-000001/000001_000004" in text
+
+
+def test_orders_choose_the_right_samples(run):
+    data = open_run(run.url, run.options)
+    ok = [i for i, r in enumerate(run.rows) if r["status"] == "ok"]
+    confidence = {i: run.rows[i]["mean_confidence"] for i in ok}
+    highest = select(data.rows, 3, "highest-confidence", data.vocab)
+    assert [confidence[i] for i in highest] == sorted(confidence.values(), reverse=True)[:3]
+    picked = select(data.rows, 4, "random", data.vocab, seed=1)
+    assert (
+        len(set(picked)) == 4
+        and set(picked) <= set(ok)
+        and picked == select(data.rows, 4, "random", data.vocab, seed=1)
+    )
+    name = data.vocab.display_names[run.rows[ok[0]]["class_ids"][-1]]
+    cls = data.vocab.display_names.index(name)
+
+    def share(i: int) -> float:
+        row = run.rows[i]
+        pixels = dict(zip(row["class_ids"], row["class_pixels"], strict=True))
+        return pixels.get(cls, 0) / (row["width"] * row["height"])
+
+    chosen = select(data.rows, 100, f"class:{name.upper()}", data.vocab)
+    assert sorted(chosen) == [i for i in ok if share(i) > 0]
+    assert [share(i) for i in chosen] == sorted((share(i) for i in chosen), reverse=True)
+
+
+def test_the_cli_writes_beside_the_run_on_s3_and_refuses_bad_orders(run, s3, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint_url)  # how a user points s3fs at their store
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert main(["review", run.url, "--n", "2", "--sort", "random"]) == 0
+    index = f"{run.url}/review/index.html"
+    assert capsys.readouterr().out.strip() == f"report: {index}"
+    assert len(_Page(fs.read_text(index, run.options)).cards) == 2
+    for args, reason in [(["--sort", "class:unicorn"], "no class 'unicorn'"), (["--sort", "best"], "unknown order")]:
+        assert main(["review", run.url, *args]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not moto's log
+        assert len(errors) == 1 and errors[0].startswith("clipdense review: error: --sort") and reason in errors[0]
+    assert main(["review", str(run.root / "nothing-here")]) == 2
+    assert "not a labeling run's output" in capsys.readouterr().err
+
+
+def test_a_finetune_adds_its_curves_and_its_student_beside_the_teacher(run, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ft = tmp_path / "ft"
+    student = ft / "model"
+    shutil.copytree(run.root / "tiny-clip", student)
+    weights = load_file(str(student / "weights.safetensors"))
+    torch.manual_seed(1)  # a student that learnt something else than its teacher
+    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}, str(student / "weights.safetensors"))
+    (ft / "_run").mkdir()
+    (ft / "_run/config.yaml").write_text(f"labels: [{run.url}]\noutput: {ft}\n")
+    lines = [{"kind": "train", "step": s, "loss": 2.0 / s, "lr": 1e-3, "img_per_s": 10.0} for s in range(1, 21)]
+    lines += [{"kind": "eval", "step": 10, "mIoU": 0.1}, {"kind": "eval", "step": 20, "mIoU": 0.25}]
+    (ft / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"kind": "tra')  # cut mid-line
+
+    parsed = open_finetune(str(ft))
+    assert parsed.series("eval", "mIoU") == ([10.0, 20.0], [0.1, 0.25]) and len(parsed.series("train", "loss")[0]) == 20
+    out = tmp_path / "report"
+    write_report(str(ft), str(out), n=3, compare=2, storage_options=run.options)
+    assert (out / "plots/finetune-loss.svg").is_file() and (out / "plots/finetune-miou.svg").is_file()
+    students = sorted(p.name for p in (out / "full").glob("*.student.jpg"))
+    assert students == ["0000.student.jpg", "0001.student.jpg"]
+    page = (out / "index.html").read_text()
+    assert "Teacher against student on 2 images" in page and page.count('class="pair"') == 2
+    for number in range(2):
+        teacher = np.asarray(Image.open(out / f"thumbs/{number:04d}.overlay.jpg"), np.int16)
+        learnt = np.asarray(Image.open(out / f"thumbs/{number:04d}.student.jpg"), np.int16)
+        assert teacher.shape == learnt.shape and np.abs(teacher - learnt).mean() > 1  # other weights, other labels
+
+
+def test_overlay_legend_text_scales_with_the_image():
+    names = ["background", "red circle", "blue square"]
+    small, large = (np.full((h, h, 3), 128, np.uint8) for h in (96, 2048))
+    labels = {h: np.repeat(np.arange(3, dtype=np.uint8), -(-h // 3))[:h][None].repeat(h, 0) for h in (96, 2048)}
+    pictures = {h: overlay(img, labels[h], names, 255) for h, img in ((96, small), (2048, large))}
+    assert font_size(2048) == round(2048 / 24) and font_size(96) == 12  # never below 12 px
+    panel = {h: pictures[h].size[0] - h for h in pictures}
+    assert panel[2048] > 4 * panel[96]  # the legend grows with the picture instead of staying a few pixels
+
+
+def _browser():
+    """Playwright's Chromium driver on Debian's browser; a failure under CI, else a skip."""
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed"
+    if reason is None and not os.path.exists(CHROMIUM):
+        reason = f"no browser at {CHROMIUM} (apt-get install chromium)"
+    if reason is None:
+        return sync_playwright
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+# Chromium with no network at all: no DNS, no proxy reachable, no background services.
+NO_NETWORK = [
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--proxy-server=http://127.0.0.1:9",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-domain-reliability",
+    "--disable-sync",
+    "--no-pings",
+    "--no-first-run",
+]
+
+
+@pytest.mark.slow
+def test_the_page_loads_every_picture_and_sorts_and_filters_in_a_real_browser(report, tmp_path):
+    sync_playwright = _browser()
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=NO_NETWORK)
+        try:
+            context = browser.new_context(offline=True, viewport={"width": 1600, "height": 1000})
+            context.on("request", lambda r: requests.append(r.url))
+            page = context.new_page()
+            page.goto((report / "index.html").as_uri(), wait_until="load")
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth])"
+            )
+            assert images and all(complete and width > 0 for _, complete, width in images), images
+            sizes = page.eval_on_selector_all(
+                ".card",
+                "cs => cs.map(c => Array.from(c.querySelectorAll('img')).map(i => [i.naturalWidth, i.naturalHeight]))",
+            )
+            assert len(sizes) == N
+            assert all(image == overlay for image, overlay, _ in sizes)  # each overlay matches its image
+            assert page.inner_text("#shown") == str(N)
+
+            page.select_option("#sort", "highest-confidence")
+            shown = page.eval_on_selector_all(".card", "cs => cs.map(c => +c.dataset.confidence)")
+            assert shown == sorted(shown, reverse=True)
+            shares = page.eval_on_selector_all(".card", "cs => cs.map(c => JSON.parse(c.dataset.shares))")
+            rare = min({n for s in shares for n in s}, key=lambda n: sum(n in s for s in shares))
+            page.select_option("#class", rare)
+            visible = page.eval_on_selector_all(".card:not([hidden])", "cs => cs.map(c => c.dataset.key)")
+            assert len(visible) == sum(rare in s for s in shares) == int(page.inner_text("#shown"))
+            page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+        finally:
+            browser.close()
+    assert all(url.startswith("file://") for url in requests), requests
+    assert _size(tmp_path / "review.png")[0] == 1600
