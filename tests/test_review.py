@@ -230,7 +230,7 @@ def _browser():
         reason = f"no browser at {CHROMIUM} (apt-get install chromium)"
     if reason is None:
         return sync_playwright
-    if os.environ.get("CI") == "true":
+    if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason)
     pytest.skip(reason)
 
