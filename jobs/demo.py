@@ -4,6 +4,7 @@
 2. labels them with the smallest possible config, `OUT/label.yaml`, two lines (`input:`, `output:`),
    so the shipped default model and the vocabulary beside the shards are used, on an embedded Ray;
 3. prints the run summary and the mIoU of the label maps against the scenes' true class maps.
+4. writes the review report (`OUT/labels/review/index.html`, `clipdense review`) and prints its path.
 
 Run it again into the same OUT and the job resumes: every shard is already committed. `k=v`
 arguments are config overrides for the labeling run (e.g. `zoom.enabled=true`).
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.eval.predictions import RunOutputPredictions
     from pipeline.eval.truth import open_truth
     from pipeline.obs import setup_logging
+    from pipeline.review import write_report
 
     setup_logging()
     shapes, labels, config = fs.join(args.out, "shapes"), fs.join(args.out, "labels"), fs.join(args.out, "label.yaml")
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         floor_text = f" (all-background baseline {floor:.3f})" if floor is not None else ""
         print(f"mIoU against the ShapeWorld truth: {report['mIoU']:.3f}{floor_text} over {report['n_images']} images")
     print(f"config: {config}\nlabels: {labels}")
+    if summary["shards"]["committed"]:
+        print(f"review: {write_report(labels)}")  # open it in a browser to look at the labels
     return int(summary["exit_code"])
 
 
