@@ -11,7 +11,9 @@ import pyarrow as pa
 FORMAT_VERSION = 1
 
 # Input sample members (WebDataset: key = member name up to the first dot of its basename).
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Image members, matched in lower case (read.py); when a sample has several, the first listed wins.
+# WebDataset's image extensions plus what cameras and tools write (jpe/jfif, tif/tiff, bmp, gif).
+IMAGE_EXTS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm", "pgm", "pbm", "pnm")
 JSON_EXT = "json"
 TEXT_EXT = "txt"
 TRUTH_EXT = "seg.png"  # optional ground-truth class map (ShapeWorld, evaluation sets)

@@ -92,6 +92,15 @@ def _vocabulary_writer(cfg: RunCfg, vocab: Vocabulary):
     return on_ready
 
 
+def _skipped_members(markers: list[dict[str, Any]]) -> dict[str, int]:
+    """Tar members that are not samples (hidden files, WebDataset metadata), by kind, over all markers."""
+    total: dict[str, int] = {}
+    for marker in markers:
+        for kind, n in marker.get("read", {}).get("skipped", {}).items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
 def summarize(cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seconds: float) -> dict[str, Any]:
     """The run's summary: shard counts, failed shards with reasons, sample counts, speed, exit code.
 
@@ -130,7 +139,12 @@ def summarize(cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seco
             for o in pool.outcomes
             if o.status == "failed"
         ],
-        "samples": {"ok": ok, "failed": sum(m["failed"] for m in markers), "errors": errors.to_dict()},
+        "samples": {
+            "ok": ok,
+            "failed": sum(m["failed"] for m in markers),
+            "errors": errors.to_dict(),
+            "skipped_members": _skipped_members(markers),
+        },
         "retries": pool.retries,
         "actors": {"started": pool.actors_started, "ready": len(pool.actor_info)},
         "seconds": round(seconds, 3),

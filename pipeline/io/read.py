@@ -2,9 +2,11 @@
 
 A shard is read member by member in tar stream mode over an fsspec file object, so memory holds one
 sample at a time whatever the shard's size, and local, `memory://` and `s3://` shards take the same
-path. Members are grouped into samples as WebDataset does: the key is the member name up to the
-first dot of its basename, directory prefix included (`a/b/000.seg.png` → key `a/b/000`, extension
-`seg.png`), and a sample is a run of adjacent members with the same key.
+path; shards compressed with gzip, bzip2 or xz (`.tar.gz`, `.tgz`, ...) are decompressed as they
+stream, as WebDataset reads them, and a file that is no tar at all is named (ZIP, Zstandard, an
+image...). Members are grouped into samples as WebDataset does (`pipeline.io.names`: key up to the
+first dot of the basename, lower-case extension), a sample is a run of adjacent members with the
+same key, and hidden and WebDataset metadata members are skipped and counted in `ReadStats.skipped`.
 
 Bad input never stops a shard: each bad sample becomes exactly one `SampleError` and reading goes
 on. A shard that cannot be opened or is not a tar gives one `SampleError` with key `""`; a shard cut
@@ -33,7 +35,7 @@ from typing import IO, Any
 import numpy as np
 
 from pipeline import schema
-from pipeline.io import fs
+from pipeline.io import fs, names
 from pipeline.io.decode import DEFAULT_MAX_PIXELS, decode_image
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class ReadStats:
 
     members: int = 0
     end_of_archive: bool = False
+    skipped: dict[str, int] = field(default_factory=dict)  # members that are not samples, by kind (names.py)
     bytes: int = 0
     resumed_reads: int = 0
 
@@ -134,10 +137,12 @@ def iter_samples(
 
 
 def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats) -> Iterator[Sample | SampleError]:
+    head = _HeadRecorder(raw)
     try:
-        tar = tarfile.open(fileobj=raw, mode="r|")
+        tar = tarfile.open(fileobj=head, mode="r|*")  # "*": gzip, bzip2 and xz are decompressed as they stream
     except tarfile.ReadError as exc:
-        yield _shard_error(url, f"not a tar archive ({exc})")
+        what = names.describe_non_tar(head.head)
+        yield _shard_error(url, f"not a tar archive{': ' + what if what else ''} ({exc})")
         return
     except OSError as exc:  # the store failed on the first read
         yield _shard_error(url, f"cannot read shard: {type(exc).__name__}: {exc}")
@@ -149,7 +154,11 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
             stats.members += 1
             if member.isdir():
                 continue  # directory entries carry no sample data
-            key, ext = _split_name(member.name)
+            skip = names.skip_reason(member.name)
+            if skip is not None:
+                stats.skipped[skip] = stats.skipped.get(skip, 0) + 1
+                continue
+            key, ext = names.split_name(member.name)
             if group is None or key != group.key:
                 if group is not None:
                     yield _finish(url, group, max_pixels)
@@ -158,12 +167,12 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
                     group.problems.append("members of this key are not adjacent in the tar (key seen before)")
                 seen.add(key)
             _add_member(tar, member, ext, group)
-        if raw.bytes_read < tar.offset + tarfile.BLOCKSIZE:
+        if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:  # pos: tar bytes, after decompression
             # tarfile ends quietly when a shard is cut exactly between members; only a missing
             # end-of-archive block tells us, and the last sample may then lack members.
             raise tarfile.ReadError("no end-of-archive marker")
         stats.end_of_archive = True
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError) as exc:  # EOFError: a compressed stream cut short
         key = group.key if group is not None else ""
         where = "while reading this sample" if group is not None else "before its first sample"
         logger.warning("shard %s is truncated or corrupt near sample %r: %s", url, key, exc)
@@ -171,16 +180,6 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
         return
     if group is not None:
         yield _finish(url, group, max_pixels)
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset key and extension of a member name (`./` prefixes dropped)."""
-    while name.startswith("./"):
-        name = name[2:]
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    key = f"{folder}/{stem}" if folder else stem
-    return key, ext if dot else ""
 
 
 def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, group: _Group) -> None:
@@ -236,6 +235,20 @@ def _finish(url: str, group: _Group, max_pixels: int) -> Sample | SampleError:
 def _shard_error(url: str, reason: str) -> SampleError:
     logger.warning("shard %s: %s", url, reason)
     return SampleError(url, "", reason)
+
+
+class _HeadRecorder:
+    """Passes reads through and keeps the file's first bytes, to name a file that is not a tar."""
+
+    def __init__(self, f: _ResumingReader) -> None:
+        self._f = f
+        self.head = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        if len(self.head) < names.MAGIC_BYTES:
+            self.head += data[: names.MAGIC_BYTES - len(self.head)]
+        return data
 
 
 class _ResumingReader:
