@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
@@ -34,11 +35,10 @@ def _svg(fig: Figure) -> bytes:
 def class_histogram(rows: pa.Table, vocab: Vocabulary) -> bytes:
     """Per class, its share of all labelled pixels and the number of images it appears in (ok rows)."""
     k = len(vocab)
-    pixels, images = np.zeros(k, np.int64), np.zeros(k, np.int64)
-    for ids, counts in zip(rows.column("class_ids").to_pylist(), rows.column("class_pixels").to_pylist(), strict=True):
-        if ids:
-            np.add.at(pixels, ids, counts)
-            np.add.at(images, ids, 1)
+    ids = pc.list_flatten(rows.column("class_ids")).to_numpy(zero_copy_only=False)
+    counts = pc.list_flatten(rows.column("class_pixels")).to_numpy(zero_copy_only=False)
+    pixels = np.bincount(ids, weights=counts, minlength=k)  # each (image, class) pair appears once per row
+    images = np.bincount(ids, minlength=k)
     order = [int(c) for c in np.argsort(-pixels, kind="stable") if pixels[c] > 0]
     shown = order[:MAX_CLASSES]
     names = [vocab.display_names[c] for c in shown]

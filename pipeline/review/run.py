@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema
@@ -110,25 +111,28 @@ def parse_sort(sort: str, vocab: Vocabulary) -> tuple[str, int | None]:
 def select(rows: pa.Table, n: int, sort: str, vocab: Vocabulary, seed: int = 0) -> list[int]:
     """Row indices of up to `n` labelled (status ok) samples in the order the report shows them.
 
-    `lowest-confidence` / `highest-confidence` sort by mean confidence (ties by shard and key);
+    `lowest-confidence` / `highest-confidence` sort by mean confidence (ties in row order);
     `class:NAME` keeps samples where the class is present, largest share of the image first;
     `random` draws `n` without replacement with a seeded generator.
     """
     kind, cls = parse_sort(sort, vocab)
-    ok = np.flatnonzero(np.asarray(rows.column("status").to_pylist()) == "ok")
+    ok = np.flatnonzero(pc.equal(rows.column("status"), "ok").to_numpy(zero_copy_only=False))
     if kind == "random":
-        rng = np.random.default_rng(seed)
-        return rng.choice(ok, size=min(n, ok.size), replace=False).tolist()
+        return np.random.default_rng(seed).choice(ok, size=min(n, ok.size), replace=False).tolist()
     if kind == "class":
-        ids, pixels = rows.column("class_ids").to_pylist(), rows.column("class_pixels").to_pylist()
-        area = rows.column("width").to_numpy(zero_copy_only=False) * rows.column("height").to_numpy(
-            zero_copy_only=False
-        )
-        share = {i: dict(zip(ids[i], pixels[i], strict=True)).get(cls, 0) / area[i] for i in ok}
-        return sorted((i for i in ok if share[i] > 0), key=lambda i: -share[i])[:n]
-    confidence = rows.column("mean_confidence").to_numpy(zero_copy_only=False)
-    sign = 1.0 if kind == "lowest-confidence" else -1.0
-    return sorted(ok.tolist(), key=lambda i: sign * confidence[i])[:n]
+        ids = pc.list_flatten(rows.column("class_ids")).to_numpy(zero_copy_only=False)
+        pixels = pc.list_flatten(rows.column("class_pixels")).to_numpy(zero_copy_only=False)
+        owner = pc.list_parent_indices(rows.column("class_ids")).to_numpy(zero_copy_only=False)
+        area = pc.multiply(rows.column("width"), rows.column("height")).to_numpy(zero_copy_only=False)
+        share = np.zeros(rows.num_rows)
+        hit = ids == cls
+        share[owner[hit]] = pixels[hit] / area[owner[hit]]
+        ok = ok[share[ok] > 0]
+        key = -share[ok]
+    else:
+        confidence = rows.column("mean_confidence").to_numpy(zero_copy_only=False)[ok]
+        key = confidence if kind == "lowest-confidence" else -confidence
+    return ok[np.argsort(key, kind="stable")][:n].tolist()
 
 
 @dataclass
