@@ -8,7 +8,6 @@ Layout (the fine-tune job's contract): `OUT/metrics.jsonl` (training lines `{"ki
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -76,18 +75,22 @@ def open_finetune(url: str, storage_options: dict | None = None) -> FineTune:
 
 
 def student_labeler(teacher_run: str, model: str, vocab: Vocabulary, storage_options: dict | None = None) -> Any:
-    """The engine's labeler with the teacher run's settings and the student `model` folder.
+    """The engine's labeler for the student `model` folder, labelling as `clipdense label
+    model.name=MODEL` does: every key at its default, so the model's `meta.json` supplies its head,
+    prompts, logit scale and recommended passes, except the teacher run's resolution (`infer.short_side`,
+    `crop`, `stride`, `batch_size`) and device, so both label the same pixels.
 
-    Returns a `ZoomLabeler` (callable on a list of (H, W, 3) uint8 images). Imports torch.
+    Returns a `DenseLabeler` (callable on a list of (H, W, 3) uint8 images). Imports torch.
     """
+    from pipeline.config import InferCfg, ModelCfg, RunCfg
     from pipeline.outputs import read_run_config
     from pipeline.stages.infer import DenseLabeler
-    from pipeline.stages.zoom import ZoomLabeler
 
-    cfg = read_run_config(teacher_run, storage_options)
-    cfg = dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, name=model, pretrained=""),
-        storage_options={**cfg.storage_options, **(storage_options or {})},
+    teacher = read_run_config(teacher_run, storage_options)
+    t = teacher.infer
+    cfg = RunCfg(
+        model=ModelCfg(name=model, precision=teacher.model.precision, device=teacher.model.device),
+        infer=InferCfg(short_side=t.short_side, crop=t.crop, stride=t.stride, batch_size=t.batch_size),
+        storage_options={**teacher.storage_options, **(storage_options or {})},
     )
-    return ZoomLabeler(DenseLabeler(cfg, vocab, cfg.storage_options), cfg.zoom)
+    return DenseLabeler(cfg, vocab, cfg.storage_options)
