@@ -68,7 +68,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"shards: {shards['committed']}/{shards['total']} committed ({shards['labelled']} labelled now, "
         f"{shards['skipped']} already done), {shards['failed']} failed"
         + (f", {shards['abandoned']} abandoned, {shards['not_started']} not started" if summary["interrupted"] else ""),
-        f"images: {samples['ok']} labelled, {samples['failed']} failed rows; {summary['images_per_s']:.1f} img/s, "
+        f"images: {samples['ok']} labelled, {samples['failed']} failed rows in the output "
+        f"({summary['labelled_now']['ok']} labelled now); {summary['images_per_s']:.1f} img/s, "
         f"{summary['seconds']:.1f}s in all",
     ]
     for reason, n in list(samples["errors"].items())[:5]:

@@ -10,6 +10,7 @@ Committed shards are those with a marker in `_commits/`; everything else is redo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from typing import Any
@@ -116,6 +117,16 @@ def committed_shards(output: str, storage_options: dict | None = None) -> set[st
     """Names of the shards under `output` that have a commit marker (listed now, never from a cache)."""
     names = fs.listdir(fs.join(output, schema.COMMITS_DIR), storage_options)
     return {n[: -len(".json")] for n in names if n.endswith(".json") and not fs.is_temp_name(n)}
+
+
+def read_markers(output: str, shards: list[str], storage_options: dict | None = None) -> list[dict[str, Any]]:
+    """The commit markers of `shards` under `output`, fetched together (concurrently on object stores)."""
+    if not shards:
+        return []
+    filesystem, _ = fs.url_to_fs(output, storage_options)
+    paths = [fs.url_to_fs(fs.join(output, schema.commit_path(s)), storage_options)[1] for s in shards]
+    found = filesystem.cat(paths)
+    return [json.loads(found[p]) for p in paths]
 
 
 def remove_temporaries(output: str, storage_options: dict | None = None) -> int:

@@ -7,14 +7,29 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import tarfile
+import threading
+import time
 
 import numpy as np
 import pytest
+import ray
 from bad_corpus import image_bytes, tar_bytes
 from faultproxy import Fault, FaultProxy
+from jobs_fixtures import (
+    corrupt_image,
+    job_config,
+    label_bytes,
+    local_ray,  # noqa: F401 - module fixture
+    read_rows,
+    shapes,
+    tiny_model,
+)
 
 from pipeline import schema
 from pipeline.config import load_config
+from pipeline.distribute import run_label_job
+from pipeline.distribute.driver import ACTOR_PREFIX
 from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, ShardReadError, iter_samples
 from pipeline.outputs import committed_shards, prepare_output
@@ -22,6 +37,11 @@ from pipeline.stages.write import LabelShardSink, RowContext, read_commit
 from pipeline.vocab import Vocabulary
 
 BLOCK = 16_384  # s3fs block size in these tests: a small shard takes many ranged reads
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture
@@ -104,3 +124,78 @@ def test_a_marker_removed_by_another_process_is_seen_as_gone_in_the_same_process
         read_commit(cfg.output, "b", options)
     _remove_from_another_process(fs.join(cfg.output, schema.commit_path("a")), s3.endpoint_url)
     assert fs.listdir(fs.join(cfg.output, schema.COMMITS_DIR), options) == []
+
+
+@pytest.mark.ray
+def test_a_store_failing_longer_than_the_retries_fails_the_shard_and_a_rerun_completes_it(
+    tmp_path,
+    s3,
+    s3_root,
+    proxy,
+    model,
+    local_ray,  # noqa: F811
+):
+    """Item: no hole after a read error. Shard b's store answers 500 past the first block for longer
+    than the read and shard retries: b is not committed, the run exits 1 naming it; a rerun once the
+    store is back commits b with every sample, and the summary counts the whole output (a's failed
+    row from the first run included)."""
+    local = tmp_path / "in"
+    urls = shapes(str(local), 2, 24)
+    corrupt_image(urls[0], "000000_000003")
+    for path in sorted(local.iterdir()):
+        fs.put_atomic(fs.join(s3_root, "in", path.name), path.read_bytes(), s3.storage_options)
+    options = through(proxy, s3)
+    cfg = job_config(
+        fs.join(s3_root, "in"),
+        str(tmp_path / "out"),
+        model,
+        "distribute.read_retry_s=1",
+        "distribute.max_retries=1",
+        storage_options=options,
+    )
+    a, b = (schema.shard_name(u) for u in urls)
+    proxy.add(Fault("500", method="GET", path=f"/in/{b}.tar", min_offset=BLOCK, seconds=600))
+
+    first = run_label_job(cfg)
+    assert first["exit_code"] == 1
+    assert first["shards"] | {"committed": 1, "failed": 1} == first["shards"]
+    (failed,) = first["failed_shards"]
+    assert failed["shard"] == b and failed["attempts"] == 2 and "Internal Server Error" in failed["error"]
+    assert committed_shards(cfg.output) == {a}
+    assert not (tmp_path / "out" / schema.labels_path(b)).exists()
+    assert (first["samples"]["ok"], first["samples"]["failed"]) == (23, 1)
+
+    proxy.clear()
+    second = run_label_job(cfg)
+    assert second["exit_code"] == 0 and second["shards"] | {"committed": 2, "skipped": 1} == second["shards"]
+    assert (second["samples"]["ok"], second["samples"]["failed"]) == (47, 1)  # the whole output, not this run
+    assert (second["labelled_now"]["ok"], second["labelled_now"]["failed"]) == (24, 0)
+    assert fs.read_json(str(tmp_path / "out" / schema.SUMMARY_FILE)) == second
+    marker = read_commit(cfg.output, b)
+    with tarfile.open(urls[1]) as tar:
+        members = len(tar.getmembers())
+    assert marker["read"] | {"members": members, "samples": 24, "end_of_archive": True} == marker["read"]
+    rows = read_rows(cfg.output, b)
+    assert [r["key"] for r in rows] == [f"000001_{i:06d}" for i in range(24)] and {r["status"] for r in rows} == {"ok"}
+    assert len(label_bytes(cfg.output, b)) == 2 * 24
+
+
+@pytest.mark.ray
+def test_an_actor_dying_while_its_model_loads_is_replaced(tmp_path, model, local_ray):  # noqa: F811
+    shapes(str(tmp_path / "in"), 2, 4)
+    cfg = job_config(str(tmp_path / "in"), str(tmp_path / "out"), model)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_label_job(cfg)))
+    runner.start()
+    killed = False
+    deadline = time.monotonic() + 120
+    while not killed and time.monotonic() < deadline and runner.is_alive():
+        named = [n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]
+        if named and not (tmp_path / "out" / schema.VOCAB_FILE).exists():  # created, its model not up yet
+            ray.kill(ray.get_actor(named[0]))
+            killed = True
+        time.sleep(0.01)
+    runner.join(timeout=180)
+    assert killed, "the job finished before its actor could be killed"
+    assert result["exit_code"] == 0 and result["shards"]["committed"] == 2
+    assert result["actors"] == {"started": 2, "ready": 1}

@@ -2,7 +2,9 @@
 
 Each actor builds its model once (from the config, never from an object shipped by the driver) and
 then labels shard after shard, so a slow shard only ever occupies its own actor. A shard whose actor
-dies is put back on the queue and a fresh actor takes the dead one's place; a shard whose attempt
+dies is put back on the queue and a fresh actor takes the dead one's place. An actor that dies while
+its model loads (killed, out of memory, its node lost) is replaced the same way; only an exception
+raised by the model's construction, before any model has started, is a bad config. A shard whose attempt
 raises (an unreadable tar) is put back too. After `1 + max_retries` attempts it is recorded as a
 failed shard with the last reason. This is the only retry logic of the job.
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from pipeline import schema
 from pipeline.config import DistributeCfg, RunCfg
@@ -177,9 +179,13 @@ class _Pool:
         try:
             info = ray.get(ref)
         except RayError as exc:
-            if not self.result.actor_info:  # no model has ever started: the config cannot work
+            raised = not isinstance(exc, RayActorError) or exc.actor_init_failed  # else its process died
+            if raised and not self.result.actor_info:  # no model has ever started: the config cannot work
                 raise ValueError(f"the labeling model could not start: {_reason(exc)}") from None
-            logger.error("an actor failed to start: %s", _reason(exc))
+            logger.error("an actor %s: %s", "failed to start" if raised else "died while starting", _reason(exc))
+            ray.kill(actor)
+            if not raised and self.spawn_budget > 0:
+                self._spawn()
             return
         if not self.result.actor_info:
             self.on_ready(info)

@@ -5,6 +5,11 @@
 
 Exit codes in the summary: 0 when every input shard is committed, 1 when some failed, 130/143 when
 a SIGINT/SIGTERM stopped the run (1 for a stop requested from code).
+
+The summary describes the whole output for this input, not only this invocation: its sample counts
+and errors add up the commit markers of every committed input shard, those of earlier runs included,
+so after a resume it still reports the failed rows an earlier run wrote. What this invocation did is
+under `labelled_now`, `retries`, `images_per_s` and `seconds_by_phase`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pipeline.config import RunCfg, config_hash
 from pipeline.distribute.driver import PoolResult, StopRequest, run_pool
 from pipeline.io.shards import expand_shards
 from pipeline.obs import CappedCounter
-from pipeline.outputs import prepare_output, remove_temporaries, write_summary, write_vocabulary
+from pipeline.outputs import prepare_output, read_markers, remove_temporaries, write_summary, write_vocabulary
 from pipeline.vocab import Vocabulary, resolve_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -79,7 +84,8 @@ def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None
             if shutdown:
                 ray.shutdown()
     remove_temporaries(cfg.output, cfg.storage_options)
-    summary = summarize(cfg, urls, len(urls) - len(todo), pool, time.monotonic() - started)
+    earlier = read_markers(cfg.output, [schema.shard_name(u) for u in urls if u not in todo], cfg.storage_options)
+    summary = summarize(cfg, urls, earlier, pool, time.monotonic() - started)
     write_summary(cfg.output, summary, cfg.storage_options)
     return summary
 
@@ -101,19 +107,26 @@ def _skipped_members(markers: list[dict[str, Any]]) -> dict[str, int]:
     return total
 
 
-def summarize(cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seconds: float) -> dict[str, Any]:
-    """The run's summary: shard counts, failed shards with reasons, sample counts, speed, exit code.
+def summarize(
+    cfg: RunCfg, urls: list[str], earlier: list[dict[str, Any]], pool: PoolResult, seconds: float
+) -> dict[str, Any]:
+    """The summary of the output after this run: shard counts, failed shards with reasons, sample
+    counts over every committed shard (`earlier` holds the markers of shards committed before this
+    run), what this run labelled, its speed, and the exit code.
 
     `images_per_s` is over the labelling time, from the first model ready to the end (start-up excluded)."""
     by_status: dict[str, int] = {}
     for outcome in pool.outcomes:
         by_status[outcome.status] = by_status.get(outcome.status, 0) + 1
     markers = [o.marker for o in pool.outcomes if o.marker is not None]
+    skipped = len(earlier)
+    everything = [*earlier, *markers]
     errors = CappedCounter()
-    for marker in markers:
+    for marker in everything:
         for reason, n in marker["errors"].items():
             errors.add(reason, n)
     ok = sum(m["ok"] for m in markers)
+    incomplete = sorted(m["shard"] for m in everything if m.get("read", {}).get("end_of_archive") is False)
     phases = {p: round(sum(m["stats"].get(p, 0.0) for m in markers), 3) for p in _PHASES}
     committed = skipped + by_status.get("committed", 0)
     if pool.interrupted:
@@ -139,12 +152,14 @@ def summarize(cfg: RunCfg, urls: list[str], skipped: int, pool: PoolResult, seco
             for o in pool.outcomes
             if o.status == "failed"
         ],
-        "samples": {
-            "ok": ok,
-            "failed": sum(m["failed"] for m in markers),
+        "samples": {  # the whole output: every committed input shard, this run's and earlier ones
+            "ok": sum(m["ok"] for m in everything),
+            "failed": sum(m["failed"] for m in everything),
             "errors": errors.to_dict(),
-            "skipped_members": _skipped_members(markers),
+            "skipped_members": _skipped_members(everything),
         },
+        "labelled_now": {"ok": ok, "failed": sum(m["failed"] for m in markers)},
+        "cut_shards": incomplete,  # committed, but their input tar ends early or is corrupt (marker `read`)
         "retries": pool.retries,
         "actors": {"started": pool.actors_started, "ready": len(pool.actor_info)},
         "seconds": round(seconds, 3),
