@@ -19,6 +19,9 @@ from typing import Any, Literal
 import yaml
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# Field metadata of list keys that refuse a plain string. Elsewhere a string stands for a one-element
+# list (`input: s3://bkt/x.tar`); here "red circle, blue square" looks like a list and is one entry.
+LIST_ONLY = {"list_only": True}
 
 
 class ConfigError(ValueError):
@@ -42,9 +45,10 @@ class HeadCfg:
 
 @dataclass(frozen=True, slots=True)
 class VocabCfg:
-    classes: list[str] = field(default_factory=list)  # one entry per class; "tv, monitor" = synonyms
+    # One entry per class; "tv, monitor" = synonyms. A list only: the string "cat, dog" would be one class.
+    classes: list[str] = field(default_factory=list, metadata=LIST_ONLY)
     file: str = ""  # vocabulary file (vocabulary.json or one class per line); "" = beside the input shards
-    background: list[str] = field(default_factory=list)  # words for an explicit background class
+    background: list[str] = field(default_factory=list, metadata=LIST_ONLY)  # words for an explicit background class
     background_threshold: float = 0.0  # > 0: pixels whose best class probability is below become background
     background_offset: float = 0.0  # added to the background logit (calibrated per model)
 
@@ -153,8 +157,23 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown config key {_join(where, key)!r}; allowed keys: {', '.join(known)}")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("list_only") and isinstance(data.get(f.name), str):
+            raise ConfigError(_string_for_list(_join(where, f.name), data[f.name]))
     kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}
     return cls(**kwargs)
+
+
+def _string_for_list(key: str, value: str) -> str:
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    listed = ", ".join(f'"{p}"' if ":" in p else p for p in parts)
+    fix = f"{key}='[{listed}]' (in YAML: {key.rsplit('.', 1)[-1]}: [{listed}])"
+    if len(parts) < 2:
+        return f"{key}: got the string {value!r}, expected a list: write {fix}"
+    return (
+        f"{key}: got the string {value!r}, expected a list. For {len(parts)} entries write {fix}; "
+        f"for one entry whose names are synonyms, {key}='[\"{value}\"]'"
+    )
 
 
 def _join(where: str, key: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from typing import Any
 
@@ -44,6 +45,41 @@ def _without_secrets(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def canonical_config(cfg: RunCfg) -> RunCfg:
+    """`cfg` with the local paths it names spelled one way: absolute and normalised, `file://` dropped.
+
+    `data/shards`, `./data/shards/` and `/home/me/data/shards` name the same input from the same
+    folder, so they are one run: a resume compares what a config means, not how it was spelled.
+    Relative paths are taken from the current folder. URLs of other stores are kept as written;
+    `model.name`, `model.pretrained` and `prompts.templates` change only when they name an existing
+    local file or folder (otherwise they are an architecture, a tag or a template set).
+    """
+    model = dataclasses.replace(
+        cfg.model, name=_existing_path(cfg.model.name), pretrained=_existing_path(cfg.model.pretrained)
+    )
+    return dataclasses.replace(
+        cfg,
+        input=[_local_path(p) for p in cfg.input],
+        output=_local_path(cfg.output) if cfg.output else "",
+        model=model,
+        vocab=dataclasses.replace(cfg.vocab, file=_local_path(cfg.vocab.file) if cfg.vocab.file else ""),
+        prompts=dataclasses.replace(cfg.prompts, templates=_existing_path(cfg.prompts.templates)),
+    )
+
+
+def _local_path(url: str) -> str:
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    elif "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def _existing_path(value: str) -> str:
+    local = _local_path(value) if value else value
+    return local if value and "://" not in local and os.path.exists(local) else value
+
+
 def prepare_output(cfg: RunCfg, vocab: Vocabulary, overwrite: bool = False) -> set[str]:
     """Make `cfg.output` ready for this run and return the names of shards already committed.
 
@@ -56,7 +92,7 @@ def prepare_output(cfg: RunCfg, vocab: Vocabulary, overwrite: bool = False) -> s
         for name in _RUN_DIRS:
             fs.remove(fs.join(out, name), options)
     elif fs.exists(config_url, options):
-        _check_same_run(cfg, vocab, read_run_config(out, options))
+        _check_same_run(canonical_config(cfg), vocab, canonical_config(read_run_config(out, options)))
     elif committed_shards(out, options):
         raise OutputConflict(
             f"{out} holds committed shards but no {schema.CONFIG_FILE}; use --overwrite or a new output"
@@ -130,7 +166,9 @@ def read_markers(output: str, shards: list[str], storage_options: dict | None = 
 
 
 def remove_temporaries(output: str, storage_options: dict | None = None) -> int:
-    """Delete partial files left by killed attempts (`_tmp.*` in labels/, meta/, _commits/).
+    """Delete partial files left by killed attempts (`_tmp.*` in labels/, meta/, _commits/), and the
+    labels/ and meta/ files of shards without a commit marker (an attempt killed between moving its
+    files to their final names and writing the marker): final names are for committed output only.
 
     Call only while no worker writes into `output`: a live attempt's temporary files look the same.
     """
@@ -140,8 +178,20 @@ def remove_temporaries(output: str, storage_options: dict | None = None) -> int:
             if fs.is_temp_name(name):
                 fs.remove(fs.join(output, folder, name), storage_options)
                 removed += 1
+    removed += _remove_uncommitted(output, storage_options)
     if removed:
         logger.info("removed %d partial files of interrupted attempts", removed)
+    return removed
+
+
+def _remove_uncommitted(output: str, storage_options: dict | None) -> int:
+    committed = committed_shards(output, storage_options)
+    removed = 0
+    for folder, suffix in ((schema.LABELS_DIR, ".tar"), (schema.META_DIR, ".parquet")):
+        for name in fs.listdir(fs.join(output, folder), storage_options):
+            if name.endswith(suffix) and not fs.is_temp_name(name) and name[: -len(suffix)] not in committed:
+                fs.remove(fs.join(output, folder, name), storage_options)
+                removed += 1
     return removed
 
 

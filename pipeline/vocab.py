@@ -28,9 +28,18 @@ class Vocabulary:
     def __post_init__(self) -> None:
         if not self.names:
             raise ValueError("the vocabulary is empty: give at least one class")
+        owner: dict[str, int] = {}
         for i, names in enumerate(self.names):
             if not names or not all(n.strip() for n in names):
                 raise ValueError(f"class {i} of the vocabulary has an empty name")
+            for name in names:
+                first = owner.setdefault(" ".join(name.lower().split()), i)
+                if first != i:
+                    raise ValueError(
+                        f"the vocabulary names {name!r} in class {first} ({', '.join(self.names[first])!r}) and in "
+                        f"class {i} ({', '.join(names)!r}): a name can point at one class only; merge the two "
+                        "entries into one (synonyms are comma-separated within an entry) or drop one"
+                    )
         if self.background is not None and not 0 <= self.background < len(self.names):
             raise ValueError(f"background id {self.background} is outside the {len(self.names)} classes")
 
@@ -88,7 +97,18 @@ def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: 
         # An explicit background word list becomes (or replaces the words of) the background class.
         names = list(vocab.names)
         if vocab.background is None:
-            return Vocabulary(tuple([tuple(cfg.background), *names]), 0)
-        names[vocab.background] = tuple(cfg.background)
-        return Vocabulary(tuple(names), vocab.background)
+            vocab = Vocabulary(tuple([tuple(cfg.background), *names]), 0)
+        else:
+            names[vocab.background] = tuple(cfg.background)
+            vocab = Vocabulary(tuple(names), vocab.background)
+    if len(vocab) < 2:
+        # A softmax over one class gives it every pixel at probability 1.0: a silent, useless run.
+        (names,) = vocab.names
+        listed = ", ".join(names)
+        fixes = [f"for {len(names)} classes write vocab.classes='[{listed}]'"] if len(names) > 1 else []
+        fixes.append(f"to find {names[0]!r} against everything else add words: vocab.background='[sky, wall, floor]'")
+        raise ValueError(
+            f"the vocabulary has one class ({listed!r}), so every pixel would get it with confidence 1.0: "
+            + "; or ".join(fixes)
+        )
     return vocab

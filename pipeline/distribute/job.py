@@ -26,7 +26,14 @@ from pipeline.config import RunCfg, config_hash
 from pipeline.distribute.driver import PoolResult, StopRequest, run_pool
 from pipeline.io.shards import expand_shards
 from pipeline.obs import CappedCounter
-from pipeline.outputs import prepare_output, read_markers, remove_temporaries, write_summary, write_vocabulary
+from pipeline.outputs import (
+    canonical_config,
+    prepare_output,
+    read_markers,
+    remove_temporaries,
+    write_summary,
+    write_vocabulary,
+)
 from pipeline.vocab import Vocabulary, resolve_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -67,6 +74,7 @@ def connect(address: str) -> bool:
 def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None = None) -> dict[str, Any]:
     """Label every input shard of `cfg` not yet committed under `cfg.output`; returns the summary."""
     started = time.monotonic()
+    cfg = canonical_config(cfg)  # one spelling per path: config.yaml, config_hash and resume all agree
     urls = plan_shards(cfg)
     vocab = resolve_vocabulary(cfg.vocab, near=urls[0].rsplit("/", 1)[0], storage_options=cfg.storage_options)
     committed = prepare_output(cfg, vocab, overwrite)

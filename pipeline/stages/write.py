@@ -168,14 +168,32 @@ class LabelShardSink:
     def commit(self, stats: dict[str, Any] | None = None, read: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publish the shard: tar, then Parquet, then the marker. Returns the marker's content, whose
         `stats` are `stats` plus `commit_s`, the seconds spent publishing before the marker, and whose
-        `read` is what the reader saw of the input (`pipeline.io.read.ReadStats` plus `samples`)."""
+        `read` is what the reader saw of the input (`pipeline.io.read.ReadStats` plus `samples`).
+
+        Final names are for committed output only: the rows are serialised before anything moves (a
+        row Parquet cannot hold fails here, with nothing published), and when publishing fails
+        part-way, whatever already reached a final name is removed again, marker first."""
         started = time.perf_counter()
-        self._tar.close()
-        labels_file = {"path": schema.labels_path(self.shard), "bytes": self._tar.size, "sha256": self._tar.sha256}
         table = rows_table([row for _, row in sorted(self._rows, key=lambda item: item[0])])
         buf = io.BytesIO()
         pq.write_table(table, buf)
         meta_bytes = buf.getvalue()
+        try:
+            return self._publish(meta_bytes, stats, read, started)
+        except BaseException:
+            for path in (schema.commit_path(self.shard), schema.labels_path(self.shard), schema.meta_path(self.shard)):
+                try:
+                    fs.remove(fs.join(self.output, path), self.storage_options)
+                except Exception as exc:  # the store may be what failed; the job's end removes what is left
+                    logger.warning("shard %s: could not remove %s after a failed commit: %s", self.shard, path, exc)
+            raise
+
+    def _publish(
+        self, meta_bytes: bytes, stats: dict[str, Any] | None, read: dict[str, Any] | None, started: float
+    ) -> dict[str, Any]:
+        """Move the tar and the Parquet file to their final names, then write the marker."""
+        self._tar.close()
+        labels_file = {"path": schema.labels_path(self.shard), "bytes": self._tar.size, "sha256": self._tar.sha256}
         fs.put_atomic(fs.join(self.output, schema.meta_path(self.shard)), meta_bytes, self.storage_options)
         marker = {
             "format_version": schema.FORMAT_VERSION,

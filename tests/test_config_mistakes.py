@@ -1,0 +1,105 @@
+"""Config and output mistakes users make: a string for a list, one class, one name in two classes, the same
+run spelled two ways, a commit that fails half-way."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import schema
+from pipeline.config import ConfigError, load_config
+from pipeline.io import fs
+from pipeline.outputs import OutputConflict, prepare_output, remove_temporaries
+from pipeline.stages.write import LabelShardSink, RowContext
+from pipeline.vocab import Vocabulary, resolve_vocabulary
+
+
+def test_a_string_where_a_list_is_expected_is_refused_with_the_fix():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["vocab.classes=red circle, blue square, grey background"])
+    assert str(err.value) == (
+        "vocab.classes: got the string 'red circle, blue square, grey background', expected a list. For 3 entries "
+        "write vocab.classes='[red circle, blue square, grey background]' (in YAML: classes: [red circle, blue "
+        "square, grey background]); for one entry whose names are synonyms, "
+        "vocab.classes='[\"red circle, blue square, grey background\"]'"
+    )
+    with pytest.raises(ConfigError, match=r"vocab.background: got the string 'sky', expected a list: write "):
+        load_config(None, ["vocab.background=sky"])
+    fixed = load_config(None, ["vocab.classes=[red circle, blue square, grey background]"])
+    assert resolve_vocabulary(fixed.vocab).names == (("red circle",), ("blue square",), ("grey background",))
+
+
+def test_a_string_input_is_still_one_spec():
+    assert load_config(None, ["input=s3://bkt/{a,b}.tar"]).input == ["s3://bkt/{a,b}.tar"]
+
+
+def test_a_one_class_vocabulary_is_refused_unless_it_has_a_background():
+    one = load_config(None, ['vocab.classes=["red circle, blue square, grey background"]'])
+    with pytest.raises(ValueError) as err:
+        resolve_vocabulary(one.vocab)
+    assert "has one class ('red circle, blue square, grey background')" in str(err.value)
+    assert "for 3 classes write vocab.classes='[red circle, blue square, grey background]'" in str(err.value)
+    with pytest.raises(ValueError, match=r"add words: vocab.background="):
+        resolve_vocabulary(load_config(None, ["vocab.classes=[cat]"]).vocab)
+    with_background = resolve_vocabulary(load_config(None, ["vocab.classes=[cat]", "vocab.background=[sky]"]).vocab)
+    assert (with_background.names, with_background.background) == ((("sky",), ("cat",)), 0)
+
+
+@pytest.mark.parametrize(
+    ("entries", "name", "first", "second"),
+    [
+        (["cat", "dog", "Cat"], "Cat", 0, 2),
+        (["cat, kitty", "dog", " kitty "], "kitty", 0, 2),
+        (["a b", "a  b"], "a  b", 0, 1),
+    ],
+)
+def test_one_name_in_two_classes_is_refused(entries, name, first, second):
+    with pytest.raises(ValueError, match=rf"names {name!r} in class {first} .* and in class {second} "):
+        Vocabulary.from_entries(entries)
+
+
+def test_synonyms_repeated_within_one_class_are_fine():
+    assert Vocabulary.from_entries(["cat, cat", "dog"]).names == (("cat", "cat"), ("dog",))
+
+
+def test_relative_and_absolute_spellings_of_the_same_input_are_one_run(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/s-0.tar").write_bytes(b"")
+    (tmp_path / "vocab.txt").write_text("cat\ndog\n")
+    monkeypatch.chdir(tmp_path)
+    vocab = Vocabulary.from_entries(["cat", "dog"])
+    out = str(tmp_path / "out")
+    spellings = [
+        ["input=data/s-0.tar", "vocab.file=vocab.txt"],
+        [f"input={tmp_path}/data/s-0.tar", f"vocab.file={tmp_path}/vocab.txt"],
+        [f"input=file://{tmp_path}/data/./s-0.tar", "vocab.file=./vocab.txt"],
+    ]
+    for overrides in spellings:
+        assert prepare_output(load_config(None, [*overrides, f"output={out}"]), vocab) == set()
+    with pytest.raises(OutputConflict, match="differing keys: input"):
+        prepare_output(load_config(None, ["input=data/s-1.tar", "vocab.file=vocab.txt", f"output={out}"]), vocab)
+
+
+def test_a_commit_that_fails_half_way_leaves_no_final_names(tmp_path):
+    out = str(tmp_path / "out")
+    sink = LabelShardSink(out, "s", n_classes=3, context=RowContext("maskclip", "tiny", "abc"))
+    sink.add(0, "a", np.zeros((4, 4), np.uint8), np.ones((4, 4), np.float32))
+    os.makedirs(tmp_path / "out" / schema.meta_path("s"))  # the Parquet file cannot take its final name
+    with pytest.raises(OSError):
+        sink.commit()
+    for path in (schema.labels_path("s"), schema.meta_path("s"), schema.commit_path("s")):
+        assert not fs.exists(fs.join(out, path)), path
+
+
+def test_files_of_shards_without_a_marker_are_removed_with_the_temporaries(tmp_path):
+    out = str(tmp_path / "out")
+    for shard in ("kept", "orphan"):
+        sink = LabelShardSink(out, shard, n_classes=3, context=RowContext("maskclip", "tiny", "abc"))
+        sink.add(0, "a", np.zeros((4, 4), np.uint8), np.ones((4, 4), np.float32))
+        sink.commit()
+    fs.remove(fs.join(out, schema.commit_path("orphan")))  # as if the attempt died before its marker
+    assert remove_temporaries(out) == 2
+    assert sorted(os.listdir(tmp_path / "out/labels")) == ["kept.tar"]
+    assert sorted(os.listdir(tmp_path / "out/meta")) == ["kept.parquet"]
