@@ -20,8 +20,10 @@ COMMANDS = [
     "jobs.shapes",
     "jobs.pretrain_shapes",
     "jobs.eval",
+    "jobs.finetune",
     "jobs.label",
     "jobs.segment",
+    "jobs.retrain",
     "jobs.review",
     "jobs.submit",
 ]

@@ -17,11 +17,14 @@ import pytest
 import yaml
 
 from jobs.cli import build_parser
+from pipeline.config import RunCfg, load_config
+from pipeline.retrain import RetrainCfg
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT.parent / "shared" / "kuberay" / "v1.7.0"
 OVERLAYS = {"cpu": ROOT / "k8s" / "overlays" / "cpu", "gpu": ROOT / "k8s" / "overlays" / "gpu"}
 BROKEN = ROOT / "tests" / "data" / "k8s-broken"
+CONFIG_CLASSES = {"label": RunCfg, "retrain": RetrainCfg}  # the config each manifest command reads
 EXTERNAL_SECRETS = {"clipdense-storage"}  # created in the cluster by its operator (README, "Deploying")
 
 
@@ -161,7 +164,8 @@ def test_every_manifest_command_is_a_clipdense_command_with_a_valid_config(rende
             local = tmp_path / Path(argv[2]).name
             local.write_text(configs[argv[2]])
             args = build_parser().parse_args([argv[1], str(local)])
-            assert args.func is not None
+            assert args.config == str(local) and not args.overrides
+            load_config(str(local), cls=CONFIG_CLASSES[argv[1]])  # unknown or mistyped keys raise
 
 
 def test_dockerfile_passes_hadolint_and_runs_as_non_root():

@@ -13,6 +13,7 @@ FORBIDDEN = {
     "pipeline.io": ("pipeline.models", "pipeline.stages", "pipeline.distribute", "pipeline.eval", "torch", "ray"),
     "pipeline.models": ("pipeline.stages", "pipeline.distribute", "ray"),
     "pipeline.stages": ("pipeline.distribute", "ray"),
+    "pipeline.retrain": ("pipeline.distribute", "ray"),
     "pipeline.review": ("pipeline.distribute", "ray"),
 }
 

@@ -1,0 +1,41 @@
+"""Config of `clipdense retrain`: where label runs land, where model versions go, the gate, the fine-tune.
+
+Loaded like every job's config (`pipeline.config.load_config(path, overrides, cls=RetrainCfg)`): YAML,
+then dotted `k=v` overrides, unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RetrainCfg:
+    labels: list[str] = field(default_factory=list)  # labeling run outputs, or prefixes whose sub-folders are runs
+    models: str = ""  # where versions are published: vNNNN/, latest.json, records/, _steps/
+    truth: list[str] = field(default_factory=list)  # held-out shards with seg.png (+ vocabulary.json): the gate
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for all of the above
+    finetune: dict[str, Any] = field(default_factory=dict)  # fine-tune settings (`clipdense finetune` keys)
+    min_gain: float = 0.0  # publish only when the candidate's mIoU beats the live version's by more than this
+    lease_seconds: float = 300.0  # a step that stops renewing its lease this long is taken to be dead
+    eval_batch_size: int = 16  # truth images per forward batch when scoring
+
+
+# Keys that change how a step runs but not what it produces: they are not part of its key.
+EXECUTION_KEYS = ("storage_options", "lease_seconds", "eval_batch_size")
+
+
+def check(cfg: RetrainCfg) -> None:
+    """Raise ValueError naming the key when a required key is missing or a value is out of range."""
+    if not cfg.labels:
+        raise ValueError("retrain config: `labels` (labeling run outputs or a prefix holding them) is required")
+    if not cfg.models:
+        raise ValueError("retrain config: `models` (where versions are published) is required")
+    if not cfg.truth:
+        raise ValueError("retrain config: `truth` (held-out shards that gate publishing) is required")
+    if cfg.lease_seconds <= 0:
+        raise ValueError(f"retrain config: lease_seconds must be positive, got {cfg.lease_seconds}")
+    for key in ("labels", "output"):
+        if key in cfg.finetune:
+            raise ValueError(f"retrain config: finetune.{key} is set by the step; remove it")

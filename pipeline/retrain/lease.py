@@ -1,0 +1,102 @@
+"""A lease on one retraining key, so two steps never fine-tune the same key at once.
+
+Leases are numbered files `lease-NNNNNN.json` created with `fs.put_exclusive` (S3 `If-None-Match`),
+so of two steps racing for a generation exactly one wins. The holder rewrites its file every third
+of `lease_seconds` with a growing beat count. A step that finds a lease waits `lease_seconds` on its
+own clock (no clocks are compared across machines) and looks again: a lease whose beat moved, or a
+newer generation, belongs to a live step, and it backs off; an unchanged lease is a dead step's, and
+it takes the next generation, which resumes the dead step's work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+
+from pipeline.io import fs
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"lease-(\d{6})\.json$")
+
+
+class Lease:
+    """A held lease; renew it from a thread with `start()`, give it up with `release()`."""
+
+    def __init__(self, folder: str, generation: int, seconds: float, storage_options: dict | None) -> None:
+        self.url = fs.join(folder, f"lease-{generation:06d}.json")
+        self.folder, self.generation, self.seconds = folder, generation, seconds
+        self.holder = uuid.uuid4().hex
+        self.storage_options = storage_options
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+
+    def content(self, beat: int, released: bool = False) -> bytes:
+        return json.dumps({"holder": self.holder, "beat": beat, "released": released}).encode()
+
+    def start(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        beat = 0
+        while not self._stop.wait(self.seconds / 3):
+            beat += 1
+            try:
+                fs.put_atomic(self.url, self.content(beat), self.storage_options)
+            except OSError as exc:  # a missed beat is survivable; the next one may get through
+                logger.warning("could not renew the lease %s: %s", self.url, exc)
+
+    def still_held(self) -> bool:
+        """False once another step took a newer generation (this one was taken for dead)."""
+        return latest_generation(self.folder, self.storage_options) == self.generation
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        fs.put_atomic(self.url, self.content(-1, released=True), self.storage_options)
+
+
+def latest_generation(folder: str, storage_options: dict | None = None) -> int | None:
+    filesystem, path = fs.url_to_fs(folder, storage_options)
+    filesystem.invalidate_cache()
+    if not filesystem.exists(path):
+        return None
+    found = [_NAME.search(p) for p in filesystem.ls(path, detail=False)]
+    numbers = [int(m.group(1)) for m in found if m]
+    return max(numbers) if numbers else None
+
+
+def acquire(folder: str, seconds: float, storage_options: dict | None = None) -> Lease | None:
+    """The lease of `folder`, or None when a live step holds it (see the module docstring)."""
+    while True:
+        generation = latest_generation(folder, storage_options)
+        if generation is None:
+            if (lease := _create(folder, 0, seconds, storage_options)) is not None:
+                return lease
+            continue
+        url = fs.join(folder, f"lease-{generation:06d}.json")
+        seen = fs.read_bytes(url, storage_options)
+        if not json.loads(seen)["released"]:
+            logger.info("lease %s is held; waiting %.0f s to see whether its holder is alive", url, seconds)
+            time.sleep(seconds)
+            if latest_generation(folder, storage_options) != generation or fs.read_bytes(url, storage_options) != seen:
+                logger.info("lease %s: its holder is alive", url)
+                return None
+            logger.warning("lease %s was not renewed for %.0f s: taking over from a dead step", url, seconds)
+        lease = _create(folder, generation + 1, seconds, storage_options)
+        if lease is None:
+            return None  # another step took the same generation first
+        return lease
+
+
+def _create(folder: str, generation: int, seconds: float, storage_options: dict | None) -> Lease | None:
+    lease = Lease(folder, generation, seconds, storage_options)
+    if fs.put_exclusive(lease.url, lease.content(0), storage_options):
+        return lease.start()
+    return None

@@ -1,0 +1,119 @@
+"""One retraining step: new committed label shards -> fine-tune -> gate on held-out truth -> publish.
+
+A step is keyed by (watermark, config): the exact committed shards it trains on and everything in
+its config that decides the result. It does, in order:
+1. list the committed shards (`watermark`); if they are what the live version was trained on, or
+   this key already finished (published or not), stop: exit 0, nothing written;
+2. take the key's lease (`lease`); a live step holding it means stop;
+3. fine-tune from the live version (the labeler's own CLIP for the first) into `_steps/<key>/train`;
+   a rerun resumes that fine-tune from its checkpoint;
+4. score the live model and the candidate on the truth set (`score`);
+5. publish `vNNNN/` and move `latest` only if the candidate wins (`versions.publish`);
+6. write `_steps/<key>/done.json` and a record under `records/` saying what was done and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import ModelCfg, to_dict
+from pipeline.eval.truth import open_truth
+from pipeline.io import fs
+from pipeline.outputs import read_run_config
+from pipeline.retrain import lease, score, versions, watermark
+from pipeline.retrain.config import EXECUTION_KEYS, RetrainCfg, check
+
+logger = logging.getLogger(__name__)
+
+# (start model, labeling run outputs, output folder, storage options) -> the fine-tune's summary.json
+Trainer = Callable[[ModelCfg, list[str], str, dict | None], dict]
+DONE = "done.json"
+
+
+def step_key(cfg: RetrainCfg, mark: watermark.Watermark) -> str:
+    """Key of a step: its watermark and every config value that decides what it produces."""
+    decisive = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_KEYS}
+    text = json.dumps({"watermark": watermark.digest(mark), "config": decisive}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
+    """Run one step (module docstring); return its record. `outcome` is one of: nothing-new,
+    already-done, held (another live step has the key), published, not-better."""
+    check(cfg)
+    so = cfg.storage_options or None
+    mark = watermark.current_watermark(cfg.labels, so)
+    if not any(mark.values()):
+        raise ValueError(f"labels: no committed label shard in {', '.join(cfg.labels)}")
+    live = versions.read_latest(cfg.models, so)
+    trained = live["watermark"] if live else {}
+    key = step_key(cfg, mark)
+    record: dict[str, Any] = {
+        "key": key,
+        "shards": sum(len(s) for s in mark.values()),
+        "new_shards": watermark.new_shards(mark, trained),
+        "live_version": live["version"] if live else None,
+    }
+    if live and watermark.digest(trained) == watermark.digest(mark):
+        return {**record, "outcome": "nothing-new", "reason": f"{live['version']} was trained on these shards"}
+    folder = fs.join(cfg.models, versions.STEPS_DIR, key)
+    if fs.exists(fs.join(folder, DONE), so):
+        return {**fs.read_json(fs.join(folder, DONE), so), "outcome": "already-done"}
+    held = lease.acquire(folder, cfg.lease_seconds, so)
+    if held is None:
+        return {**record, "outcome": "held", "reason": "another step is working on this key"}
+    try:
+        if fs.exists(fs.join(folder, DONE), so):  # it finished while we waited for its lease
+            return {**fs.read_json(fs.join(folder, DONE), so), "outcome": "already-done"}
+        record.update(_train_and_gate(cfg, key, mark, live, held, train))
+        fs.put_json(fs.join(folder, DONE), record, so)
+        record["record"] = versions.write_record(cfg.models, key, record, so)
+    finally:
+        held.release()
+    return record
+
+
+def _train_and_gate(
+    cfg: RetrainCfg, key: str, mark: watermark.Watermark, live: dict | None, held: lease.Lease, train: Trainer
+) -> dict[str, Any]:
+    so = cfg.storage_options or None
+    runs = sorted(mark)
+    labeler = read_run_config(runs[0], so)
+    live_model = fs.join(cfg.models, live["version"], versions.MODEL_DIR) if live else None
+    start = ModelCfg(name=live_model) if live_model else labeler.model
+    out = fs.join(cfg.models, versions.STEPS_DIR, key, "train")
+    logger.info("fine-tuning from %s on %d labeling runs into %s", start.name, len(runs), out)
+    began = time.monotonic()
+    summary = train(start, runs, out, so)
+    truth = open_truth(cfg.truth, "", "", so)
+    candidate = fs.join(out, versions.MODEL_DIR)
+    scores = {
+        "live": score.score(score.labeler_cfg(labeler, live_model), truth, cfg.eval_batch_size, so),
+        "candidate": score.score(score.labeler_cfg(labeler, candidate), truth, cfg.eval_batch_size, so),
+    }
+    gain = scores["candidate"] - scores["live"]
+    result: dict[str, Any] = {
+        "trained_from": start.name,
+        "trained_on": runs,
+        "watermark": mark,
+        "truth": cfg.truth,
+        "mIoU": scores,
+        "finetune": {k: summary.get(k) for k in ("final_step", "mIoU", "train_seconds", "n_samples")},
+        "seconds": round(time.monotonic() - began, 1),
+    }
+    if gain <= cfg.min_gain:
+        why = f"candidate mIoU {scores['candidate']:.4f} does not beat {scores['live']:.4f} by more than {cfg.min_gain}"
+        logger.info("not publishing: %s", why)
+        return {**result, "outcome": "not-better", "reason": why}
+    if not held.still_held():
+        raise RuntimeError(f"lost the lease of step {key} to another step; not publishing")
+    info = {k: result[k] for k in ("trained_from", "trained_on", "watermark", "truth", "mIoU", "finetune")}
+    name = versions.publish(cfg.models, key, candidate, info, so)
+    why = f"candidate mIoU {scores['candidate']:.4f} beats {scores['live']:.4f} by more than {cfg.min_gain}"
+    logger.info("published %s: %s", name, why)
+    return {**result, "outcome": "published", "version": name, "reason": why}

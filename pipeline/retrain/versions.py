@@ -1,0 +1,113 @@
+"""Model versions under MODELS/: numbered folders, a claim per number, and the `latest` pointer.
+
+    MODELS/latest.json             {"version": "v0002", ...}: the live version, rewritten last
+    MODELS/v0002/_claim.json       {"key": ...}: created exclusively; a number belongs to one key
+    MODELS/v0002/model/            the exported model (config.json, weights.safetensors, meta.json)
+    MODELS/v0002/version.json      what it was trained on and how it scored; written after model/,
+                                   so a version without it is incomplete and never pointed to
+    MODELS/records/<time>-<key>.json   one record per step that did work: what, why, scores, outcome
+    MODELS/_steps/<key>/           the step's lease and fine-tune output (checkpoints, for resuming)
+
+A step claims the next free number with `fs.put_exclusive`; before that it looks for a number its key
+already claimed (a step killed mid-publish), and finishes that one instead. So one key publishes at
+most one version, however many steps run it and wherever they are killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from pipeline.io import fs
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest.json"
+CLAIM = "_claim.json"
+VERSION = "version.json"
+MODEL_DIR = "model"
+RECORDS_DIR = "records"
+STEPS_DIR = "_steps"
+_VERSION_NAME = re.compile(r"^v(\d{4,})$")
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def list_versions(models: str, storage_options: dict | None = None) -> list[int]:
+    """Numbers of every claimed version folder, complete or not, ascending."""
+    filesystem, path = fs.url_to_fs(models, storage_options)
+    filesystem.invalidate_cache()
+    if not filesystem.exists(path):
+        return []
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in filesystem.ls(path, detail=False))
+    return sorted(int(m.group(1)) for n in names if (m := _VERSION_NAME.match(n)))
+
+
+def read_latest(models: str, storage_options: dict | None = None) -> dict[str, Any] | None:
+    """The live version's `version.json` (with its `version` name), or None before the first publish."""
+    url = fs.join(models, LATEST)
+    if not fs.exists(url, storage_options):
+        return None
+    name = fs.read_json(url, storage_options)["version"]
+    return fs.read_json(fs.join(models, name, VERSION), storage_options)
+
+
+def publish(models: str, key: str, model: str, info: dict[str, Any], storage_options: dict | None = None) -> str:
+    """Publish the model folder `model` as the version of `key`; return its name (e.g. "v0003").
+
+    Order: claim a number, copy the model, write version.json, then point `latest` at it (unless
+    `latest` already points to a newer version). A kill between any two leaves `latest` as it was
+    or pointing to this complete version; a rerun for the same key finishes the same number.
+    """
+    number = _claim(models, key, storage_options)
+    name = version_name(number)
+    filesystem, src = fs.url_to_fs(model, storage_options)
+    _, dst = fs.url_to_fs(fs.join(models, name, MODEL_DIR), storage_options)
+    filesystem.makedirs(dst, exist_ok=True)  # a local folder must exist; a no-op on object stores
+    for file in filesystem.ls(src, detail=False):
+        filesystem.copy(file, f"{dst}/{file.rstrip('/').rsplit('/', 1)[-1]}")
+    fs.put_json(fs.join(models, name, VERSION), {**info, "version": name, "key": key}, storage_options)
+    live = read_latest(models, storage_options)
+    if live is None or int(live["version"][1:]) < number:
+        pointer = {"version": name, "key": key, "published_at": _utc_now()}
+        fs.put_json(fs.join(models, LATEST), pointer, storage_options)
+    return name
+
+
+def _claim(models: str, key: str, storage_options: dict | None) -> int:
+    """The number `key` claimed before, else the next free one, claimed now."""
+    numbers = list_versions(models, storage_options)
+    for number in numbers:
+        if _claim_key(models, number, storage_options) == key:
+            logger.info("%s was claimed by this key before; finishing it", version_name(number))
+            return number
+    number = (numbers[-1] if numbers else 0) + 1
+    while True:
+        url = fs.join(models, version_name(number), CLAIM)
+        if fs.put_exclusive(url, json.dumps({"key": key, "claimed_at": _utc_now()}).encode(), storage_options):
+            return number
+        if _claim_key(models, number, storage_options) == key:
+            return number
+        number += 1
+
+
+def _claim_key(models: str, number: int, storage_options: dict | None) -> str | None:
+    url = fs.join(models, version_name(number), CLAIM)
+    return fs.read_json(url, storage_options)["key"] if fs.exists(url, storage_options) else None
+
+
+def write_record(models: str, key: str, record: dict[str, Any], storage_options: dict | None = None) -> str:
+    """Write a step's record under MODELS/records/ (names sort by time); return its URL."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    url = fs.join(models, RECORDS_DIR, f"{stamp}-{key[:12]}.json")
+    fs.put_json(url, record, storage_options)
+    return url
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,70 @@
+"""The watermark: exactly which committed label shards a model version was trained on.
+
+A watermark maps each labeling run's output URL to `{shard: sha256 of its commit marker}`. Only
+committed shards count (a shard without a marker does not exist, FORMAT.md), and storage listings
+are re-read, never served from an fsspec listing cache, so a shard committed a second ago is seen.
+A marker's checksum changes when its shard is redone (`--overwrite`), so a relabelled shard counts
+as new data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from pipeline import schema
+from pipeline.io import fs
+from pipeline.outputs import committed_shards
+
+logger = logging.getLogger(__name__)
+
+Watermark = dict[str, dict[str, str]]  # run output URL -> {shard name: marker sha256 (hex)}
+
+
+def find_runs(specs: list[str], storage_options: dict | None = None) -> list[str]:
+    """Labeling run outputs named by `specs`: each a run itself (it has `_run/`) or a prefix whose
+    direct sub-folders with a `_run/` are runs. Sorted; raises ValueError for a spec with no run."""
+    runs: list[str] = []
+    for spec in specs:
+        filesystem, path = fs.url_to_fs(spec, storage_options)
+        filesystem.invalidate_cache()
+        if filesystem.exists(f"{path.rstrip('/')}/{schema.RUN_DIR}"):
+            runs.append(spec.rstrip("/"))
+            continue
+        found = []
+        if filesystem.isdir(path):
+            for child in filesystem.ls(path, detail=False):
+                name = child.rstrip("/").rsplit("/", 1)[-1]
+                if filesystem.exists(f"{child.rstrip('/')}/{schema.RUN_DIR}"):
+                    found.append(fs.join(spec, name))
+        if not found:
+            raise ValueError(f"labels: {spec} is neither a labeling run output nor a folder holding any")
+        runs.extend(found)
+    return sorted(dict.fromkeys(runs))
+
+
+def current_watermark(specs: list[str], storage_options: dict | None = None) -> Watermark:
+    """The committed shards of every run named by `specs`, with their markers' checksums."""
+    mark: Watermark = {}
+    for run in find_runs(specs, storage_options):
+        commits = fs.join(run, schema.COMMITS_DIR)
+        filesystem, path = fs.url_to_fs(commits, storage_options)
+        filesystem.invalidate_cache()
+        shards = sorted(committed_shards(run, storage_options))
+        markers = filesystem.cat([f"{path}/{s}.json" for s in shards]) if shards else {}
+        by_name = {p.rstrip("/").rsplit("/", 1)[-1][: -len(".json")]: data for p, data in markers.items()}
+        mark[run] = {s: hashlib.sha256(by_name[s]).hexdigest() for s in shards}
+    n = sum(len(m) for m in mark.values())
+    logger.info("%d committed shards in %d labeling runs", n, len(mark))
+    return mark
+
+
+def digest(mark: Watermark) -> str:
+    """One checksum of a whole watermark (equal watermarks, equal digests)."""
+    return hashlib.sha256(json.dumps(mark, sort_keys=True).encode()).hexdigest()
+
+
+def new_shards(mark: Watermark, trained: Watermark) -> int:
+    """Shards of `mark` that `trained` does not hold with the same marker (new or redone)."""
+    return sum(1 for run, shards in mark.items() for s, h in shards.items() if trained.get(run, {}).get(s) != h)

@@ -1,0 +1,173 @@
+"""`clipdense retrain`: watermark, lease, version claims, the gate, and whole steps on the loopback S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import retrain_helpers as rh
+
+from pipeline.config import from_dict, to_dict
+from pipeline.io import fs
+from pipeline.retrain import RetrainCfg, lease, retrain_step, versions, watermark
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def listing(root: str, storage_options: dict | None) -> dict[str, int]:
+    """Every file under `root` with its size: a step that 'changes nothing' leaves this equal."""
+    filesystem, path = fs.url_to_fs(root, storage_options)
+    filesystem.invalidate_cache()
+    return {p: d["size"] for p, d in filesystem.find(path, detail=True).items()}
+
+
+def test_put_exclusive_has_one_winner(storage):
+    root, so = storage
+    url = fs.join(root, "claims", "v0001.json")
+    wins: list[int] = []
+    threads = [
+        threading.Thread(target=lambda i=i: wins.append(i) if fs.put_exclusive(url, str(i).encode(), so) else None)
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert fs.read_bytes(url, so) == str(wins[0]).encode()
+    assert not fs.put_exclusive(url, b"late", so)
+
+
+@pytest.mark.s3
+def test_watermark_counts_committed_shards_and_redone_ones(s3, s3_root):
+    so = dict(s3.storage_options)
+    labels = fs.join(s3_root, "labels")
+    rh.run_output(labels, "run-1", ["a", "b"], so)
+    fs.put_atomic(fs.join(labels, "run-1", "_commits", fs.temp_name("c.json")), b"{}", so)  # unfinished marker
+    fs.put_atomic(fs.join(labels, "not-a-run", "x.txt"), b"", so)
+    assert watermark.find_runs([labels], so) == [fs.join(labels, "run-1")]
+    first = watermark.current_watermark([labels], so)
+    assert sorted(first[fs.join(labels, "run-1")]) == ["a", "b"]
+    # Listed again through the same (cached) filesystem: a new run and a redone shard are seen.
+    rh.run_output(labels, "run-2", ["c"], so)
+    rh.commit(fs.join(labels, "run-1"), "b", so, seed=1)
+    second = watermark.current_watermark([labels], so)
+    assert watermark.new_shards(second, first) == 2  # c is new, b's marker changed
+    assert watermark.new_shards(second, second) == 0
+    assert watermark.digest(first) != watermark.digest(second)
+    with pytest.raises(ValueError, match="neither a labeling run"):
+        watermark.find_runs([fs.join(s3_root, "nothing")], so)
+
+
+def test_lease_taken_over_only_from_a_dead_holder(tmp_path):
+    folder = str(tmp_path / "step")
+    held = lease.acquire(folder, 0.6)
+    assert held is not None and held.generation == 0
+    assert lease.acquire(folder, 0.6) is None  # renewed while we waited: a live holder
+    held._stop.set()  # the holder dies without releasing: no more renewals
+    held._thread.join()
+    taken = lease.acquire(folder, 0.6)
+    assert taken is not None and taken.generation == 1
+    assert not held.still_held() and taken.still_held()
+    taken.release()
+    again = lease.acquire(folder, 0.6)  # a released lease is free at once
+    assert again is not None and again.generation == 2
+    again.release()
+
+
+def test_publish_resumes_the_number_its_key_claimed(tmp_path):
+    models, candidate = str(tmp_path / "models"), str(tmp_path / "candidate")
+    rh.export_shipped(None, [], candidate, None)
+    model = fs.join(candidate, "model")
+    assert versions.publish(models, "key-a", model, {"mIoU": 1}) == "v0001"
+    # A step for key-b killed after its claim: the number is taken, the version incomplete, latest unmoved.
+    assert fs.put_exclusive(fs.join(models, "v0002", versions.CLAIM), json.dumps({"key": "key-b"}).encode())
+    assert versions.read_latest(models)["version"] == "v0001"
+    assert versions.publish(models, "key-c", model, {}) == "v0003"
+    assert versions.publish(models, "key-b", model, {}) == "v0002"  # the rerun finishes its own number
+    assert versions.read_latest(models)["version"] == "v0003"  # and never moves latest backwards
+    assert versions.publish(models, "key-c", model, {}) == "v0003"
+    assert versions.list_versions(models) == [1, 2, 3]
+
+
+def step_cfg(s3_root: str, so: dict, **extra) -> RetrainCfg:
+    data = {
+        "labels": [fs.join(s3_root, "labels")],
+        "models": fs.join(s3_root, "models"),
+        "truth": [fs.join(s3_root, "truth")],
+        "storage_options": so,
+        "lease_seconds": 2.0,
+        **extra,
+    }
+    return from_dict(RetrainCfg, data)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_step_publishes_then_does_nothing_then_gates(s3, s3_root):
+    so = dict(s3.storage_options)
+    rh.truth(s3_root, so)
+    rh.run_output(fs.join(s3_root, "labels"), "run-1", ["a", "b"], so)
+    cfg = step_cfg(s3_root, so)
+    first = retrain_step(cfg, rh.export_shipped)
+    assert first["outcome"] == "published" and first["version"] == "v0001", first
+    assert first["mIoU"]["candidate"] > first["mIoU"]["live"]  # trained shapes-clip beats random init
+    latest = versions.read_latest(cfg.models, so)
+    assert latest["version"] == "v0001" and latest["watermark"] == first["watermark"]
+    record = fs.read_json(first["record"], so)
+    assert record["outcome"] == "published" and record["trained_on"] == [fs.join(s3_root, "labels", "run-1")]
+
+    before = listing(s3_root, so)
+    again = retrain_step(cfg, rh.export_shipped)
+    assert again["outcome"] == "nothing-new" and again["new_shards"] == 0
+    assert listing(s3_root, so) == before
+
+    rh.run_output(fs.join(s3_root, "labels"), "run-2", ["c"], so)
+    second = retrain_step(cfg, rh.export_shipped)
+    assert second["outcome"] == "not-better" and second["new_shards"] == 1, second
+    assert second["mIoU"]["candidate"] == pytest.approx(second["mIoU"]["live"], abs=1e-6)  # the same weights
+    assert second["trained_from"] == fs.join(cfg.models, "v0001", "model")
+    assert versions.read_latest(cfg.models, so)["version"] == "v0001"
+    assert versions.list_versions(cfg.models, so) == [1]
+    assert fs.read_json(second["record"], so)["reason"].startswith("candidate mIoU")
+    before = listing(s3_root, so)
+    assert retrain_step(cfg, rh.export_shipped)["outcome"] == "already-done"
+    assert listing(s3_root, so) == before
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_two_steps_at_once_publish_one_version(s3, s3_root):
+    so = dict(s3.storage_options)
+    rh.truth(s3_root, so)
+    rh.run_output(fs.join(s3_root, "labels"), "run-1", ["a"], so)
+    cfg = step_cfg(s3_root, so)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "CUDA_VISIBLE_DEVICES": ""}
+    arg = json.dumps(to_dict(cfg))
+    helper = str(ROOT / "tests" / "retrain_helpers.py")
+    procs = [subprocess.Popen([sys.executable, helper, arg], stdout=subprocess.PIPE, env=env) for _ in range(2)]
+    outcomes = sorted(json.loads(p.communicate(timeout=300)[0].decode().splitlines()[-1])["outcome"] for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert outcomes in (["held", "published"], ["already-done", "published"]), outcomes
+    assert versions.list_versions(cfg.models, so) == [1]
+    assert versions.read_latest(cfg.models, so)["version"] == "v0001"
+    records = fs.url_to_fs(fs.join(cfg.models, versions.RECORDS_DIR), so)
+    assert len(records[0].ls(records[1])) == 1
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"labels: [{tmp_path}/labels]\nmodels: {tmp_path}/models\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.retrain", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == "clipdense retrain: error: retrain config: `truth` (held-out shards that gate publishing) is required"
+    )
