@@ -20,7 +20,6 @@ COMMANDS = [
     "jobs.shapes",
     "jobs.pretrain_shapes",
     "jobs.eval",
-    "jobs.finetune",
     "jobs.label",
     "jobs.segment",
     "jobs.retrain",
