@@ -20,6 +20,7 @@ COMMANDS = [
     "jobs.shapes",
     "jobs.pretrain_shapes",
     "jobs.eval",
+    "jobs.finetune",
     "jobs.label",
     "jobs.segment",
     "jobs.retrain",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import dump_yaml, load_config
+import yaml
+
+from pipeline.config import RunCfg, dump_yaml, load_config
+from pipeline.train.config import FinetuneCfg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,6 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="print the resolved config (file + overrides + defaults)")
     show.add_argument("file", nargs="?", default=None, help="YAML config file or URL (optional)")
     show.add_argument("overrides", nargs="*", metavar="k=v", help="dotted overrides, e.g. model.name=ViT-B-16")
+    show.add_argument(
+        "--job",
+        choices=("label", "finetune"),
+        default=None,
+        help="whose config (default: finetune when the file has a `labels` key, else label)",
+    )
     show.set_defaults(func=_show)
 
 
@@ -20,5 +29,18 @@ def _show(args: argparse.Namespace) -> int:
     file, overrides = args.file, list(args.overrides)
     if file is not None and "=" in file:
         file, overrides = None, [file, *overrides]
-    print(dump_yaml(load_config(file, overrides)), end="")
+    job = args.job or ("finetune" if _has_labels_key(file, overrides) else "label")
+    print(dump_yaml(load_config(file, overrides, cls=FinetuneCfg if job == "finetune" else RunCfg)), end="")
     return 0
+
+
+def _has_labels_key(file: str | None, overrides: list[str]) -> bool:
+    """A fine-tune config names `labels` (labeling runs); a labeling config never does."""
+    if any(o.split("=", 1)[0].strip() == "labels" for o in overrides):
+        return True
+    if not file:
+        return False
+    from pipeline.io.fs import read_text
+
+    data = yaml.safe_load(read_text(file)) or {}
+    return isinstance(data, dict) and "labels" in data

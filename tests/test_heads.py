@@ -53,7 +53,7 @@ def test_registering_a_name_again_warns_and_replaces():
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
-@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("name", [h for h in list_heads() if h != "denseclip"])  # a student's: test_finetune.py
 def test_head_shapes_finite_and_batch_invariant(name, kind):
     bb = tiny_backbone(kind)
     head, text = create_head(name), _text(bb)

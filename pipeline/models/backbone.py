@@ -67,6 +67,8 @@ class Backbone:
     mean: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN
     std: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD
     meta: dict[str, Any] = field(default_factory=dict)
+    folder: str = ""  # the model folder (shipped or a URL) the weights and meta.json came from; "" = none
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # to read more of `folder`
     kind: str = field(init=False)  # "vit" or "resnet", from the vision tower
     _pos_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -176,7 +178,9 @@ def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbon
     mean = tuple(meta.get("mean") or preprocess.get("mean") or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(meta.get("std") or preprocess.get("std") or open_clip.OPENAI_DATASET_STD)
     logger.info("loaded %s (weights: %s) on %s as %s", source.name, weights or "random", device, dtype)
-    return Backbone(model, tokenizer, source.name, weights, device, dtype, mean, std, meta)
+    return Backbone(
+        model, tokenizer, source.name, weights, device, dtype, mean, std, meta, source.folder, storage_options
+    )
 
 
 @contextlib.contextmanager
@@ -187,6 +191,15 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def model_config(name: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """The open_clip model config (`embed_dim`, `vision_cfg`, `text_cfg`) of a model name, as `load_backbone`
+    resolves it (ValueError for hf-hub:/local-dir: names, whose config open_clip keeps to itself)."""
+    config = _resolve_source(name, storage_options).config
+    if config is None:
+        raise ValueError(f"model {name!r}: its config is not readable here; name an open_clip architecture or a folder")
+    return copy.deepcopy(config)
 
 
 def _resolve_source(name: str, storage_options: dict | None) -> _Source:

@@ -72,6 +72,7 @@ class TextClassifier:
     weights: torch.Tensor  # (N, E) float32, L2-normalised, on the backbone's device
     class_index: torch.Tensor  # (N,) int64, class id of each row
     n_classes: int
+    names: tuple[str, ...] = ()  # (N,) the class name of each row (for heads that prompt names themselves)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of dense features (B, E, h, w) with every class: (B, K, h, w) float32."""
@@ -80,12 +81,18 @@ class TextClassifier:
 
     def reduce(self, name_scores: torch.Tensor) -> torch.Tensor:
         """Per-name scores (B, N, ...) to per-class scores (B, K, ...): the max over a class's names."""
-        if len(self.weights) == self.n_classes:
-            return name_scores
-        shape = (name_scores.shape[0], self.n_classes, *name_scores.shape[2:])
-        index = self.class_index.view(1, -1, *[1] * (name_scores.dim() - 2)).expand_as(name_scores)
-        out = name_scores.new_full(shape, float("-inf"))
-        return out.scatter_reduce(1, index, name_scores, "amax")
+        return reduce_names(name_scores, self.class_index, self.n_classes)
+
+
+def reduce_names(name_scores: torch.Tensor, class_index: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-name scores (B, N, ...) to per-class scores (B, K, ...): the max over each class's names,
+    `class_index` (N,) int64 giving each name's class. Differentiable (gradients reach the best name)."""
+    if len(class_index) == n_classes:
+        return name_scores
+    shape = (name_scores.shape[0], n_classes, *name_scores.shape[2:])
+    index = class_index.view(1, -1, *[1] * (name_scores.dim() - 2)).expand_as(name_scores)
+    out = name_scores.new_full(shape, float("-inf"))
+    return out.scatter_reduce(1, index, name_scores, "amax")
 
 
 def build_text_classifier(backbone: Backbone, vocab: Vocabulary, templates: tuple[str, ...]) -> TextClassifier:
@@ -98,6 +105,6 @@ def build_text_classifier(backbone: Backbone, vocab: Vocabulary, templates: tupl
         emb = backbone.encode_text(prompts).view(len(names), len(templates), -1)
         weights = F.normalize(emb.mean(dim=1), dim=-1)
         index = torch.tensor([cls for cls, _ in names], dtype=torch.long, device=weights.device)
-        cache[key] = TextClassifier(weights, index, len(vocab))
+        cache[key] = TextClassifier(weights, index, len(vocab), tuple(name for _, name in names))
         logger.info("text classifier: %d classes, %d names, %d templates", len(vocab), len(names), len(templates))
     return cache[key]

@@ -22,6 +22,9 @@ text classifier of the vocabulary (cached) and the head. For a batch of images i
    image with 150 classes never holds a full-size float32 K x H x W tensor, and turns it into labels
    and confidences (softmax at `infer.logit_scale`), with background and ignore thresholds.
 
+A model's `meta.json` may name a `head` of its own (a DenseCLIP student exported by the fine-tuning
+job): it replaces the configured head while `head.name` keeps its default.
+
 Model calibration: a model's `meta.json` may carry `background_offset` (added to
 `vocab.background_offset`), `logit_scale` and `templates` (used while the config keeps the
 defaults of `infer.logit_scale` and `prompts.templates`), and `infer`: its recommended
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import schema
-from pipeline.config import InferCfg, PromptCfg, RunCfg
+from pipeline.config import HeadCfg, InferCfg, PromptCfg, RunCfg
 from pipeline.models.backbone import Backbone, load_backbone
 from pipeline.models.heads import create_head
 from pipeline.models.pamr import pamr
@@ -82,6 +85,8 @@ class DenseLabeler:
         self.head = create_head(cfg.head.name, **cfg.head.options)  # before the model: a bad head fails fast
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
         meta = self.backbone.meta
+        if meta.get("head") and cfg.head == HeadCfg():
+            self.head = create_head(meta["head"])  # a model with a head of its own (a fine-tuned student)
         self.infer: InferCfg = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
         if spec == PromptCfg().templates and meta.get("templates"):

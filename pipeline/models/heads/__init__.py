@@ -6,7 +6,7 @@ any temperature, max over each class's synonyms. `list_heads()` names them; `cre
 **options)` builds one. Importing this package registers the built-in heads.
 """
 
-from pipeline.models.heads import attention, clip, clsclip, maskclip  # noqa: F401  (registers the heads)
+from pipeline.models.heads import attention, clip, clsclip, denseclip, maskclip  # noqa: F401  (registers the heads)
 from pipeline.models.heads._base import DenseHead, Encoded
 from pipeline.models.heads._registry import create_head, head_options, list_heads, register_head
 

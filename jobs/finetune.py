@@ -1,0 +1,51 @@
+"""`clipdense finetune CONFIG [k=v ...]` (also `python -m jobs.finetune`): train a DenseCLIP student on
+the pseudo-label shards of one or more labeling runs, evaluate it and export it as a model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "finetune",
+        help="fine-tune a DenseCLIP student on pseudo-label shards",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[-1],
+    )
+    _arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file or URL (labels: [RUN_OUTPUT, ...], output: URL)")
+    parser.add_argument("overrides", nargs="*", metavar="k=v", help="dotted overrides, e.g. optim.steps=500")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.train import FinetuneCfg, finetune
+
+    summary = finetune(load_config(args.config, args.overrides, cls=FinetuneCfg))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
+    _arguments(parser)
+    args = parser.parse_args(argv)
+    from pipeline.obs import setup_logging
+
+    setup_logging()
+    try:
+        return _run(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"finetune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Ray Train wrapper of the fine-tuning job: N workers (`TorchTrainer`, DDP), gloo on CPU, nccl on GPU.
+
+Every worker runs the same `train_worker(cfg, rank, world)` as an in-process run, after Ray Train has
+set up the default torch.distributed process group; rank 0 writes checkpoints, metrics, the model and the
+summary to the job's own output (Ray Train's checkpointing is not used: the output URL is the single
+place a run resumes from). Needs the `ray[train]` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.distribute.job import connect
+
+logger = logging.getLogger(__name__)
+
+
+def run_train_workers(cfg: Any, worker: Callable[[Any, int, int], dict]) -> None:
+    """Run `worker(cfg, rank, world)` on `cfg.distribute.num_workers` Ray Train workers; RuntimeError
+    (naming the first worker error) when the run fails."""
+    dist = cfg.distribute
+    shutdown = connect(dist.address)
+    try:
+        trainer = TorchTrainer(
+            lambda _config: worker(
+                cfg, ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+            ),
+            scaling_config=ScalingConfig(
+                num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker={"CPU": dist.cpus_per_worker}
+            ),
+            torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="clipdense-train-"), name="finetune"),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            first = (
+                str(result.error).strip().splitlines()[-1] if str(result.error).strip() else type(result.error).__name__
+            )
+            raise RuntimeError(f"fine-tune workers failed: {first}")
+    finally:
+        if shutdown:
+            ray.shutdown()

@@ -1,0 +1,149 @@
+"""DenseCLIP (Rao et al., CVPR'22; official code raoyongming/DenseCLIP) as an open-vocabulary student.
+
+`DenseCLIP(clip, tokenizer, **options)` wraps an open_clip CLIP model (shared, not copied):
+
+1. the image encoder (`encoder.ImageEncoder`) gives four FPN feature maps and the CLIP-space global and
+   dense embeddings;
+2. the class names go through the frozen text encoder with learnable context vectors (`text.PromptText`)
+   and are refined per image by the context decoder: `t = t + gamma * decoder(t, [global; dense])`;
+3. the pixel-text score map `s = <norm(dense), norm(t)>` (B, K, h, w) feeds the auxiliary loss (on s/tau,
+   tau = 0.07) and is injected into the FPN input at the third level (ViT; the fourth for a ResNet);
+4. the semantic FPN (`decoder.SemanticFPN`) decodes per-pixel embeddings at the finest stride, which are
+   classified by cosine similarity with the refined text embeddings `t`.
+
+Changes from the reference, for an open vocabulary (the reference is a closed-set, 150-class model):
+the score map enters the FPN as its softmax(s/tau)-weighted mix of the text embeddings (E channels),
+not as its K raw channels, and the last layer is the text embeddings, not a K-way convolution, so the
+same weights label any list of classes; class names may be long (see `text`). Synonyms of a class are
+scored separately and the class takes their maximum, as in the training-free heads.
+
+Saved as two files: the CLIP weights (`clip_state`, loadable by `pipeline.models.load_backbone`) and the
+student's own parameters (`student_state`: contexts, context decoder, gamma, adapters, FPN, logit scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models.prompts import reduce_names
+from pipeline.models.student.decoder import SemanticFPN
+from pipeline.models.student.encoder import ImageEncoder, resize_like
+from pipeline.models.student.text import ContextDecoder, PromptText
+
+STUDENT_FILE = "student.safetensors"
+_SHARED = ("clip.", "image.visual.", "text.clip.")  # the CLIP model, reached under three names
+
+
+class DenseCLIP(nn.Module):
+    """See the module docstring. Options (all saved in `options`, the model folder's meta.json `student`):
+
+    n_contexts: learnable context vectors (8); decoder_width/layers/heads: context decoder (256/3/4);
+    gamma_init: initial gamma (1e-4); fpn_width/fpn_head_width: FPN neck and head channels (256/128);
+    dropout: context decoder and FPN head dropout (0.1); tau: temperature of the auxiliary score map (0.07).
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer,
+        n_contexts: int = 8,
+        decoder_width: int = 256,
+        decoder_layers: int = 3,
+        decoder_heads: int = 4,
+        gamma_init: float = 1e-4,
+        fpn_width: int = 256,
+        fpn_head_width: int = 128,
+        dropout: float = 0.1,
+        tau: float = 0.07,
+    ) -> None:
+        super().__init__()
+        if not hasattr(tokenizer, "sot_token_id"):
+            raise ValueError("a DenseCLIP student needs a CLIP BPE tokenizer (open_clip SimpleTokenizer)")
+        self.options = {
+            "n_contexts": n_contexts,
+            "decoder_width": decoder_width,
+            "decoder_layers": decoder_layers,
+            "decoder_heads": decoder_heads,
+            "gamma_init": gamma_init,
+            "fpn_width": fpn_width,
+            "fpn_head_width": fpn_head_width,
+            "dropout": dropout,
+            "tau": tau,
+        }
+        self.clip = clip
+        self.image = ImageEncoder(clip.visual)
+        self.text = PromptText(clip, tokenizer, n_contexts)
+        dim = int(clip.text_projection.shape[1])
+        self.context_decoder = ContextDecoder(dim, decoder_width, decoder_layers, decoder_heads, dropout)
+        self.gamma = nn.Parameter(torch.full((dim,), float(gamma_init)))
+        self.concat_index = 2 if self.image.is_vit else 3
+        channels = list(self.image.channels)
+        channels[self.concat_index] += dim
+        self.decoder = SemanticFPN(channels, self.image.strides, dim, fpn_width, fpn_head_width, dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)))  # pixel classifier temperature
+        self.tau = tau
+        self.clip.requires_grad_(False)  # the text encoder is frozen (reference: lr_mult 0) ...
+        self.clip.visual.requires_grad_(True)  # ... the image encoder is fine-tuned
+
+    @property
+    def stride(self) -> float:
+        """Input pixels per cell of the output map."""
+        return self.image.strides[0]
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, class_index: torch.Tensor, n_classes: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class scores of images (B, 3, H, W) normalised, for class names `tokens` (N, L) (`tokenize`).
+
+        Returns (scores, aux), cosine similarities float32 with one channel per class (the max over its
+        names, `class_index` (N,) naming each row's class): scores (B, K, H/stride, W/stride) from the FPN,
+        aux (B, K, h, w) the pixel-text score map at the encoder's output stride.
+        """
+        return self.classify(images, self.text(tokens), class_index, n_classes)
+
+    def classify(
+        self, images: torch.Tensor, text: torch.Tensor, class_index: torch.Tensor, n_classes: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with the prompt embeddings `text` (N, E) already computed (`self.text(tokens)`)."""
+        dtype = self.gamma.dtype
+        feats, global_, dense = self.image(images.to(dtype))
+        b = images.shape[0]
+        visual = torch.cat([global_[:, None], dense.flatten(2).transpose(1, 2)], dim=1).to(dtype)
+        t = text.to(dtype)[None].expand(b, -1, -1)
+        t = F.normalize((t + self.gamma * self.context_decoder(t, visual)).float(), dim=-1)  # (B, N, E)
+        aux = torch.einsum("bchw,bnc->bnhw", F.normalize(dense.float(), dim=1), t)
+        mix = torch.einsum("bnhw,bnc->bchw", (aux / self.tau).softmax(dim=1), t)
+        level = feats[self.concat_index]
+        feats[self.concat_index] = torch.cat([level, resize_like(mix, level.shape[-2:]).to(level.dtype)], dim=1)
+        pixels = F.normalize(self.decoder(feats).float(), dim=1)
+        scores = torch.einsum("bchw,bnc->bnhw", pixels, t)
+        return reduce_names(scores, class_index, n_classes), reduce_names(aux, class_index, n_classes)
+
+
+def clip_state(model: DenseCLIP) -> dict[str, torch.Tensor]:
+    """The CLIP model's weights (open_clip names), float32."""
+    return {k: v.detach().float().contiguous() for k, v in model.clip.state_dict().items()}
+
+
+def student_state(model: DenseCLIP) -> dict[str, torch.Tensor]:
+    """The student's own weights and buffers, float32 (BatchNorm's step counter stays an integer)."""
+    return {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(_SHARED)
+    }
+
+
+def load_student_state(model: DenseCLIP, state: dict[str, torch.Tensor]) -> None:
+    """Load `student_state` output into `model` (strict over the student's own keys)."""
+    own = {k for k in model.state_dict() if not k.startswith(_SHARED)}
+    missing, unexpected = own - state.keys(), state.keys() - own
+    if missing or unexpected:
+        raise ValueError(
+            f"student weights do not fit: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    model.load_state_dict(state, strict=False)
