@@ -12,13 +12,15 @@ import argparse
 import dataclasses
 import io
 import re
+import sys
 from pathlib import PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.io import fs
+from pipeline.io.decode import decode_image
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -78,25 +80,72 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError('--classes is empty: give comma-separated class names, e.g. --classes "cat, dog"')
         cfg = dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, classes=classes))
     vocab = resolve_vocabulary(cfg.vocab, storage_options=cfg.storage_options)
-    images = [_read_image(path, cfg.storage_options) for path in paths]
+    paths = list(dict.fromkeys(paths))  # an image named twice is labelled once
+    stems = dict(zip(paths, output_stems(paths), strict=True))
+    images: dict[str, np.ndarray] = {}
+    for path in paths:  # a bad image is one line on stderr; the others are still labelled
+        try:
+            images[path] = _read_image(path, cfg.storage_options, cfg.distribute.max_pixels)
+        except ValueError as exc:
+            print(f"clipdense segment: error: {exc}", file=sys.stderr)
+    if not images:
+        return 2
     labeler = ZoomLabeler(DenseLabeler(cfg, vocab, cfg.storage_options), cfg.zoom)  # zoom.enabled=true to zoom in
-    for path, image, result in zip(paths, images, labeler(images), strict=True):
-        stem = PurePosixPath(path.rstrip("/")).name.rsplit(".", 1)[0]
+    for (path, image), result in zip(images.items(), labeler(list(images.values())), strict=True):
+        stem = stems[path]
         seg_url, overlay_url = fs.join(args.out, f"{stem}.seg.png"), fs.join(args.out, f"{stem}.overlay.png")
         fs.put_atomic(seg_url, _png(Image.fromarray(result.labels)), cfg.storage_options)
         picture = overlay(image, result.labels, vocab.display_names, labeler.ignore)
         fs.put_atomic(overlay_url, _png(picture), cfg.storage_options)
         present = [vocab.display_names[i] for i in np.unique(result.labels) if i != labeler.ignore]
         print(f"{path}: {seg_url} {overlay_url} ({', '.join(present) or 'all ignored'})")
-    return 0
+    return 0 if len(images) == len(paths) else 2
 
 
-def _read_image(url: str, storage_options: dict) -> np.ndarray:
+def _read_image(url: str, storage_options: dict, max_pixels: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of the image at `url`, decoded as the labeling job decodes shard images.
+
+    Raises:
+        ValueError: the file is missing, unreadable or not a decodable image; the message names `url`.
+    """
     try:
-        with Image.open(io.BytesIO(fs.read_bytes(url, storage_options))) as img:
-            return np.asarray(img.convert("RGB"))
-    except UnidentifiedImageError:
-        raise ValueError(f"{url}: not an image PIL can read") from None
+        return decode_image(fs.read_bytes(url, storage_options), max_pixels)
+    except FileNotFoundError:
+        raise ValueError(f"{url}: no such file") from None
+    except ValueError as exc:
+        raise ValueError(f"{url}: {exc}") from None
+    except OSError as exc:  # a folder, no permission, a store error
+        raise ValueError(f"{url}: cannot read: {type(exc).__name__}: {exc}") from None
+
+
+def output_stems(paths: list[str]) -> list[str]:
+    """Output name stems (`STEM.seg.png`), one per input path, never two alike.
+
+    An image's stem is its basename without the extension (`street` for `a/street.jpg`). Inputs
+    whose stems clash take their extension too (`street_jpg`, `street_png`), then their parent
+    folders (`a_street_jpg`, `b_street_jpg`) until they differ, so no output overwrites another's.
+    """
+    parts = [PurePosixPath(p.split("://", 1)[-1].rstrip("/")).parts or ("image",) for p in paths]
+    levels = [0] * len(paths)
+
+    def name(i: int) -> str:
+        if levels[i] == 0:
+            return parts[i][-1].rsplit(".", 1)[0]
+        return "_".join(parts[i][-levels[i] :]).replace(".", "_")
+
+    while True:
+        names = [name(i) for i in range(len(paths))]
+        clashing = [i for i, n in enumerate(names) if names.count(n) > 1]
+        deeper = [i for i in clashing if levels[i] < len(parts[i])]
+        if not deeper:
+            break
+        for i in deeper:
+            levels[i] += 1
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):  # only equal paths spelled differently get here (a/x.jpg, a//x.jpg)
+        seen[n] = seen.get(n, 0) + 1
+        names[i] = n if seen[n] == 1 else f"{n}-{seen[n]}"
+    return names
 
 
 def _png(image: Image.Image) -> bytes:

@@ -225,6 +225,27 @@ def test_pamr_pulls_scores_along_colour_regions():
     assert torch.allclose(pamr(torch.full((1, 2, 32, 32), 0.3), flat, steps=3), torch.full((1, 2, 32, 32), 0.3))
 
 
+def test_pamr_refines_only_classes_that_can_win_and_keeps_the_labels_of_refining_all():
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, 40, 48, generator=gen).repeat_interleave(8, 2).repeat_interleave(8, 3)[..., :40, :48]
+    scores = torch.rand(2, 6, 40, 48, generator=gen) * 0.2
+    scores[:, :2] += 0.5  # two classes win everywhere; classes 2-5 never come near
+    scores[1, 2] = 0.55  # image 1: a class that never wins but is the best one on average
+    scores[1, :2] = torch.where(torch.arange(48) // 2 % 2 == 0, 1.0, 0.0)  # stripes of 2 px: 0 and 1 alternate
+    scores[1, 1] = 1 - scores[1, 0]
+    full = pamr(scores, image, steps=5, dilations=(2, 4), every_class=True)
+    fast = pamr(scores, image, steps=5, dilations=(2, 4))
+    assert torch.equal(fast.argmax(1), full.argmax(1))
+    assert (full[1].argmax(0) == 2).any()  # it wins once refined: the bound brought it in
+    assert torch.allclose(fast[:, :2], full[:, :2], atol=1e-6) and torch.allclose(fast[1, 2], full[1, 2], atol=1e-6)
+    left_out = fast[0, 2:]  # never refined: their raw distance below the best, capped by the refined envelope
+    envelope = scores[0, 2:].amax(0)
+    refined_envelope = pamr(envelope[None, None], image[:1], steps=5, dilations=(2, 4))[0, 0]
+    best, raw_best = full[0, :2].amax(0), scores[0, :2].amax(0)
+    assert torch.allclose(left_out, torch.minimum(best - (raw_best - scores[0, 2:]), refined_envelope), atol=1e-5)
+    assert (left_out < best).all() and (full[0, 2:] <= refined_envelope + 1e-6).all()
+
+
 def test_pamr_in_the_labeler_reaches_half_a_patch_and_one_patch():
     """The labeler's PAMR dilations follow the model's feature stride (8 for the tiny ViT)."""
     images = blocky_uint8(1, 64, 64, seed=12)

@@ -33,10 +33,11 @@ def test_segment_writes_a_label_map_and_an_overlay(tmp_path, image_path, capsys)
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
-        (["missing.jpg", "--classes", "cat"], "no such file"),
+        (["missing.jpg", "--classes", "cat, dog"], "missing.jpg: no such file"),
         (["IMG", "--classes", " , "], "--classes is empty"),
-        (["IMG", "--classes", "cat", "--head", "segformer"], "unknown head 'segformer'"),
-        (["IMG", "--classes", "cat", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["IMG", "--classes", "cat"], "the vocabulary has one class ('cat')"),
+        (["IMG", "--classes", "cat, dog", "--head", "segformer"], "unknown head 'segformer'"),
+        (["IMG", "--classes", "cat, dog", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(tmp_path, image_path, capsys, args, reason):

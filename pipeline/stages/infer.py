@@ -56,6 +56,7 @@ from pipeline.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 _STRIPE_BYTES = 64 << 20  # working memory of one finalize stripe
+_PAMR_BATCH_BYTES = 256 << 20  # score maps refined together by PAMR
 # Working pixels of an image are at most MAX_ASPECT x short_side²: images up to 4:1 keep their short
 # side at short_side (ordinary photos are 4:3 to 16:9, panoramas about 3:1); longer strips shrink.
 MAX_ASPECT = 4
@@ -222,16 +223,31 @@ class DenseLabeler:
             scores = self.head(self.backbone, self.text, batch)  # (n_windows, K, h, w)
             logger.debug("head %s: %d windows of %s from %d images", self.cfg.head.name, len(batch), size, len(members))
             for i, part in zip(members, scores.split([len(plans[i][1]) for i in members]), strict=True):
-                maps[i] = self._post(win.stitch(part, plans[i][1], size, tuple(images[i].shape[1:])), images[i])
+                maps[i] = win.stitch(part, plans[i][1], size, tuple(images[i].shape[1:]))
+                if self.vocab.background is not None and self.background_offset:
+                    maps[i][self.vocab.background] += self.background_offset
+        if self.infer.pamr_steps > 0:
+            self._pamr(maps, images)
         return maps
 
-    def _post(self, scores: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        if self.vocab.background is not None and self.background_offset:
-            scores[self.vocab.background] += self.background_offset
-        if self.infer.pamr_steps > 0:
-            stride = self.backbone.stride
-            scores = pamr(scores[None], image[None], self.infer.pamr_steps, (max(1, stride // 2), stride))[0]
-        return scores
+    def _pamr(self, maps: list[torch.Tensor], images: list[torch.Tensor]) -> None:
+        """PAMR in place, the maps of one size together (one batch of at most `_PAMR_BATCH_BYTES` of scores)."""
+        stride = self.backbone.stride
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, m in enumerate(maps):
+            by_size.setdefault(tuple(m.shape), []).append(i)
+        for shape, members in by_size.items():
+            step = max(1, _PAMR_BATCH_BYTES // (4 * math.prod(shape)))
+            for start in range(0, len(members), step):
+                chunk = members[start : start + step]
+                refined = pamr(
+                    torch.stack([maps[i] for i in chunk]),
+                    torch.stack([images[i] for i in chunk]),
+                    self.infer.pamr_steps,
+                    (max(1, stride // 2), stride),
+                )
+                for i, m in zip(chunk, refined, strict=True):
+                    maps[i] = m
 
 
 _UNSET_DEFAULTS = {"shifts": 1, "pamr_steps": 0}  # what an unset (null) key means, and its smallest value
