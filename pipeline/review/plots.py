@@ -21,7 +21,7 @@ from pipeline.review.overlay import palette
 from pipeline.vocab import Vocabulary
 
 MAX_CLASSES = 40  # bars in the class chart: the classes with the most pixels
-MAX_POINTS = 2000  # points in the throughput plot (shards beyond are thinned evenly)
+MAX_POINTS = 500  # points in the throughput plot (shards beyond are thinned evenly)
 _RC = {"svg.hashsalt": "clipdense", "font.size": 9}
 
 
