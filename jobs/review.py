@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=int, default=48, help="samples in the gallery (default 48)")
     parser.add_argument("--sort", default="lowest-confidence", help=f"which samples, in what order: {SORTS}")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sort random (default 0)")
-    parser.add_argument("--compare", type=int, default=8, help="images labelled again by a fine-tune's student")
+    parser.add_argument(
+        "--compare", type=int, default=8, help="images labelled again by a fine-tune's student (default 8)"
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="report folder (default OUT/review)")
     parser.set_defaults(func=run)
 

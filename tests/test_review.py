@@ -132,6 +132,8 @@ def test_the_report_of_a_run_on_s3_shows_the_lowest_confidence_samples_with_ever
         shares = json.loads(card["data-shares"])
         assert sum(shares.values()) == pytest.approx(1 - row["ignored_fraction"], abs=1e-4)
     text = " ".join(parsed.text)
+    assert all(f"{len(by_key[c['data-key']]['zoom_regions'])} zoom regions" in text for c in parsed.cards)
+    assert all(by_key[c["data-key"]]["zoom_regions"] for c in parsed.cards)  # zoom.grid=2: drawn on every overlay
     assert "2 failed samples in committed shards" in text and "jpg: not a readable image" in text
     assert "shapes-000001/000001_000001, shapes-000001/000001_000004" in text
 

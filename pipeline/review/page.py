@@ -95,6 +95,7 @@ def _legend(classes: list[tuple[str, float, str]]) -> str:
 
 
 def card_html(card: Card) -> str:
+    """A gallery card: three linked thumbnails, the legend, the figures; `data-*` for the script."""
     shares = json.dumps({n: round(s, 6) for n, s, _ in card.classes})
     pics = "".join(_figure(card.thumbs[k], card.full[k], k) for k in ("image", "overlay", "confidence"))
     return (
@@ -119,6 +120,7 @@ def pair_html(card: Card) -> str:
 
 
 def controls_html(class_names: list[str], sort: str) -> str:
+    """The gallery's sort and filter controls (`class_names`: the classes of the shown cards)."""
     selected = {"lowest-confidence": "lowest-confidence", "highest-confidence": "highest-confidence"}.get(sort, "shown")
     options = [
         ("shown", f"as chosen ({sort})"),
@@ -139,6 +141,7 @@ def controls_html(class_names: list[str], sort: str) -> str:
 
 
 def table_html(rows: list[tuple[Any, ...]], header: tuple[str, ...] = ()) -> str:
+    """An HTML table of `rows` (values shown with str, escaped) under an optional `header`."""
     head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table>{head}{body}</table>"

@@ -17,10 +17,12 @@ import io
 import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from html import escape
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 THUMB_PX = 256
 JPEG_QUALITY = 90
 MAX_EXAMPLES = 5  # sample keys listed per failure reason
+
+Put = Callable[[str, bytes], str]  # writes a file of the report by relative name, returns the name
 
 
 def write_report(
@@ -107,7 +111,7 @@ def _jpeg(picture: np.ndarray | Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _cards(run: RunOutput, indices: list[int], put: Any, student: Any, compare: int) -> list[page.Card]:
+def _cards(run: RunOutput, indices: list[int], put: Put, student: Any, compare: int) -> list[page.Card]:
     """Render and write the pictures of the chosen samples; cards in the chosen order."""
     rank = {(row["shard"], row["key"]): i for i, row in enumerate(run.rows.take(indices).to_pylist())}
     names, colours = run.vocab.display_names, palette(len(run.vocab))
@@ -173,7 +177,7 @@ def _run_section(run: RunOutput, n_ok: int) -> str:
     return page.table_html(facts)
 
 
-def _plots(run: RunOutput, ok: Any, put: Any) -> str:
+def _plots(run: RunOutput, ok: pa.Table, put: Put) -> str:
     if not ok.num_rows:
         return "<p>No labelled sample yet.</p>"
     figures = [("classes", plots.class_histogram(ok, run.vocab)), ("confidence", plots.confidence_distribution(ok))]
@@ -206,7 +210,7 @@ def _failed(run: RunOutput) -> str:
     return html
 
 
-def _finetune_section(finetune: FineTune, cards: list[page.Card], put: Any) -> str:
+def _finetune_section(finetune: FineTune, cards: list[page.Card], put: Put) -> str:
     html = f"<p>Fine-tune {finetune.url} on {', '.join(finetune.labels)}.</p>"
     for name, (kind, value, label) in {
         "loss": ("train", "loss", "training loss"),

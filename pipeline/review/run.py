@@ -65,9 +65,7 @@ def open_run(url: str, storage_options: dict | None = None) -> RunOutput:
     filesystem, _ = fs.url_to_fs(url, storage_options)
     marker_paths = [fs.url_to_fs(fs.join(url, schema.commit_path(s)), storage_options)[1] for s in shards]
     meta_paths = [fs.url_to_fs(fs.join(url, schema.meta_path(s)), storage_options)[1] for s in shards]
-    # One request per file, issued together (fsspec's cat batches them on object stores).
-    marker_bytes = filesystem.cat(marker_paths) if marker_paths else {}
-    markers = [json.loads(marker_bytes[p]) for p in marker_paths]
+    markers = [json.loads(data) for data in _cat(filesystem, marker_paths)]
     tables = [pq.read_table(io.BytesIO(data), columns=COLUMNS) for data in _cat(filesystem, meta_paths)]
     rows = pa.concat_tables(tables) if tables else schema.ROW_SCHEMA.empty_table().select(COLUMNS)
     summary_url = fs.join(url, schema.SUMMARY_FILE)
@@ -84,7 +82,8 @@ def open_run(url: str, storage_options: dict | None = None) -> RunOutput:
 
 
 def _cat(filesystem: Any, paths: list[str], chunk: int = 256) -> Iterator[bytes]:
-    """File contents in `paths` order, fetched `chunk` files at a time (bounded memory)."""
+    """File contents in `paths` order, fetched `chunk` files at a time: bounded memory, and on object
+    stores one batch of concurrent requests per chunk (fsspec's `cat` of a list)."""
     for start in range(0, len(paths), chunk):
         part = paths[start : start + chunk]
         data = filesystem.cat(part)
