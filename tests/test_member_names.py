@@ -17,6 +17,8 @@ from bad_corpus import gradient, image_bytes
 from jobs_fixtures import job_config, tiny_model
 
 from pipeline import schema
+from pipeline.distribute.driver import PoolResult, ShardOutcome
+from pipeline.distribute.job import summarize
 from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, SampleError, iter_samples
 from pipeline.stages.shard import ShardLabeler
@@ -209,6 +211,8 @@ def test_a_shard_of_odd_names_commits_every_sample_under_its_exact_key(tmp_path)
 
     assert (marker["samples"], marker["ok"], marker["failed"]) == (4, 3, 1)
     assert marker["read"]["skipped"] == {"hidden": 2}
+    pool = PoolResult([ShardOutcome(url, attempts=1, marker=marker, status="committed")])
+    assert summarize(cfg, [url], [], pool, seconds=1.0)["samples"]["skipped_members"] == {"hidden": 2}
     rows = pq.read_table(fs.join(cfg.output, schema.meta_path("odd"))).to_pylist()
     keys = [(r["key_bytes"] or r["key"].encode()) for r in rows]
     assert keys == [b"good", LATIN1, LONG, b"broken"]
