@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 
 from pipeline.config import RunCfg, load_config
 from pipeline.eval.truth import TruthSet, open_truth
@@ -87,10 +88,13 @@ def _run(args: argparse.Namespace) -> int:
         _print_report(report, f"run output {args.pred}")
     else:
         report = _run_head(args, cfg, truth)
+    report["unreadable"] = list(truth.unreadable)
     if args.json:
         fs.put_atomic(args.json, json.dumps(report, indent=1).encode(), so)
         print(f"wrote {args.json}")
-    return 0
+    for problem in truth.unreadable:  # bad truth samples: one line each; the others were scored
+        print(f"clipdense eval: error: {problem} (not scored)", file=sys.stderr)
+    return 2 if truth.unreadable else 0
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -29,7 +29,7 @@ from pipeline import schema
 from pipeline.eval.metrics import TruthObject
 from pipeline.io import fs
 from pipeline.io.decode import decode_image, decode_label_png
-from pipeline.io.read import SampleError, iter_samples
+from pipeline.io.read import Sample, SampleError, iter_samples
 from pipeline.io.shards import expand_shards
 from pipeline.vocab import Vocabulary, load_vocabulary
 
@@ -68,6 +68,9 @@ class TruthSet:
     shards: tuple[str, ...] = ()  # shard URLs (kind "shards")
     keys: tuple[str, ...] = ()  # sample keys (kind "voc")
     storage_options: dict | None = None
+    # Samples that could not be read, one line each naming the sample ("URL:KEY: reason"), in the order
+    # met; they are left out of every score and the others are still scored (filled in while iterating).
+    unreadable: dict[str, None] = field(default_factory=dict)
 
     def samples(self, images: bool = True) -> Iterator[TruthSample]:
         """Stream the samples in a fixed order (shard by shard); decode images only when asked."""
@@ -111,21 +114,40 @@ def _shard_samples(truth: TruthSet) -> Iterator[TruthSample]:
     for url in truth.shards:
         shard = schema.shard_name(url)
         for sample in iter_samples(url, truth.storage_options):
-            if isinstance(sample, SampleError):
-                raise ValueError(f"truth sample {sample.shard}/{sample.key} is unreadable: {sample.reason}")
-            data = sample.extra.get(schema.TRUTH_EXT)
-            if data is None:
+            try:
+                found = _shard_sample(truth, url, shard, sample)
+            except ValueError as exc:
+                _unreadable(truth, str(exc))
+                continue
+            if found is None:
                 missing += 1
                 continue
-            labels = read_label_map(data, f"{url}:{sample.key}.{schema.TRUTH_EXT}")
-            if labels.shape != sample.image.shape[:2]:
-                raise ValueError(
-                    f"{url}:{sample.key}: seg.png {labels.shape} and image {sample.image.shape[:2]} differ"
-                )
-            objects = json_objects(sample.json, labels, truth.vocab)
-            yield TruthSample(shard, sample.key, labels, sample.image, objects)
+            yield found
     if missing:
         logger.warning("%d samples in %s have no %s and were not scored", missing, truth.url, schema.TRUTH_EXT)
+
+
+def _shard_sample(truth: TruthSet, url: str, shard: str, sample: Sample | SampleError) -> TruthSample | None:
+    """The truth sample of a read sample; None when it has no `seg.png`; ValueError naming it when unreadable."""
+    if isinstance(sample, SampleError):
+        raise ValueError(f"{url}:{sample.key}: {sample.reason}" if sample.key else f"{url}: {sample.reason}")
+    data = sample.extra.get(schema.TRUTH_EXT)
+    if data is None:
+        return None
+    labels = read_label_map(data, f"{url}:{sample.key}.{schema.TRUTH_EXT}")
+    if labels.shape != sample.image.shape[:2]:
+        raise ValueError(f"{url}:{sample.key}: seg.png {labels.shape} and image {sample.image.shape[:2]} differ")
+    try:
+        objects = json_objects(sample.json, labels, truth.vocab)
+    except ValueError as exc:
+        raise ValueError(f"{url}:{sample.key}.json: {exc}") from None
+    return TruthSample(shard, sample.key, labels, sample.image, objects)
+
+
+def _unreadable(truth: TruthSet, problem: str) -> None:
+    if problem not in truth.unreadable:  # samples() may run more than once (calibration, then scoring)
+        logger.warning("truth sample not scored: %s", problem)
+        truth.unreadable[problem] = None
 
 
 def json_objects(meta: dict | None, labels: np.ndarray, vocab: Vocabulary) -> tuple[TruthObject, ...]:
@@ -173,23 +195,35 @@ def _open_voc(root: str, vocab_file: str, split: str, storage_options: dict | No
 def _voc_samples(truth: TruthSet, images: bool) -> Iterator[TruthSample]:
     root, so = truth.url, truth.storage_options
     for key in truth.keys:
-        label_url = fs.join(root, VOC_LABELS_DIR, f"{key}.png")
-        labels = read_label_map(fs.read_bytes(label_url, so), label_url)
-        image = _voc_image(root, key, so) if images else None
-        if image is not None and image.shape[:2] != labels.shape:
-            raise ValueError(f"{label_url}: size {labels.shape} differs from its image {image.shape[:2]}")
-        objects_url = fs.join(root, VOC_OBJECTS_DIR, f"{key}.png")
-        objects = ()
-        if fs.exists(objects_url, so):
-            objects = instance_objects(read_label_map(fs.read_bytes(objects_url, so), objects_url), labels)
-        yield TruthSample("", key, labels, image, objects)
+        try:
+            found = _voc_sample(root, key, images, so)
+        except (ValueError, FileNotFoundError) as exc:
+            _unreadable(truth, str(exc))
+            continue
+        yield found
+
+
+def _voc_sample(root: str, key: str, images: bool, so: dict | None) -> TruthSample:
+    label_url = fs.join(root, VOC_LABELS_DIR, f"{key}.png")
+    labels = read_label_map(fs.read_bytes(label_url, so), label_url)
+    image = _voc_image(root, key, so) if images else None
+    if image is not None and image.shape[:2] != labels.shape:
+        raise ValueError(f"{label_url}: size {labels.shape} differs from its image {image.shape[:2]}")
+    objects_url = fs.join(root, VOC_OBJECTS_DIR, f"{key}.png")
+    objects = ()
+    if fs.exists(objects_url, so):
+        objects = instance_objects(read_label_map(fs.read_bytes(objects_url, so), objects_url), labels)
+    return TruthSample("", key, labels, image, objects)
 
 
 def _voc_image(root: str, key: str, storage_options: dict | None) -> np.ndarray:
     for ext in schema.IMAGE_EXTS:
         url = fs.join(root, VOC_IMAGES_DIR, f"{key}.{ext}")
         if fs.exists(url, storage_options):
-            return decode_image(fs.read_bytes(url, storage_options))
+            try:
+                return decode_image(fs.read_bytes(url, storage_options))
+            except ValueError as exc:
+                raise ValueError(f"{url}: {exc}") from None
     raise FileNotFoundError(f"{root}: no image for {key} in {VOC_IMAGES_DIR}/")
 
 
