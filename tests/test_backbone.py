@@ -15,7 +15,7 @@ from tiny_models import CONFIGS, blocky_uint8, fresh_backbone, tiny_backbone
 from pipeline.config import ModelCfg, load_config
 from pipeline.models import backbone as backbone_mod
 from pipeline.models.backbone import RANDOM_INIT_WEIGHTS, interpolate_pos_embed, load_backbone
-from pipeline.models.precision import cpu_has_fast_bf16, resolve_device, resolve_dtype
+from pipeline.models.precision import _probe_cpu, probe_cpu, resolve_device, resolve_dtype
 from pipeline.stages.infer import DenseLabeler
 from pipeline.vocab import Vocabulary
 
@@ -126,9 +126,30 @@ def test_openai_weights_without_quickgelu_warn(tmp_path, caplog):
     assert not any("quick_gelu" in r.getMessage() for r in caplog.records)
 
 
+def test_auto_precision_on_cpu_is_the_faster_by_a_probe_cached_per_machine(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CLIPDENSE_CACHE", str(tmp_path))
+    _probe_cpu.cache_clear()
+    try:
+        rates = probe_cpu()
+        assert set(rates) == {"fp32", "bf16"} and min(rates.values()) > 0
+        cached = json.loads((tmp_path / "precision.json").read_text())
+        assert list(cached.values()) == [rates]  # one entry: this machine, torch version and thread count
+        assert resolve_dtype("auto", cpu) == (torch.bfloat16 if rates["bf16"] > 1.05 * rates["fp32"] else torch.float32)
+        for measured, chosen in [
+            ({"fp32": 30.0, "bf16": 90.0}, torch.bfloat16),
+            ({"fp32": 30.0, "bf16": 31.0}, torch.float32),
+        ]:
+            (tmp_path / "precision.json").write_text(json.dumps({next(iter(cached)): measured}))
+            _probe_cpu.cache_clear()
+            assert resolve_dtype("auto", cpu) == chosen  # read from the cache, not measured again
+            assert probe_cpu() == measured
+    finally:
+        _probe_cpu.cache_clear()
+
+
 def test_device_and_dtype_resolution():
     cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     assert resolve_dtype("fp32", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="model.precision 'fp64'"):
         resolve_dtype("fp64", cpu)

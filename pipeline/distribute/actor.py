@@ -34,11 +34,14 @@ class LabelActor:
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs and what it labels with (the run's `_run/vocabulary.json` extras)."""
+        from pipeline.models.precision import describe_precision
+
         dense = self.worker.dense
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": str(dense.device),
+            "precision": describe_precision(dense.cfg.model.precision, dense.device, dense.backbone.dtype),
             "templates": list(dense.templates),
             "text_embedding_sha256": text_checksum(dense.text_embeddings),
         }
