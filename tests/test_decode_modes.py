@@ -105,3 +105,16 @@ def test_cmyk_jpeg_decodes_to_its_colours():
 def test_modes_without_a_white_level_are_refused_by_name(image, mode):
     with pytest.raises(ValueError, match=rf"TIFF image of mode {mode} \(32-bit (integer|float) pixels\)"):
         decode_image(_encode(image, "TIFF"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "stored", "rgb"),
+    [
+        ("LAB", (round(50 * 2.55), 128, 128), (119, 119, 119)),  # L* 50 grey is sRGB 119
+        ("LAB", (round(53.24 * 2.55), 128 + 80, 128 + 67), (255, 0, 0)),  # sRGB red in CIELAB
+        ("YCbCr", (76, 85, 255), (255, 0, 0)),  # BT.601 red
+    ],
+)
+def test_colour_spaces_of_tiff_files_convert_to_their_rgb(mode, stored, rgb):
+    out = decode_image(_encode(Image.new(mode, (4, 4), stored), "TIFF"))
+    assert np.abs(out.astype(int) - rgb).max() <= 12, out[0, 0]

@@ -6,6 +6,8 @@ import pytest
 from test_shards import _make, _names
 
 from pipeline import schema
+from pipeline.config import load_config
+from pipeline.distribute.job import plan_shards
 from pipeline.io import fs
 from pipeline.io.shards import expand_shards
 
@@ -51,3 +53,11 @@ def test_compressed_shards_are_listed_and_named_without_their_suffix(tmp_path):
     urls = expand_shards(root)
     assert _names(urls, root) == names
     assert [schema.shard_name(u) for u in urls] == ["a", "b", "c", "d", "e"]
+
+
+def test_a_tar_and_its_compressed_copy_are_refused_as_one_output_name(tmp_path):
+    root = str(tmp_path)
+    _make(root, None, ["a.tar", "a.tar.gz", "b.tgz"])
+    cfg = load_config(None, [f"input={root}", f"output={root}/out"])
+    with pytest.raises(ValueError, match=r"a\.tar and .*a\.tar\.gz have the same name 'a'; outputs would collide"):
+        plan_shards(cfg)
