@@ -22,6 +22,7 @@ from pathlib import Path
 
 from jobs.label import split_config_args
 from pipeline.config import dump_yaml, load_config
+from pipeline.outputs import public_config
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(file, overrides)
     if not cfg.input or not cfg.output:
         raise ValueError("the config needs `input` and `output` (shard URLs the cluster can read, an output URL)")
+    public = public_config(cfg)
+    if public.storage_options != cfg.storage_options:
+        # The config travels to the cluster as a file: credentials would be stored there in clear.
+        logger.warning("credentials in storage_options are not sent; the cluster uses its own (AWS_*, a Secret)")
     client = JobSubmissionClient(args.address)
     with tempfile.TemporaryDirectory(prefix="clipdense-submit-") as folder:
-        Path(folder, CONFIG_NAME).write_text(dump_yaml(cfg))
+        Path(folder, CONFIG_NAME).write_text(dump_yaml(public))
         entrypoint = f"python -m jobs.label {CONFIG_NAME}" + (" --overwrite" if args.overwrite else "")
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(folder))
     print(f"submitted job {job_id} to {args.address}", flush=True)

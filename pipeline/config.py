@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,7 +104,8 @@ class DistributeCfg:
 class RunCfg:
     input: list[str] = field(default_factory=list)  # shard URLs, brace patterns, globs or folders
     output: str = ""  # output URL (FORMAT.md layout)
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, profile, ...)
+    # fsspec options (endpoint_url, profile, ...); may hold credentials, so never in a repr
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     model: ModelCfg = field(default_factory=ModelCfg)
     head: HeadCfg = field(default_factory=HeadCfg)
     vocab: VocabCfg = field(default_factory=VocabCfg)
@@ -237,8 +239,37 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Entries of a `storage_options` mapping whose name holds one of these words are credentials.
+_SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+REDACTED = "***"
+
+
+def without_secrets(data: Any, mask: str | None = None) -> Any:
+    """`data` (plain nested dicts and lists) with the credentials of every `storage_options` mapping
+    in it, at any depth, replaced by `mask`, or dropped when `mask` is None."""
+    if isinstance(data, list):
+        return [without_secrets(v, mask) for v in data]
+    if not isinstance(data, dict):
+        return data
+    return {k: hide_secrets(v, mask) if k == "storage_options" else without_secrets(v, mask) for k, v in data.items()}
+
+
+def hide_secrets(options: Any, mask: str | None = None) -> Any:
+    """Storage options with every credential entry (nested ones too) replaced by `mask`, or dropped."""
+    if not isinstance(options, dict):
+        return options
+    hidden = {}
+    for key, value in options.items():
+        if not _SECRET.search(str(key)):
+            hidden[key] = hide_secrets(value, mask)
+        elif mask is not None:
+            hidden[key] = mask
+    return hidden
+
+
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """YAML of a config, credentials shown as `***` (what `config show` prints; files drop them)."""
+    return yaml.safe_dump(without_secrets(to_dict(cfg), REDACTED), sort_keys=False)
 
 
 def config_hash(cfg: RunCfg) -> str:

@@ -7,6 +7,10 @@ import socket
 import sys
 from collections import Counter
 
+# Storage clients whose debug lines carry request headers (an access key id in Authorization):
+# they stay at INFO when the run logs at DEBUG, so `-v` never prints a credential.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google", "urllib3", "aiohttp", "fsspec")
+
 
 def setup_logging(level: int = logging.INFO, include_host: bool = True) -> None:
     """One format for every process of a run; the host name tells cluster nodes apart."""
@@ -17,6 +21,8 @@ def setup_logging(level: int = logging.INFO, include_host: bool = True) -> None:
         format=f"%(asctime)s | {host}%(levelname)s | %(name)s | %(message)s",
         force=True,
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
 
 
 class CappedCounter:

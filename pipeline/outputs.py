@@ -10,23 +10,21 @@ Committed shards are those with a marker in `_commits/`; everything else is redo
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
-import re
 from typing import Any
 
 import yaml
 
 from pipeline import schema
-from pipeline.config import EXECUTION_KEYS, RunCfg, config_hash, diff_keys, dump_yaml, from_dict
+from pipeline.config import EXECUTION_KEYS, RunCfg, config_hash, diff_keys, dump_yaml, from_dict, hide_secrets
 from pipeline.io import fs
 from pipeline.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-# storage_options entries with these words in their name are credentials: never written to the output.
-_SECRET = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
 _RUN_DIRS = (schema.RUN_DIR, schema.COMMITS_DIR, schema.LABELS_DIR, schema.META_DIR)
 
 
@@ -34,15 +32,13 @@ class OutputConflict(ValueError):
     """The output already holds a run with a different config or vocabulary."""
 
 
+class OutputNotWritable(ValueError):
+    """The output cannot be written (read-only, a file, under a file): bad input, nothing was written."""
+
+
 def public_config(cfg: RunCfg) -> RunCfg:
     """`cfg` without credentials in `storage_options` (the form written to `_run/config.yaml`)."""
-    return dataclasses.replace(cfg, storage_options=_without_secrets(cfg.storage_options))
-
-
-def _without_secrets(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: _without_secrets(v) if isinstance(v, dict) else v for k, v in options.items() if not _SECRET.search(str(k))
-    }
+    return dataclasses.replace(cfg, storage_options=hide_secrets(cfg.storage_options))
 
 
 def canonical_config(cfg: RunCfg) -> RunCfg:
@@ -85,8 +81,23 @@ def prepare_output(cfg: RunCfg, vocab: Vocabulary, overwrite: bool = False) -> s
 
     A new output gets `_run/config.yaml`. An existing one is resumed when config and vocabulary are
     equal, cleared first when `overwrite`, and refused otherwise (OutputConflict naming the keys).
+    An output that cannot be written (a read-only mount or bucket, a file, a folder under a file)
+    raises OutputNotWritable before anything is written.
     """
+    try:
+        return _prepare(cfg, vocab, overwrite)
+    except OSError as exc:
+        refused = (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError)
+        if isinstance(exc, refused) or exc.errno in (errno.EROFS, errno.EACCES, errno.ENOTDIR):
+            raise OutputNotWritable(f"output {cfg.output} cannot be written: {exc.strerror or exc}") from None
+        raise
+
+
+def _prepare(cfg: RunCfg, vocab: Vocabulary, overwrite: bool) -> set[str]:
     out, options = cfg.output, cfg.storage_options
+    filesystem, path = fs.fresh(out, options)
+    if filesystem.isfile(path):
+        raise OutputNotWritable(f"output {out} is a file, not a folder")
     config_url = fs.join(out, schema.CONFIG_FILE)
     if overwrite:
         for name in _RUN_DIRS:

@@ -159,6 +159,9 @@ def _read_request(sock: socket.socket, buffer: bytes) -> tuple[tuple[bytes, byte
         buffer += chunk
     head, _, rest = buffer.partition(b"\r\n\r\n")
     _, _, headers = _parse_head(head)
+    if headers.get("expect", "").lower() == "100-continue":  # the client waits for this before its body
+        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"expect:"))
     if "chunked" in headers.get("transfer-encoding", ""):
         while not _chunked_complete(rest):
             rest += _recv(sock)

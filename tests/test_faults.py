@@ -5,15 +5,20 @@ resets connections, cuts responses, or serves a listing that is out of date."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
+import yaml
 from bad_corpus import image_bytes, tar_bytes
 from faultproxy import Fault, FaultProxy
 from jobs_fixtures import (
@@ -36,6 +41,7 @@ from pipeline.outputs import committed_shards, prepare_output
 from pipeline.stages.write import LabelShardSink, RowContext, read_commit
 from pipeline.vocab import Vocabulary
 
+ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16_384  # s3fs block size in these tests: a small shard takes many ranged reads
 
 
@@ -199,3 +205,86 @@ def test_an_actor_dying_while_its_model_loads_is_replaced(tmp_path, model, local
     assert killed, "the job finished before its actor could be killed"
     assert result["exit_code"] == 0 and result["shards"]["committed"] == 2
     assert result["actors"] == {"started": 2, "ready": 1}
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "a read-only bucket"])
+def test_an_unwritable_output_is_one_line_exit_2_and_nothing_written(tmp_path, s3, s3_root, proxy, kind):
+    shapes(str(tmp_path / "in"), 1, 2)
+    options = None
+    if kind == "a file":
+        (tmp_path / "taken").write_text("a file")
+        output = str(tmp_path / "taken")
+    elif kind == "under a file":
+        (tmp_path / "taken").write_text("a file")
+        output = str(tmp_path / "taken/out")
+    else:
+        proxy.add(Fault("403", method="PUT", seconds=600))
+        options = {**s3.storage_options, "endpoint_url": proxy.url}
+        output = fs.join(s3_root, "out")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump({"input": str(tmp_path / "in"), "output": output, "storage_options": options or {}})
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.label", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+    assert done.returncode == 2 and done.stdout == ""
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"clipdense label: error: output {output} ")
+    assert "Traceback" not in err[0]
+    if kind == "a read-only bucket":
+        assert fs.listdir(s3_root, s3.storage_options) == []
+    else:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "run.yaml", "taken"]
+        assert (tmp_path / "taken").read_text() == "a file"
+
+
+KEY_ID, SECRET = "AKIDCLIPDENSE7Q3XW", "s3cr3t-clipdense-9f2b61"  # moto takes any credentials
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_no_credential_is_printed_logged_or_written_by_any_command(tmp_path, s3, s3_root, model):
+    """Everything the commands print (debug logging on) and everything a label run writes, on S3 and
+    in its Ray session's logs, is searched for the credential values of `storage_options`."""
+    options = {"endpoint_url": s3.endpoint_url, "key": KEY_ID, "secret": SECRET}
+    shapes(str(tmp_path / "in"), 1, 3)
+    filesystem, root = fs.url_to_fs(s3_root, s3.storage_options)
+    filesystem.put(str(tmp_path / "in") + "/", f"{root}/in/", recursive=True)
+    settings = {"input": f"{s3_root}/in", "output": f"{s3_root}/out", "storage_options": options}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    ray_tmp = tempfile.mkdtemp(prefix="cdr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    fast = [f"model.name={model}", "prompts.templates=single", "distribute.num_actors=1", "distribute.num_cpus=1"]
+    commands = [
+        ["config", "show", str(config)],
+        ["label", str(config), *fast],
+        ["label", str(config), *fast, "infer.no_such_key=1"],  # an error message
+        ["label", str(config), *fast, "model.name=ViT-B-16"],  # a refused resume names the differing keys
+    ]
+    printed = ""
+    try:
+        for args in commands:
+            done = subprocess.run(
+                [sys.executable, "-m", "jobs.cli", "-v", *args],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            printed += done.stdout + done.stderr
+        assert "***" in printed and "committed" in printed and "no_such_key" in printed  # the commands ran
+        written = {path: filesystem.cat_file(path) for path in filesystem.find(f"{root}/out")}
+        assert any(p.endswith(".json") and "_commits" in p for p in written)
+        session_files = [p for p in Path(ray_tmp).rglob("*") if p.is_file()]
+        assert any("logs" in p.parts for p in session_files)
+        for value in (KEY_ID, SECRET):
+            assert value not in printed
+            assert [p for p, data in written.items() if value.encode() in data] == []
+            assert [p for p in session_files if value.encode() in p.read_bytes()] == []
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
