@@ -196,10 +196,21 @@ class DenseLabeler:
         return torch.tensor(image, device=self.backbone.device).permute(2, 0, 1).float() / 255
 
     def _working_size(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) the image is resized to: short side at short_side, pixels at most MAX_ASPECT x short_side²."""
+        """(h, w) the image is resized to: short side at short_side, pixels at most MAX_ASPECT x short_side²,
+        counted as the model sees them, padded to whole patches."""
         short = self.infer.short_side or min(self.backbone.image_size)
-        scale = min(short / min(height, width), math.sqrt(MAX_ASPECT * short * short / (height * width)))
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        budget = MAX_ASPECT * short * short
+        scale = min(short / min(height, width), math.sqrt(budget / (height * width)))
+        h, w = max(1, round(height * scale)), max(1, round(width * scale))
+        patch = self.backbone.stride
+        if _ceil_to(h, patch) * _ceil_to(w, patch) > budget:
+            # Thinner than a patch (a 1920x1 strip): the padding would spend the budget, so the long
+            # side is cut to what one row of patches may hold (the aspect ratio gives way here).
+            if h <= w:
+                w = max(1, budget // _ceil_to(h, patch))
+            else:
+                h = max(1, budget // _ceil_to(w, patch))
+        return h, w
 
     @staticmethod
     def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -271,6 +282,10 @@ def resolve_infer(infer: InferCfg, recommended: dict[str, Any], model: str) -> I
             raise ValueError(f"{source} must be a whole number >= {smallest}, got {value!r}")
         values[key] = value
     return dataclasses.replace(infer, **values)
+
+
+def _ceil_to(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _lerp_index(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
