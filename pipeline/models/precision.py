@@ -61,7 +61,7 @@ def _probe_cpu(threads: int) -> tuple[tuple[str, float], ...]:
     if key in cached:
         logger.info("precision probe (cached in %s): %s GFLOP/s", path, cached[key])
         return tuple(cached[key].items())
-    rates = _matmul_gflops(("fp32", "bf16"))
+    rates = matmul_gflops(("fp32", "bf16"))
     logger.info("precision probe on %s: %s GFLOP/s", key, rates)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,18 +73,25 @@ def _probe_cpu(threads: int) -> tuple[tuple[str, float], ...]:
     return tuple(rates.items())
 
 
-def _matmul_gflops(names: tuple[str, ...]) -> dict[str, float]:
-    """Best GFLOP/s of each precision's matmul, alternating between them so that a busy spell on a
-    shared machine slows them alike."""
-    pairs = {name: torch.randn(2, _PROBE_SIZE, _PROBE_SIZE).to(_DTYPES[name]) for name in names}
+def matmul_gflops(
+    names: tuple[str, ...], device: torch.device | None = None, seconds: float = _PROBE_SECONDS
+) -> dict[str, float]:
+    """Best GFLOP/s of a square matmul (side `_PROBE_SIZE`) in each precision of `names` on `device`
+    (default CPU), over about `seconds` per precision, alternating between them so that a busy spell on
+    a shared machine slows them alike."""
+    device = device or torch.device("cpu")
+    pairs = {name: torch.randn(2, _PROBE_SIZE, _PROBE_SIZE, device=device).to(_DTYPES[name]) for name in names}
     best = dict.fromkeys(names, float("inf"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for a, b in pairs.values():
         a @ b  # first call: kernel selection and packing buffers
     spent = 0.0
-    while spent < _PROBE_SECONDS * len(names):
+    while spent < seconds * len(names):
         for name, (a, b) in pairs.items():
+            sync()
             start = time.perf_counter()
             a @ b
+            sync()
             took = time.perf_counter() - start
             best[name], spent = min(best[name], took), spent + took
     return {name: round(2 * _PROBE_SIZE**3 / t / 1e9, 1) for name, t in best.items()}

@@ -12,10 +12,11 @@ text classifier of the vocabulary (cached) and the head. For a batch of images i
 2. cuts sliding windows (`infer.crop`/`infer.stride`; crop 0 = whole image), each with its sub-patch
    shifted copies (`infer.shifts`, see `pipeline.stages.windows`), and runs the windows of
    ALL images of the batch through the head together (images of a whole-image batch are grouped by
-   size), which is what makes it many times faster than the usual one-crop-at-a-time loop;
+   size): on a GPU this fills the device where one window cannot; on a CPU one window already keeps
+   the cores busy and batching gains little (`bench/heads_speed.py`);
 3. upsamples and averages window scores into a (K, h, w) map per image at the working resolution,
-   adds the background offset, and optionally refines it with PAMR (`infer.pamr_steps`; its dilations
-   are half a patch and one patch, the model's feature stride in working pixels: PAMR mends edges
+   adds the background offset, and optionally refines the batch's maps with PAMR (`infer.pamr_steps`;
+   its dilations are half a patch and one patch, the model's feature stride in working pixels: PAMR mends edges
    that the patch grid blurred, and fixed pixel dilations would reach across whole objects of a
    small-patch model or stop short on a coarse one);
 4. `finalize` upsamples a map to the original image size in horizontal stripes, so a 2048x1536
