@@ -204,13 +204,13 @@ class DenseLabeler:
         scale = min(short / min(height, width), math.sqrt(budget / (height * width)))
         h, w = max(1, round(height * scale)), max(1, round(width * scale))
         patch = self.backbone.stride
-        if _ceil_to(h, patch) * _ceil_to(w, patch) > budget:
+        if win.ceil_to(h, patch) * win.ceil_to(w, patch) > budget:
             # Thinner than a patch (a 1920x1 strip): the padding would spend the budget, so the long
             # side is cut to what one row of patches may hold (the aspect ratio gives way here).
             if h <= w:
-                w = max(1, budget // _ceil_to(h, patch))
+                w = max(1, budget // win.ceil_to(h, patch))
             else:
-                h = max(1, budget // _ceil_to(w, patch))
+                h = max(1, budget // win.ceil_to(w, patch))
         return h, w
 
     @staticmethod
@@ -283,10 +283,6 @@ def resolve_infer(infer: InferCfg, recommended: dict[str, Any], model: str) -> I
             raise ValueError(f"{source} must be a whole number >= {smallest}, got {value!r}")
         values[key] = value
     return dataclasses.replace(infer, **values)
-
-
-def _ceil_to(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def _lerp_index(src: int, dst: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -45,13 +45,13 @@ def plan(
     if shifts < 1:
         raise ValueError(f"infer.shifts {shifts} must be at least 1 (1 = no sub-patch shifts)")
     if crop <= 0:
-        size = (_ceil_to(height, multiple), _ceil_to(width, multiple))
+        size = (ceil_to(height, multiple), ceil_to(width, multiple))
         origins = [(0, 0)]
     else:
         stride = stride or crop // 2
         if not 0 < stride <= crop:
             raise ValueError(f"infer.stride {stride} must be in (0, infer.crop={crop}] so windows cover the image")
-        size = (_ceil_to(crop, multiple),) * 2
+        size = (ceil_to(crop, multiple),) * 2
         origins = [(y, x) for y in starts(height, size[0], stride) for x in starts(width, size[1], stride)]
     offsets = sorted({round(i * multiple / shifts) for i in range(shifts)})
     windows = [
@@ -63,7 +63,7 @@ def plan(
     return size, windows
 
 
-def _ceil_to(value: int, multiple: int) -> int:
+def ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
