@@ -1,8 +1,17 @@
 """`clipdense` command line: one subcommand per job, each defined in its own `jobs/` module.
 
 A subcommand module exposes `register(subparsers)`, which adds its parser and sets `func` to a
-callable taking the parsed arguments and returning the exit code. Modules are imported only when
-listed here, so a slow import (torch, ray) costs only the commands that need it.
+callable taking the parsed arguments and returning the exit code.
+
+Every module in COMMANDS is imported to build the parser, whatever the command, so their
+module-level imports must stay light: argparse, the stdlib, `pipeline.config`, `pipeline.io`.
+Import torch, open_clip, ray, `pipeline.models`, `pipeline.train` or a command's own heavy module
+inside the function that runs the command (as `jobs.pretrain_shapes` does with its training loop).
+`tests/test_light_cli.py` runs `clipdense config show` and fails when one of those is loaded or the
+process grows past a small peak RSS, so a new command that breaks the rule is caught.
+
+Exit codes hold from the first moment of `main`: SIGINT gives 130 and SIGTERM 143, with one line
+and no traceback; commands that stop gracefully (label) take the signals over while they run.
 """
 
 from __future__ import annotations
@@ -10,7 +19,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from pipeline.config import ConfigError
 
@@ -38,18 +49,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from pipeline.obs import setup_logging
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived outside a command's own handling (BaseException: no `except Exception` stops it)."""
 
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
+    previous = {
+        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM) if on_main_thread
+    }
     try:
-        return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        # Bad input from the user: one line naming it, no traceback.
-        print(f"clipdense {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        from pipeline.obs import setup_logging
+
+        setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+        try:
+            return int(args.func(args) or 0)
+        except (ConfigError, ValueError, FileNotFoundError) as exc:
+            # Bad input from the user: one line naming it, no traceback.
+            print(f"clipdense {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+    except Interrupted as exc:
+        print(f"clipdense: interrupted by {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

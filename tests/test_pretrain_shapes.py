@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs.pretrain_shapes import PretrainCfg, pretrain
+from jobs.pretrain_shapes import PretrainCfg
 from jobs.pretrain_shapes_data import BatchSampler, _dihedral, object_caption, render_pool
 from jobs.pretrain_shapes_eval import DENSE_STREAM, dense_labeler
+from jobs.pretrain_shapes_train import pretrain
 from pipeline.config import load_config
 from pipeline.data.shapeworld import CLASSES, render_scene
 from pipeline.stages.infer import DenseLabeler

@@ -99,11 +99,13 @@ class StopRequest:
             logger.warning("%s again: abandoning the shards in flight", name)
 
     def install(self) -> None:
-        """Catch SIGINT and SIGTERM (only possible on the main thread; elsewhere use `request`)."""
+        """Catch SIGINT and SIGTERM (only possible on the main thread; elsewhere use `request`). Calling
+        it again re-takes the signals (after a library set its own) and keeps the first previous handlers."""
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, lambda signum, _frame: self.request(signal.Signals(signum).name))
+            previous = signal.signal(sig, lambda signum, _frame: self.request(signal.Signals(signum).name))
+            self._previous.setdefault(sig, previous)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

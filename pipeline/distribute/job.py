@@ -24,7 +24,8 @@ import ray
 
 from pipeline import schema
 from pipeline.config import RunCfg, config_hash
-from pipeline.distribute.driver import PoolResult, StopRequest, run_pool
+from pipeline.distribute.driver import PoolResult, ShardOutcome, StopRequest, run_pool
+from pipeline.distribute.reaper import Reaper
 from pipeline.io.shards import expand_shards
 from pipeline.obs import CappedCounter
 from pipeline.outputs import (
@@ -39,6 +40,7 @@ from pipeline.vocab import Vocabulary, resolve_vocabulary
 
 logger = logging.getLogger(__name__)
 
+_reaper: Reaper | None = None  # watches the embedded Ray instance `connect` started, if any
 _PHASES = ("read_s", "wait_s", "infer_s", "write_s", "backpressure_s", "commit_s", "wall_s")
 
 
@@ -60,7 +62,13 @@ def plan_shards(cfg: RunCfg) -> list[str]:
 
 def connect(address: str) -> bool:
     """Join the Ray cluster at `address`, or the job's cluster (RAY_ADDRESS, set for submitted jobs),
-    or start an embedded local instance. Returns True when this call connected (and should shut down)."""
+    or start an embedded local instance, watched by a `Reaper` so that it never outlives this
+    process. Returns True when this call connected (and `disconnect` should follow).
+
+    Raises:
+        SystemExit: a SIGTERM arrived while Ray was starting (Ray's own handler, set by `ray.init`).
+    """
+    global _reaper
     if ray.is_initialized():
         return False
     if address:
@@ -68,8 +76,19 @@ def connect(address: str) -> bool:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
+        _reaper = Reaper()
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        _reaper.started()
     return True
+
+
+def disconnect() -> None:
+    """Shut down what `connect` started (and release its reaper)."""
+    global _reaper
+    ray.shutdown()
+    if _reaper is not None:
+        _reaper.release()
+        _reaper = None
 
 
 def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -84,14 +103,23 @@ def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None
     stop = stop or StopRequest()
     pool = PoolResult(outcomes=[])
     if todo:
-        shutdown = connect(cfg.distribute.address)
-        stop.install()
+        stop.install()  # from here a signal is a stop request, Ray's start-up included
+        shutdown = False
         try:
-            pool = run_pool(cfg, vocab, todo, _vocabulary_writer(cfg, vocab), stop)
+            try:
+                shutdown = connect(cfg.distribute.address)
+            except SystemExit:  # ray.init turns a SIGTERM into SystemExit while it runs
+                shutdown = True
+                stop.request("SIGTERM")
+            stop.install()  # again: ray.init sets its own SIGTERM handler
+            if stop.count:
+                pool = PoolResult([ShardOutcome(u, status="not_started") for u in todo], True, stop.signal_name)
+            else:
+                pool = run_pool(cfg, vocab, todo, _vocabulary_writer(cfg, vocab), stop)
         finally:
             stop.restore()
             if shutdown:
-                ray.shutdown()
+                disconnect()
     remove_temporaries(cfg.output, cfg.storage_options)
     earlier = read_markers(cfg.output, [schema.shard_name(u) for u in urls if u not in todo], cfg.storage_options)
     summary = summarize(cfg, urls, earlier, pool, time.monotonic() - started)

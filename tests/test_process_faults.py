@@ -1,0 +1,117 @@
+"""Process faults of the labeling command, run as an operator runs it (`python -m jobs.cli label` in
+its own process): a signal while Ray starts, and a driver killed outright while its actors label."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from jobs_fixtures import read_rows, shapes, tiny_model
+
+from pipeline import schema
+from pipeline.io import fs
+from pipeline.outputs import committed_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_model(tmp_path_factory.mktemp("model"))
+
+
+def _start(tmp_path: Path, model: str, *overrides: str) -> subprocess.Popen:
+    args = [f"model.name={model}", "prompts.templates=single", "distribute.num_actors=1", "distribute.num_cpus=1"]
+    command = [sys.executable, "-m", "jobs.cli", "label", f"input={tmp_path}/in", f"output={tmp_path}/out", *args]
+    return subprocess.Popen([*command, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _children() -> dict[int, list[int]]:
+    """Live processes by parent pid (zombies left out: they have ended)."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                tree.setdefault(int(fields[1]), []).append(int(entry.name))
+    return tree
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    live = {p for children in _children().values() for p in children}
+    return pids & live
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_ray_starts_gives_the_documented_exit_code_and_one_message(tmp_path, model, sig, code):
+    shapes(str(tmp_path / "in"), 2, 2)
+    driver = _start(tmp_path, model)
+    _wait_for(lambda: any(_comm(p) == "gcs_server" for p in _descendants(driver.pid)), 120, "Ray to start")
+    driver.send_signal(sig)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == code, err
+    assert "Traceback" not in err and "interrupted: rerun the same command" in out
+    summary = fs.read_json(str(tmp_path / "out" / schema.SUMMARY_FILE))
+    assert summary["exit_code"] == code and summary["interrupted"] and summary["shards"]["not_started"] == 2
+    assert committed_shards(str(tmp_path / "out")) == set()
+
+
+def test_a_killed_driver_takes_its_embedded_ray_instance_with_it_and_a_rerun_completes(tmp_path, model):
+    urls = shapes(str(tmp_path / "in"), 6, 24)
+    commits = tmp_path / "out" / schema.COMMITS_DIR
+    driver = _start(tmp_path, model, "infer.batch_size=1")
+    _wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
+    ray_processes = _descendants(driver.pid)
+    assert any(_comm(p) == "raylet" for p in ray_processes)
+    driver.kill()
+    driver.wait(timeout=30)
+    killed_at = time.monotonic()
+    _wait_for(lambda: not _alive(ray_processes), 20, f"Ray's processes to end: {_alive(ray_processes)}")
+    gone_after_s = time.monotonic() - killed_at
+    committed = committed_shards(str(tmp_path / "out"))
+    time.sleep(2)
+    assert committed_shards(str(tmp_path / "out")) == committed  # nothing labels on after the driver
+    assert gone_after_s < 10 and len(committed) < 6
+
+    rerun = _start(tmp_path, model, "infer.batch_size=1")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    summary = json.loads((tmp_path / "out" / schema.SUMMARY_FILE).read_text())
+    assert summary["shards"] | {"committed": 6, "skipped": len(committed)} == summary["shards"]
+    for url in urls:
+        rows = read_rows(str(tmp_path / "out"), schema.shard_name(url))
+        assert [r["key"] for r in rows] == [f"{schema.shard_name(url)[-6:]}_{i:06d}" for i in range(24)]
+    assert not any(p.name.startswith(fs.TEMP_PREFIX) for p in (tmp_path / "out").rglob("*"))
