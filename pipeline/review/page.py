@@ -77,6 +77,8 @@ class Card:
     thumbs: dict[str, str]  # image | overlay | confidence -> thumbnail path
     full: dict[str, str]  # the same pictures at full size
     student: dict[str, str] = field(default_factory=dict)  # thumb / full student overlay, when compared
+    student_classes: list[tuple[str, float, str]] = field(default_factory=list)  # as `classes`, the student's
+    agreement: float = 0.0  # fraction of the teacher's labelled pixels where the student agrees
 
 
 def _figure(thumb: str, full: str, caption: str) -> str:
@@ -115,7 +117,10 @@ def pair_html(card: Card) -> str:
     pics += _figure(card.thumbs["overlay"], card.full["overlay"], "teacher")
     pics += _figure(card.student["thumb"], card.student["full"], "student")
     return (
-        f'<article class="pair"><div class="pics">{pics}</div><div class="figures">{escape(card.key)}</div></article>'
+        f'<article class="pair" data-key="{escape(card.key)}" data-agreement="{card.agreement:.6f}">'
+        f'<div class="pics">{pics}</div>teacher {_legend(card.classes)}student {_legend(card.student_classes)}'
+        f'<div class="figures"><b>{escape(card.key)}</b> · the student agrees on {100 * card.agreement:.1f}% '
+        "of the teacher's labelled pixels</div></article>"
     )
 
 

@@ -114,18 +114,17 @@ def _jpeg(picture: np.ndarray | Image.Image) -> bytes:
 def _cards(run: RunOutput, indices: list[int], put: Put, student: Any, compare: int) -> list[page.Card]:
     """Render and write the pictures of the chosen samples; cards in the chosen order."""
     rank = {(row["shard"], row["key"]): i for i, row in enumerate(run.rows.take(indices).to_pylist())}
-    names, colours = run.vocab.display_names, palette(len(run.vocab))
     cards = []
     for shown in iter_shown(run, indices):
         row, number = shown.row, rank[shown.row["shard"], shown.row["key"]]
-        shares = class_shares(shown.labels, run.ignore)
         pictures = {
             "image": (shown.image, shown.image),
             "overlay": _overlay(run, shown.image, shown.labels, row["zoom_regions"] or []),
             "confidence": (confidence_picture(shown.confidence),) * 2,
         }
-        if student is not None and number < compare:
-            pictures["student"] = _overlay(run, shown.image, student([shown.image])[0].labels, [])
+        learnt = student([shown.image])[0].labels if student is not None and number < compare else None
+        if learnt is not None:
+            pictures["student"] = _overlay(run, shown.image, learnt, [])
         thumbs = {
             k: put(f"thumbs/{number:04d}.{k}.jpg", _jpeg(thumbnail(small, THUMB_PX)))
             for k, (small, _) in pictures.items()
@@ -139,14 +138,27 @@ def _cards(run: RunOutput, indices: list[int], put: Put, student: Any, compare: 
             height=int(row["height"]),
             mean_confidence=float(row["mean_confidence"]),
             ignored_fraction=float(row["ignored_fraction"]),
-            classes=[(names[c], s, "#" + bytes(colours[c].tolist()).hex()) for c, s in shares],
+            classes=_legend(run, shown.labels),
             zoom_regions=len(row["zoom_regions"] or []),
             thumbs={k: thumbs[k] for k in ("image", "overlay", "confidence")},
             full={k: full[k] for k in ("image", "overlay", "confidence")},
-            student={"thumb": thumbs["student"], "full": full["student"]} if "student" in thumbs else {},
         )
+        if learnt is not None:
+            card.student = {"thumb": thumbs["student"], "full": full["student"]}
+            card.student_classes = _legend(run, learnt)
+            scored = shown.labels != run.ignore  # where the teacher gave a label
+            card.agreement = float((learnt[scored] == shown.labels[scored]).mean()) if scored.any() else 0.0
         cards.append(card)
     return sorted(cards, key=lambda c: c.rank)
+
+
+def _legend(run: RunOutput, labels: np.ndarray) -> list[tuple[str, float, str]]:
+    """(class name, share of the pixels, #rrggbb colour) of the classes in `labels`, largest first."""
+    colours = palette(len(run.vocab))
+    return [
+        (run.vocab.display_names[c], s, "#" + bytes(colours[c].tolist()).hex())
+        for c, s in class_shares(labels, run.ignore)
+    ]
 
 
 def _overlay(
@@ -154,10 +166,7 @@ def _overlay(
 ) -> tuple[np.ndarray, Image.Image]:
     """(tinted picture with zoom boxes, the same with its legend panel): the thumbnail keeps the
     image's size (the page shows its legend), the full-size view carries its own, scaled legend."""
-    colours = palette(len(run.vocab))
-    entries = [
-        (f"{run.vocab.display_names[c]} {100 * s:.1f}%", colours[c]) for c, s in class_shares(labels, run.ignore)
-    ]
+    entries = [(f"{name} {100 * share:.1f}%", bytes.fromhex(colour[1:])) for name, share, colour in _legend(run, labels)]
     tinted = draw_boxes(tint(image, labels, len(run.vocab), run.ignore), boxes)
     return tinted, with_legend(tinted, entries)
 
