@@ -30,10 +30,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """Decode image bytes (any format Pillow opens) to an (H, W, 3) uint8 RGB array, values 0..255.
 
     Pixels come out as stored: EXIF orientation is not applied, so label maps computed from this
-    array line up with the raw pixels any other decoder returns. Every 8-bit mode goes through
-    Pillow's conversion: alpha is dropped (the stored colour is kept), palette, 1-bit and grey
-    images are expanded to RGB, CMYK and YCbCr are converted, animated images give their first
-    frame. 16-bit grey (modes `I;16*`, and mode `I` as PNG and PGM decode 16-bit files) is scaled by
+    array line up with the stored pixels, as Pillow, torchvision's `decode_image` and WebDataset
+    return them by default (OpenCV's `imread` rotates; README, "Inputs as they come"). Every
+    8-bit mode goes through Pillow's conversion: alpha is dropped (the stored colour is kept),
+    palette, 1-bit and grey images are expanded to RGB, CMYK, YCbCr and CIELAB are converted,
+    animated images give their first frame. 16-bit grey (modes `I;16*`, and mode `I` as PNG and PGM decode 16-bit files) is scaled by
     255/65535 with rounding; Pillow's own conversion would clip every value above 255 to white.
     32-bit integer (`I`, other formats) and float (`F`) pixels have no defined white level, so they
     are refused rather than guessed.
