@@ -34,10 +34,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return them by default (OpenCV's `imread` rotates; README, "Inputs as they come"). Every
     8-bit mode goes through Pillow's conversion: alpha is dropped (the stored colour is kept),
     palette, 1-bit and grey images are expanded to RGB, CMYK, YCbCr and CIELAB are converted,
-    animated images give their first frame. 16-bit grey (modes `I;16*`, and mode `I` as PNG and PGM decode 16-bit files) is scaled by
-    255/65535 with rounding; Pillow's own conversion would clip every value above 255 to white.
-    32-bit integer (`I`, other formats) and float (`F`) pixels have no defined white level, so they
-    are refused rather than guessed.
+    animated images give their first frame. 16-bit grey (modes `I;16*`, and mode `I` as PNG and
+    PGM decode 16-bit files) is scaled by 255/65535 with rounding; Pillow's own conversion would
+    clip every value above 255 to white. 32-bit integer (`I`, other formats) and float (`F`)
+    pixels have no defined white level, so they are refused rather than guessed.
 
     Raises:
         ValueError: the bytes are not a readable image, have too many pixels, or the mode has no
