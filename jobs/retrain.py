@@ -49,7 +49,8 @@ def format_record(record: dict[str, Any]) -> str:
     lines = [f"{record['outcome']}: {record.get('reason', '')}".rstrip(": ")]
     lines.append(f"shards: {record['shards']} committed, {record['new_shards']} new since {record['live_version']}")
     if "mIoU" in record:
-        lines.append(f"mIoU on truth: live {record['mIoU']['live']:.4f}, candidate {record['mIoU']['candidate']:.4f}")
+        scores = record["mIoU"]
+        lines.append(f"mIoU on truth: {record['compared_with']} {scores['current']:.4f}, new {scores['candidate']:.4f}")
     if record.get("record"):
         lines.append(f"record: {record['record']}")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -63,6 +64,24 @@ def render(folder: Path) -> list[dict[str, Any]]:
 
 def name_of(obj: dict[str, Any]) -> str:
     return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+
+
+def one(objects: list[dict], kind: str) -> dict:
+    (obj,) = [o for o in objects if o["kind"] == kind]
+    return obj
+
+
+def manifest_commands(objects: list[dict]) -> list[list[str]]:
+    """argv of every command the manifests run: the RayJob's entrypoint and the CronJob's container."""
+    rayjob, cronjob = one(objects, "RayJob"), one(objects, "CronJob")
+    (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return [shlex.split(rayjob["spec"]["entrypoint"]), container["command"] + container.get("args", [])]
+
+
+def mounted_configs(objects: list[dict]) -> dict[str, str]:
+    """`/config/<file>` -> the file's text, from the rendered ConfigMap the pods mount at /config."""
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    return {f"/config/{name}": text for name, text in configmap["data"].items()}
 
 
 def check_all(objects: list[dict], variant: str, crd_dir: Path | None, external_secrets: set[str]) -> list[Problem]:

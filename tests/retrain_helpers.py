@@ -21,13 +21,16 @@ from pipeline.models.backbone import SHIPPED_DIR
 MODEL_FILES = ("config.json", "weights.safetensors", "meta.json")
 
 
-def run_output(root: str, name: str, shards: list[str], storage_options: dict | None, seed: int = 0) -> str:
-    """A labeling run `root/name` (random-init shapes-clip labeler) with committed `shards`."""
+def run_output(
+    root: str, name: str, shards: list[str], storage_options: dict | None, pretrained: str = "random"
+) -> str:
+    """A labeling run `root/name` with committed `shards`; its labeler is shapes-clip with `pretrained`
+    weights (random init by default, "" for the shipped trained ones)."""
     out = fs.join(root, name)
-    cfg = load_config(None, ["model.pretrained=random", f"output={out}", f"input=[{root}/images/x.tar]"])
+    cfg = load_config(None, [f"model.pretrained={pretrained}", f"output={out}", f"input=[{root}/images/x.tar]"])
     fs.put_atomic(fs.join(out, schema.CONFIG_FILE), dump_yaml(cfg).encode(), storage_options)
     for shard in shards:
-        commit(out, shard, storage_options, seed)
+        commit(out, shard, storage_options)
     return out
 
 

@@ -7,7 +7,6 @@ checks skip with the reason, except under `CI=true`, where a missing schema is a
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -41,11 +40,6 @@ def rendered() -> dict[str, list[dict]]:
     return {variant: k8s.render(folder) for variant, folder in OVERLAYS.items()}
 
 
-def one(objects: list[dict], kind: str) -> dict:
-    (obj,) = [o for o in objects if o["kind"] == kind]
-    return obj
-
-
 def pod_specs(rayjob: dict) -> list[dict]:
     cluster = rayjob["spec"]["rayClusterSpec"]
     return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
@@ -61,12 +55,12 @@ def test_overlay_passes_builtin_schemas_and_rules(rendered, variant):
 @pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_overlay_passes_kuberay_crd_schemas(rendered, variant):
     crds = k8s.load_crd_schemas(crd_dir())
-    assert k8s.crd_problems(one(rendered[variant], "RayJob"), crds) == []
+    assert k8s.crd_problems(k8s.one(rendered[variant], "RayJob"), crds) == []
 
 
 def test_crd_schema_is_checked_as_the_api_server_does():
     crds = k8s.load_crd_schemas(crd_dir())
-    job = one(k8s.render(OVERLAYS["cpu"]), "RayJob")
+    job = k8s.one(k8s.render(OVERLAYS["cpu"]), "RayJob")
     group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     # minReplicas/maxReplicas are `required` in the schema but have defaults: the API server accepts their absence.
     del group["minReplicas"], group["maxReplicas"]
@@ -107,12 +101,12 @@ def test_broken_overlay_is_refused_with_every_error_named():
 
 def test_rayjob_settings(rendered):
     for variant, objects in rendered.items():
-        spec = one(objects, "RayJob")["spec"]
+        spec = k8s.one(objects, "RayJob")["spec"]
         assert spec["submissionMode"] == "K8sJobMode"
         assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
         assert spec["activeDeadlineSeconds"] > 0
         assert 0 < spec["backoffLimit"] <= 3 and 0 < spec["submitterConfig"]["backoffLimit"] <= 3
-        for pod in pod_specs(one(objects, "RayJob")):
+        for pod in pod_specs(k8s.one(objects, "RayJob")):
             shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
             mounts = {m["name"]: m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]}
             assert len(shm) == 1 and mounts[shm[0]["name"]] == "/dev/shm", variant
@@ -120,7 +114,7 @@ def test_rayjob_settings(rendered):
 
 def test_cronjob_settings(rendered):
     for objects in rendered.values():
-        spec = one(objects, "CronJob")["spec"]
+        spec = k8s.one(objects, "CronJob")["spec"]
         job = spec["jobTemplate"]["spec"]
         assert spec["concurrencyPolicy"] == "Forbid" and spec["startingDeadlineSeconds"] > 0
         assert job["template"]["spec"]["restartPolicy"] == "Never"
@@ -129,8 +123,8 @@ def test_cronjob_settings(rendered):
 
 def test_gpu_overlay_asks_for_gpus_and_the_cuda_image(rendered):
     gpu, cpu = rendered["gpu"], rendered["cpu"]
-    workers = one(gpu, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    retrain = one(gpu, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    workers = k8s.one(gpu, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    retrain = k8s.one(gpu, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     for pod in [g["template"]["spec"] for g in workers] + [retrain]:
         assert pod["containers"][0]["resources"]["limits"][k8s.GPU_RESOURCE] == "1"
     assert {img for img in _images(gpu)} == {"registry.example.com/clipdense:0.1.0-cuda"}
@@ -142,24 +136,11 @@ def _images(objects: list[dict]) -> list[str]:
     return [node for path, node in k8s._walk(objects) if path.endswith("/image")]
 
 
-def manifest_commands(objects: list[dict]) -> list[list[str]]:
-    """argv of every command the manifests run: the RayJob's entrypoint and the CronJob's container."""
-    rayjob, cronjob = one(objects, "RayJob"), one(objects, "CronJob")
-    (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    return [shlex.split(rayjob["spec"]["entrypoint"]), container["command"] + container.get("args", [])]
-
-
-def mounted_configs(objects: list[dict]) -> dict[str, str]:
-    """`/config/<file>` -> the file's text, from the rendered ConfigMap the pods mount at /config."""
-    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
-    return {f"/config/{name}": text for name, text in configmap["data"].items()}
-
-
 def test_every_manifest_command_is_a_clipdense_command_with_a_valid_config(rendered, tmp_path):
     """Each command parses as a `clipdense` subcommand and its config loads; test_retrain runs them for real."""
     for objects in rendered.values():
-        configs = mounted_configs(objects)
-        for argv in manifest_commands(objects):
+        configs = k8s.mounted_configs(objects)
+        for argv in k8s.manifest_commands(objects):
             assert argv[0] == "clipdense" and argv[2] in configs, argv
             local = tmp_path / Path(argv[2]).name
             local.write_text(configs[argv[2]])

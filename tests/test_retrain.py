@@ -11,19 +11,13 @@ from pathlib import Path
 
 import pytest
 import retrain_helpers as rh
+from test_retrain_e2e import listing
 
 from pipeline.config import from_dict, to_dict
 from pipeline.io import fs
 from pipeline.retrain import RetrainCfg, lease, retrain_step, versions, watermark
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def listing(root: str, storage_options: dict | None) -> dict[str, int]:
-    """Every file under `root` with its size: a step that 'changes nothing' leaves this equal."""
-    filesystem, path = fs.url_to_fs(root, storage_options)
-    filesystem.invalidate_cache()
-    return {p: d["size"] for p, d in filesystem.find(path, detail=True).items()}
 
 
 def test_put_exclusive_has_one_winner(storage):
@@ -95,11 +89,11 @@ def test_publish_resumes_the_number_its_key_claimed(tmp_path):
     assert versions.list_versions(models) == [1, 2, 3]
 
 
-def step_cfg(s3_root: str, so: dict, **extra) -> RetrainCfg:
+def step_cfg(root: str, so: dict, **extra) -> RetrainCfg:
     data = {
-        "labels": [fs.join(s3_root, "labels")],
-        "models": fs.join(s3_root, "models"),
-        "truth": [fs.join(s3_root, "truth")],
+        "labels": [fs.join(root, "labels")],
+        "models": fs.join(root, "models"),
+        "truth": [fs.join(root, "truth")],
         "storage_options": so,
         "lease_seconds": 2.0,
         **extra,
@@ -113,10 +107,10 @@ def test_step_publishes_then_does_nothing_then_gates(s3, s3_root):
     so = dict(s3.storage_options)
     rh.truth(s3_root, so)
     rh.run_output(fs.join(s3_root, "labels"), "run-1", ["a", "b"], so)
-    cfg = step_cfg(s3_root, so)
+    cfg = step_cfg(s3_root, so, gate_first=True)
     first = retrain_step(cfg, rh.export_shipped)
     assert first["outcome"] == "published" and first["version"] == "v0001", first
-    assert first["mIoU"]["candidate"] > first["mIoU"]["live"]  # trained shapes-clip beats random init
+    assert first["mIoU"]["candidate"] > first["mIoU"]["current"]  # trained shapes-clip beats random init
     latest = versions.read_latest(cfg.models, so)
     assert latest["version"] == "v0001" and latest["watermark"] == first["watermark"]
     record = fs.read_json(first["record"], so)
@@ -130,11 +124,11 @@ def test_step_publishes_then_does_nothing_then_gates(s3, s3_root):
     rh.run_output(fs.join(s3_root, "labels"), "run-2", ["c"], so)
     second = retrain_step(cfg, rh.export_shipped)
     assert second["outcome"] == "not-better" and second["new_shards"] == 1, second
-    assert second["mIoU"]["candidate"] == pytest.approx(second["mIoU"]["live"], abs=1e-6)  # the same weights
+    assert second["mIoU"]["candidate"] == pytest.approx(second["mIoU"]["current"], abs=1e-6)  # the same weights
     assert second["trained_from"] == fs.join(cfg.models, "v0001", "model")
     assert versions.read_latest(cfg.models, so)["version"] == "v0001"
     assert versions.list_versions(cfg.models, so) == [1]
-    assert fs.read_json(second["record"], so)["reason"].startswith("candidate mIoU")
+    assert fs.read_json(second["record"], so)["reason"].startswith("not better: candidate mIoU")
     before = listing(s3_root, so)
     assert retrain_step(cfg, rh.export_shipped)["outcome"] == "already-done"
     assert listing(s3_root, so) == before
@@ -158,6 +152,19 @@ def test_two_steps_at_once_publish_one_version(s3, s3_root):
     assert versions.read_latest(cfg.models, so)["version"] == "v0001"
     records = fs.url_to_fs(fs.join(cfg.models, versions.RECORDS_DIR), so)
     assert len(records[0].ls(records[1])) == 1
+
+
+@pytest.mark.slow
+def test_first_version_is_gated_only_with_gate_first(tmp_path):
+    root = str(tmp_path)
+    rh.truth(root, None)
+    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None, pretrained="")  # labeler = the trained model
+    gated = retrain_step(step_cfg(root, {}, gate_first=True), rh.export_shipped)
+    assert gated["outcome"] == "not-better" and gated["compared_with"] == "the labeler's shapes-clip"
+    assert gated["mIoU"]["candidate"] == pytest.approx(gated["mIoU"]["current"], abs=1e-6)
+    assert versions.list_versions(fs.join(root, "models")) == []
+    first = retrain_step(step_cfg(root, {}, models=fs.join(root, "models-2")), rh.export_shipped)
+    assert first["outcome"] == "published" and first["reason"].startswith("first version, nothing live to beat")
 
 
 def test_bad_config_is_one_line_and_exit_2(tmp_path):

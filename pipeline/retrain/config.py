@@ -18,6 +18,7 @@ class RetrainCfg:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for all of the above
     finetune: dict[str, Any] = field(default_factory=dict)  # fine-tune settings (`clipdense finetune` keys)
     min_gain: float = 0.0  # publish only when the candidate's mIoU beats the live version's by more than this
+    gate_first: bool = False  # true: the first version must also beat the labeler's own CLIP to be published
     lease_seconds: float = 300.0  # a step that stops renewing its lease this long is taken to be dead
     eval_batch_size: int = 16  # truth images per forward batch when scoring
 

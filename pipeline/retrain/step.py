@@ -7,8 +7,9 @@ its config that decides the result. It does, in order:
 2. take the key's lease (`lease`); a live step holding it means stop;
 3. fine-tune from the live version (the labeler's own CLIP for the first) into `_steps/<key>/train`;
    a rerun resumes that fine-tune from its checkpoint;
-4. score the live model and the candidate on the truth set (`score`);
-5. publish `vNNNN/` and move `latest` only if the candidate wins (`versions.publish`);
+4. score the live version (the labeler's own CLIP for the first) and the candidate on the truth set;
+5. publish `vNNNN/` and move `latest` only if the candidate wins (`versions.publish`); the first
+   version is published whatever its score unless `gate_first` (there is no live version to beat);
 6. write `_steps/<key>/done.json` and a record under `records/` saying what was done and why.
 """
 
@@ -92,28 +93,32 @@ def _train_and_gate(
     summary = train(start, runs, out, so)
     truth = open_truth(cfg.truth, "", "", so)
     candidate = fs.join(out, versions.MODEL_DIR)
+    current = live["version"] if live else f"the labeler's {labeler.model.name}"
     scores = {
-        "live": score.score(score.labeler_cfg(labeler, live_model), truth, cfg.eval_batch_size, so),
+        "current": score.score(score.labeler_cfg(labeler, live_model), truth, cfg.eval_batch_size, so),
         "candidate": score.score(score.labeler_cfg(labeler, candidate), truth, cfg.eval_batch_size, so),
     }
-    gain = scores["candidate"] - scores["live"]
     result: dict[str, Any] = {
         "trained_from": start.name,
         "trained_on": runs,
         "watermark": mark,
         "truth": cfg.truth,
+        "compared_with": current,
         "mIoU": scores,
         "finetune": {k: summary.get(k) for k in ("final_step", "mIoU", "train_seconds", "n_samples")},
         "seconds": round(time.monotonic() - began, 1),
     }
-    if gain <= cfg.min_gain:
-        why = f"candidate mIoU {scores['candidate']:.4f} does not beat {scores['live']:.4f} by more than {cfg.min_gain}"
-        logger.info("not publishing: %s", why)
-        return {**result, "outcome": "not-better", "reason": why}
+    beats = scores["candidate"] - scores["current"] > cfg.min_gain
+    versus = (
+        f"candidate mIoU {scores['candidate']:.4f} vs {scores['current']:.4f} of {current} (min_gain {cfg.min_gain})"
+    )
+    if not beats and (live is not None or cfg.gate_first):
+        logger.info("not publishing: %s", versus)
+        return {**result, "outcome": "not-better", "reason": f"not better: {versus}"}
     if not held.still_held():
         raise RuntimeError(f"lost the lease of step {key} to another step; not publishing")
-    info = {k: result[k] for k in ("trained_from", "trained_on", "watermark", "truth", "mIoU", "finetune")}
-    name = versions.publish(cfg.models, key, candidate, info, so)
-    why = f"candidate mIoU {scores['candidate']:.4f} beats {scores['live']:.4f} by more than {cfg.min_gain}"
+    info = {k: result[k] for k in ("trained_from", "trained_on", "watermark", "truth", "compared_with", "mIoU")}
+    name = versions.publish(cfg.models, key, candidate, {**info, "finetune": result["finetune"]}, so)
+    why = f"better: {versus}" if beats else f"first version, nothing live to beat (gate_first is off): {versus}"
     logger.info("published %s: %s", name, why)
     return {**result, "outcome": "published", "version": name, "reason": why}

@@ -15,16 +15,17 @@ from pipeline.retrain.step import Trainer
 
 
 def finetune_trainer(settings: dict[str, Any]) -> Trainer:
-    """A Trainer running `pipeline.train.finetune` with `settings` plus the step's labels, start and output."""
+    """A Trainer running `pipeline.train.finetune` with `settings` (FinetuneCfg keys) plus the step's
+    labels, start model and output. From a published version the fine-tune loads the version's CLIP
+    weights (its model folder) and builds the student's new parts afresh, as for any starting CLIP."""
 
     def train(start: ModelCfg, runs: list[str], output: str, storage_options: dict | None) -> dict:
-        from pipeline.train import finetune
-        from pipeline.train.config import TrainCfg
+        from pipeline.train import FinetuneCfg, finetune
 
         model = {**settings.get("model", {}), "name": start.name, "pretrained": start.pretrained}
         data = {**settings, "labels": runs, "output": output, "model": model}
         if storage_options:
             data["storage_options"] = dict(storage_options)
-        return finetune(from_dict(TrainCfg, data))
+        return finetune(from_dict(FinetuneCfg, data))
 
     return train
