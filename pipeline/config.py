@@ -125,7 +125,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     if path:
         from pipeline.io.fs import read_text
 
-        loaded = yaml.safe_load(read_text(path)) or {}
+        loaded = _yaml(read_text(path), path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(loaded).__name__}")
         data = loaded
@@ -133,8 +133,20 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        hint = f" (a list is [a, b]; a string that starts with {{ or [ needs quotes: {key}='\"{raw}\"')"
+        _set_dotted(data, key.strip(), _yaml(raw, f"override {item!r}", hint) if raw.strip() else "")
     return from_dict(cls, data)
+
+
+def _yaml(text: str, where: str, hint: str = "") -> Any:
+    """Parsed YAML; a syntax error is a ConfigError on one line naming `where` and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}{hint}") from None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -103,3 +103,15 @@ def test_files_of_shards_without_a_marker_are_removed_with_the_temporaries(tmp_p
     assert remove_temporaries(out) == 2
     assert sorted(os.listdir(tmp_path / "out/labels")) == ["kept.tar"]
     assert sorted(os.listdir(tmp_path / "out/meta")) == ["kept.parquet"]
+
+
+def test_yaml_that_does_not_parse_is_one_line_naming_the_file_or_override(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("input: [a\nb: :\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: not valid YAML at line 2, column 2: expected ',' or ']'"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["input={train,val}/x.tar"])
+    assert str(err.value).startswith("override 'input={train,val}/x.tar': not valid YAML at line 1, column 12")
+    assert str(err.value).endswith("""needs quotes: input='"{train,val}/x.tar"')""")
+    assert load_config(None, ['input="{train,val}/x.tar"']).input == ["{train,val}/x.tar"]
