@@ -56,6 +56,13 @@ def export_shipped(start: ModelCfg, runs: list[str], output: str, storage_option
     return summary
 
 
+def listing(root: str, storage_options: dict) -> dict[str, int]:
+    """Every file under `root` with its size: a step that changes nothing leaves it equal."""
+    filesystem, path = fs.url_to_fs(root, storage_options)
+    filesystem.invalidate_cache()
+    return {p: d["size"] for p, d in filesystem.find(path, detail=True).items()}
+
+
 def main(argv: list[str]) -> None:
     """`python tests/retrain_helpers.py CONFIG_JSON`: one step with `export_shipped`; prints the record."""
     from pipeline.config import from_dict

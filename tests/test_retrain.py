@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import retrain_helpers as rh
-from test_retrain_e2e import listing
 
 from pipeline.config import from_dict, to_dict
 from pipeline.io import fs
@@ -116,10 +115,10 @@ def test_step_publishes_then_does_nothing_then_gates(s3, s3_root):
     record = fs.read_json(first["record"], so)
     assert record["outcome"] == "published" and record["trained_on"] == [fs.join(s3_root, "labels", "run-1")]
 
-    before = listing(s3_root, so)
+    before = rh.listing(s3_root, so)
     again = retrain_step(cfg, rh.export_shipped)
     assert again["outcome"] == "nothing-new" and again["new_shards"] == 0
-    assert listing(s3_root, so) == before
+    assert rh.listing(s3_root, so) == before
 
     rh.run_output(fs.join(s3_root, "labels"), "run-2", ["c"], so)
     second = retrain_step(cfg, rh.export_shipped)
@@ -129,9 +128,9 @@ def test_step_publishes_then_does_nothing_then_gates(s3, s3_root):
     assert versions.read_latest(cfg.models, so)["version"] == "v0001"
     assert versions.list_versions(cfg.models, so) == [1]
     assert fs.read_json(second["record"], so)["reason"].startswith("not better: candidate mIoU")
-    before = listing(s3_root, so)
+    before = rh.listing(s3_root, so)
     assert retrain_step(cfg, rh.export_shipped)["outcome"] == "already-done"
-    assert listing(s3_root, so) == before
+    assert rh.listing(s3_root, so) == before
 
 
 @pytest.mark.s3
