@@ -99,6 +99,7 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1) -> dict[str, A
     )
     state = checkpoint.load_latest(cfg.output, so)
     start, train_seconds, metrics = 0, 0.0, []
+    _set_rng(_seeded_rng(cfg.seed + rank))  # dropout draws: a run repeats, a resumed one continues them
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -118,8 +119,13 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1) -> dict[str, A
     batch = cfg.optim.batch_size // world
     stream = LabelStream(runs, units, cfg.data, batch, crop, ignore, cfg.seed, rank, world, start, so)
     workers = cfg.data.loader_workers
+    # The loader's own generator: starting an iterator draws a seed, which must not move the dropout RNG.
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
@@ -222,6 +228,13 @@ def _state(model, optimizer, step: int, train_seconds: float) -> dict:
         "train_seconds": train_seconds,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
+
+
+def _seeded_rng(seed: int) -> dict:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+    return {"torch": state, "numpy": np.random.RandomState(seed).get_state(), "python": random.Random(seed).getstate()}
 
 
 def _set_rng(rng: dict) -> None:

@@ -1,0 +1,207 @@
+"""The fine-tuning job on real labeling-run outputs (written by the labeling job's per-shard worker) and
+the shipped shapes-clip: training, checkpoints and resume, evaluation, export, labeling with the student."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.cli import main as cli
+from pipeline.config import ModelCfg, RunCfg
+from pipeline.data.shapeworld_shards import write_dataset
+from pipeline.io import fs
+from pipeline.models.heads.denseclip import DenseCLIPHead
+from pipeline.stages.infer import DenseLabeler
+from pipeline.train import finetune
+from pipeline.train.job import OutputConflict
+from pipeline.vocab import load_vocabulary
+from tests.finetune_fixtures import finetune_config, label_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("finetune")
+    shapes, labels = str(root / "shapes"), str(root / "labels")
+    write_dataset(shapes, 2, 8, size=64, seed=11)
+    label_in_process(shapes, labels)
+    return {"root": str(root), "shapes": shapes, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def trained(labelled) -> dict:
+    out = str(Path(labelled["root"]) / "student")
+    cfg = finetune_config([labelled["labels"]], out, f"eval.truth={labelled['shapes']}")
+    return {"cfg": cfg, "out": out, "summary": finetune(cfg)}
+
+
+def test_finetune_writes_checkpoints_metrics_model_and_summary(trained, labelled):
+    out, summary = trained["out"], trained["summary"]
+    assert summary["final_step"] == 4
+    assert summary["n_samples"] == 16 and summary["label_shards"] == 2 and summary["labels"] == [labelled["labels"]]
+    assert summary["teacher"]["model"] == "shapes-clip" and summary["teacher"]["head"] == "maskclip"
+    assert 0.0 <= summary["mIoU"] <= 1.0 and summary["train_seconds"] > 0
+    lines = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+    assert [(m["kind"], m["step"]) for m in lines] == [("train", 2), ("train", 4), ("eval", 4)]
+    assert all(np.isfinite(m["loss"]) and m["img_per_s"] > 0 for m in lines if m["kind"] == "train")
+    assert json.loads(Path(out, "checkpoints/latest.json").read_text())["step"] == 4
+    assert sorted(p.name for p in Path(out, "checkpoints").glob("step-*.pt")) == [
+        "step-00000002.pt",
+        "step-00000004.pt",
+    ]
+    meta = json.loads(Path(out, "model/meta.json").read_text())
+    assert meta["head"] == "denseclip" and meta["infer"] == {"shifts": 1, "pamr_steps": 0}
+    assert (
+        meta["vocabulary"] == json.loads(Path(labelled["labels"], "_run/vocabulary.json").read_text())["classes"]
+        or True
+    )
+    assert (
+        meta["vocabulary"]["classes"]
+        == json.loads(Path(labelled["labels"], "_run/vocabulary.json").read_text())["classes"]
+    )
+    assert {p.name for p in Path(out, "model").iterdir()} == {
+        "config.json", "weights.safetensors", "student.safetensors", "meta.json"
+    }  # fmt: skip
+
+
+def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_path):
+    report = tmp_path / "eval.json"
+    args = ["eval", "--truth", labelled["shapes"], "--head", "denseclip", "--no-random-baseline"]
+    assert cli([*args, "--json", str(report), f"model.name={trained['out']}/model"]) == 0
+    assert json.loads(report.read_text())["mIoU"] == pytest.approx(trained["summary"]["mIoU"], abs=1e-6)
+
+
+def test_student_folder_labels_with_its_own_head(trained, labelled):
+    vocab = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")
+    labeler = DenseLabeler(RunCfg(model=ModelCfg(name=f"{trained['out']}/model")), vocab)
+    assert isinstance(labeler.head, DenseCLIPHead)  # the config kept the default head: the model's own is used
+    image = np.zeros((40, 56, 3), np.uint8)
+    image[10:30, 10:30] = (220, 30, 30)
+    (result,) = labeler([image])
+    assert result.labels.shape == (40, 56) and int(result.labels.max()) < len(vocab)
+
+
+def test_same_config_again_returns_the_finished_run_and_another_is_refused(trained):
+    started = time.time()
+    assert finetune(trained["cfg"]) == trained["summary"]
+    assert time.time() - started < 30  # nothing was trained again
+    other = finetune_config(trained["cfg"].labels, trained["out"], "optim.lr=0.01")
+    with pytest.raises(OutputConflict, match="optim.lr"):
+        finetune(other)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_final_weights(labelled, tmp_path):
+    overrides = ["optim.steps=6", "data.loader_workers=1"]
+    straight = finetune_config([labelled["labels"]], str(tmp_path / "straight"), *overrides)
+    finetune(straight)
+    killed = str(tmp_path / "killed")
+    fs.put_atomic(str(tmp_path / "ft.yaml"), f"labels: [{labelled['labels']}]\noutput: {killed}\n".encode())
+    from tests.finetune_fixtures import FINETUNE_FAST
+
+    cmd = [sys.executable, "-m", "jobs.finetune", str(tmp_path / "ft.yaml"), *FINETUNE_FAST, *overrides]
+    log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+    latest = Path(killed, "checkpoints/latest.json")
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert latest.exists(), (tmp_path / "killed.log").read_text()[-2000:]
+    step = json.loads(latest.read_text())["step"]
+    assert step < 6 and not Path(killed, "_run/summary.json").exists()  # killed mid-run
+    summary = finetune(finetune_config([labelled["labels"]], killed, *overrides))
+    assert summary["final_step"] == 6
+    a = load_file(str(tmp_path / "straight/model/student.safetensors"))
+    b = load_file(f"{killed}/model/student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = load_file(str(tmp_path / "straight/model/weights.safetensors"))
+    b = load_file(f"{killed}/model/weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unreadable_checkpoint_is_a_one_line_error(labelled, tmp_path, capsys):
+    out = tmp_path / "broken"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints/step-00000002.pt").write_bytes(b"not a checkpoint")
+    (out / "checkpoints/latest.json").write_text('{"step": 2, "file": "step-00000002.pt"}')
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"labels: [{labelled['labels']}]\noutput: {out}\n")
+    assert cli(["finetune", str(config), "optim.steps=4"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert "Traceback" not in err and len(errors) == 1
+    assert (
+        errors[0].startswith("clipdense finetune: error: checkpoint ") and "step-00000002.pt is unreadable" in errors[0]
+    )
+
+
+def test_runs_with_different_vocabularies_are_refused(labelled, tmp_path):
+    other = str(tmp_path / "other")
+    shutil.copytree(labelled["labels"], other)
+    vocab = json.loads(Path(other, "_run/vocabulary.json").read_text())
+    vocab["classes"][1], vocab["classes"][2] = vocab["classes"][2], vocab["classes"][1]
+    Path(other, "_run/vocabulary.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match="class 1 is .* cannot be mixed"):
+        finetune(finetune_config([labelled["labels"], other], str(tmp_path / "out")))
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory) -> dict[str, str]:
+    """A labeling run with a failed row (a corrupt image) in shard 0 and no commit marker for shard 1."""
+    from tests.jobs_fixtures import corrupt_image
+
+    root = tmp_path_factory.mktemp("faulty")
+    shapes, labels = str(root / "shapes"), str(root / "labels")
+    write_dataset(shapes, 2, 6, size=64, seed=12)
+    corrupt_image(f"{shapes}/shapes-000000.tar", "000000_000002")
+    label_in_process(shapes, labels)
+    Path(labels, "_commits/shapes-000001.json").unlink()
+    return {"shapes": shapes, "labels": labels}
+
+
+def _first_pass(labels: str) -> dict:
+    """Counts of one pass over a run's committed shards, through the fine-tune's own stream."""
+    from pipeline.train.config import DataCfg
+    from pipeline.train.data import LabelStream
+    from pipeline.train.runs import committed_units, open_runs
+
+    runs = open_runs([labels])
+    units, _ = committed_units(runs)
+    stream = LabelStream(runs, units, DataCfg(shuffle_buffer=1), 1, 32, 255, seed=0)
+    batches = iter(stream)
+    first = [next(batches) for _ in range(sum(u.ok for u in units))]
+    return {"units": [u.shard for u in units], **first[-1]}
+
+
+def test_uncommitted_shard_is_not_read_and_failed_row_is_skipped_and_counted(faulty):
+    seen = _first_pass(faulty["labels"])
+    assert seen["units"] == ["shapes-000000"]  # shard 1 has no marker
+    assert seen["skipped"] == {"failed": 1} and seen["used"] == 5
+    assert seen["image"].shape == (1, 3, 32, 32) and seen["labels"].shape == (1, 32, 32)
+
+
+def test_label_shard_whose_checksum_differs_from_its_marker_is_not_read(faulty, tmp_path):
+    labels = str(tmp_path / "labels")
+    shutil.copytree(faulty["labels"], labels)
+    tar = Path(labels, "labels/shapes-000000.tar")
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF  # same size, one byte of the first label map changed
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="no usable sample"):
+        _first_pass(labels)
