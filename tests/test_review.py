@@ -3,9 +3,10 @@ the fine-tune section, and the page opened in a real (headless) browser."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -17,6 +18,7 @@ from jobs_fixtures import (
     corrupt_image,
     job_config,
     local_ray,  # noqa: F401 - module fixture
+    read_labels,
     read_rows,
     replace_image,
     shapes,
@@ -27,9 +29,11 @@ from PIL import Image
 from jobs.cli import main
 from pipeline.distribute import run_label_job
 from pipeline.io import fs
+from pipeline.io.read import Sample, iter_samples
 from pipeline.review import write_report
 from pipeline.review.finetune import open_finetune
-from pipeline.review.overlay import font_size, overlay
+from pipeline.review.overlay import font_size, overlay, thumbnail, tint
+from pipeline.review.report import JPEG_QUALITY
 from pipeline.review.run import open_run, select
 
 CHROMIUM = "/usr/bin/chromium"
@@ -78,11 +82,12 @@ def report(run) -> Path:
 
 
 class _Page(HTMLParser):
-    """Cards (their data-* attributes), every src/href, and the text of the page."""
+    """Cards and teacher/student pairs (their data-* attributes), every src/href, and the page's text."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self.cards: list[dict[str, str]] = []
+        self.pairs: list[dict[str, str]] = []
         self.images: list[str] = []
         self.links: list[str] = []
         self.text: list[str] = []
@@ -90,8 +95,8 @@ class _Page(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
-        if tag == "article" and a.get("class") == "card":
-            self.cards.append(a)
+        if tag == "article" and a.get("class") in ("card", "pair"):
+            (self.cards if a["class"] == "card" else self.pairs).append(a)
         if tag == "img":
             self.images.append(a["src"])
         if tag == "a":
@@ -180,35 +185,67 @@ def test_the_cli_writes_beside_the_run_on_s3_and_refuses_bad_orders(run, s3, mon
     assert "not a labeling run's output" in capsys.readouterr().err
 
 
-def test_a_finetune_adds_its_curves_and_its_student_beside_the_teacher(run, tmp_path):
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    ft = tmp_path / "ft"
-    student = ft / "model"
-    shutil.copytree(run.root / "tiny-clip", student)
-    weights = load_file(str(student / "weights.safetensors"))
-    torch.manual_seed(1)  # a student that learnt something else than its teacher
-    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}, str(student / "weights.safetensors"))
-    (ft / "_run").mkdir()
-    (ft / "_run/config.yaml").write_text(f"labels: [{run.url}]\noutput: {ft}\n")
+def test_finetune_metrics_are_read_by_kind_and_a_line_cut_mid_write_is_skipped(tmp_path):
     lines = [{"kind": "train", "step": s, "loss": 2.0 / s, "lr": 1e-3, "img_per_s": 10.0} for s in range(1, 21)]
     lines += [{"kind": "eval", "step": 10, "mIoU": 0.1}, {"kind": "eval", "step": 20, "mIoU": 0.25}]
-    (ft / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"kind": "tra')  # cut mid-line
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"kind": "tra')
+    (tmp_path / "_run").mkdir()
+    (tmp_path / "_run/config.yaml").write_text(f"labels: [{tmp_path / 'labels'}]\noutput: {tmp_path}\n")
+    parsed = open_finetune(str(tmp_path))
+    assert parsed.series("eval", "mIoU") == ([10.0, 20.0], [0.1, 0.25])
+    assert parsed.series("train", "loss") == ([float(s) for s in range(1, 21)], [2.0 / s for s in range(1, 21)])
+    assert parsed.labels == [str(tmp_path / "labels")] and parsed.model is None and parsed.summary is None
 
-    parsed = open_finetune(str(ft))
-    assert parsed.series("eval", "mIoU") == ([10.0, 20.0], [0.1, 0.25]) and len(parsed.series("train", "loss")[0]) == 20
+
+@pytest.mark.slow
+def test_a_finetune_adds_its_curves_and_its_student_beside_the_teacher(run, tmp_path):
+    from finetune_fixtures import FINETUNE_FAST
+
+    from pipeline.config import load_config
+    from pipeline.stages.infer import DenseLabeler
+    from pipeline.train import finetune
+    from pipeline.train.config import FinetuneCfg
+
+    ft = tmp_path / "ft"
+    short = ["optim.steps=2", "eval.every=1", "eval.max_images=2", f"eval.truth={run.root / 'in'}"]
+    # The run's one-block tiny CLIP is too shallow for a DenseCLIP student: start from the shipped model.
+    cfg = load_config(None, [*FINETUNE_FAST, *short, "model.name=shapes-clip"], cls=FinetuneCfg)
+    summary = finetune(dataclasses.replace(cfg, labels=[run.url], output=str(ft), storage_options=run.options))
     out = tmp_path / "report"
     write_report(str(ft), str(out), n=3, compare=2, storage_options=run.options)
-    assert (out / "plots/finetune-loss.svg").is_file() and (out / "plots/finetune-miou.svg").is_file()
-    students = sorted(p.name for p in (out / "full").glob("*.student.jpg"))
-    assert students == ["0000.student.jpg", "0001.student.jpg"]
+
     page = (out / "index.html").read_text()
-    assert "Teacher against student on 2 images" in page and page.count('class="pair"') == 2
-    for number in range(2):
-        teacher = np.asarray(Image.open(out / f"thumbs/{number:04d}.overlay.jpg"), np.int16)
-        learnt = np.asarray(Image.open(out / f"thumbs/{number:04d}.student.jpg"), np.int16)
-        assert teacher.shape == learnt.shape and np.abs(teacher - learnt).mean() > 1  # other weights, other labels
+    assert f"Fine-tune {ft} on {run.url}" in page and f"&quot;final_step&quot;: {summary['final_step']}" in page
+    parsed = _Page(page)
+    assert {"plots/finetune-loss.svg", "plots/finetune-miou.svg"} <= set(parsed.images)
+    pairs = parsed.pairs
+    assert "Teacher against student on 2 images" in page
+    assert [p["data-key"] for p in pairs] == [c["data-key"] for c in parsed.cards[:2]]
+    # The student's pictures are its labels as `clipdense label model.name=OUT/model` makes them.
+    data = open_run(run.url, run.options)
+    student = DenseLabeler(load_config(None, [f"model.name={ft / 'model'}", "infer.batch_size=4"]), data.vocab)
+    shards = [str(run.root / f"in/shapes-00000{i}.tar") for i in range(2)]
+    images = {s.key: s.image for url in shards for s in iter_samples(url) if isinstance(s, Sample)}
+    for number, card in enumerate(parsed.cards[:2]):
+        image = images[card["data-key"]]
+        labels = student([image])[0].labels
+        buf = io.BytesIO()
+        Image.fromarray(thumbnail(tint(image, labels, len(data.vocab), data.ignore), 256)).save(
+            buf, format="JPEG", quality=JPEG_QUALITY
+        )
+        shown = (out / f"thumbs/{number:04d}.student.jpg").read_bytes()
+        assert shown == buf.getvalue()
+        shard = next(r["shard"] for r in run.rows if r["key"] == card["data-key"])
+        seg = read_labels(run.url, shard, run.options)[f"{card['data-key']}.seg.png"]
+        teacher_labels = np.asarray(Image.open(io.BytesIO(seg)))
+        scored = teacher_labels != data.ignore
+        assert float(pairs[number]["data-agreement"]) == pytest.approx(
+            (labels == teacher_labels)[scored].mean(), abs=1e-6
+        )
+        learnt, teacher = (
+            np.asarray(Image.open(out / f"thumbs/{number:04d}.{p}.jpg"), np.int16) for p in ("student", "overlay")
+        )
+        assert np.abs(learnt - teacher).mean() > 3  # two steps from the shipped model: not its tiny teacher
 
 
 def test_overlay_legend_text_scales_with_the_image():
