@@ -102,8 +102,13 @@ def key_columns(key: str) -> dict[str, str | bytes | None]:
         key.encode("utf-8")
         return {"key": key, "key_bytes": None}
     except UnicodeEncodeError:
-        raw = key.encode("utf-8", "surrogateescape")
-        return {"key": raw.decode("utf-8", "backslashreplace"), "key_bytes": raw}
+        return {"key": text_column(key), "key_bytes": key.encode("utf-8", "surrogateescape")}
+
+
+def text_column(name: str) -> str:
+    """`name` (a key or a shard name) as Parquet UTF-8 text: bytes that are not UTF-8, which Python
+    keeps as surrogate escapes, written as `\\xNN` escapes (a local shard file may be named in Latin-1)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 ERROR_FIELDS = ("shard", "key", "reason")  # an error record from the reader

@@ -7,6 +7,7 @@ import bz2
 import gzip
 import io
 import lzma
+import os
 import tarfile
 import zipfile
 
@@ -219,3 +220,14 @@ def test_a_shard_of_odd_names_commits_every_sample_under_its_exact_key(tmp_path)
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
     written = _member_names(fs.read_bytes(fs.join(cfg.output, schema.labels_path("odd"))))
     assert written[::3] == [b"good.seg.png", LATIN1 + b".seg.png", LONG + b".seg.png"]
+
+
+def test_a_shard_file_named_in_latin1_commits(tmp_path):
+    out = str(tmp_path / "out")
+    shard = (b"train-" + LATIN1).decode("utf-8", "surrogateescape")  # as os.listdir names such a file
+    sink = LabelShardSink(out, shard, n_classes=3, context=CONTEXT)
+    sink.add(0, "a", np.zeros((4, 4), np.uint8), np.ones((4, 4), np.float32))
+    assert sink.commit()["ok"] == 1
+    rows = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(out, schema.meta_path(shard))))).to_pylist()
+    assert [r["shard"] for r in rows] == ["train-caf\\xe9"]
+    assert os.listdir(os.fsencode(tmp_path / "out/labels")) == [b"train-" + LATIN1 + b".tar"]

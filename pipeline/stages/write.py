@@ -156,7 +156,7 @@ class LabelShardSink:
     def _row(self, key: str, status: str, error: str | None, seconds: float) -> dict[str, Any]:
         return {
             **schema.key_columns(key),
-            "shard": self.shard,
+            "shard": schema.text_column(self.shard),
             "status": status,
             "error": error,
             "head": self.context.head,
