@@ -50,7 +50,8 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, s3, local_ray) -> Run:  # noqa: F811
-    """Two ShapeWorld shards on S3 (12 scenes, one 60x150, two corrupt) labelled onto S3, zoom grid on."""
+    """Two ShapeWorld shards on S3 (12 scenes, one 60x150, two corrupt) and a shard that is no tar,
+    labelled onto S3 with the zoom grid on."""
     root = tmp_path_factory.mktemp("review")
     urls = shapes(str(root / "in"), 2, 6)
     replace_image(urls[0], "000000_000002", (60, 150))
@@ -60,15 +61,18 @@ def run(tmp_path_factory, s3, local_ray) -> Run:  # noqa: F811
     prefix = f"{s3.url}/review-{uuid.uuid4().hex[:8]}"
     filesystem, path = fs.url_to_fs(prefix, options)
     filesystem.put(str(root / "in") + "/", f"{path}/in/", recursive=True)
+    filesystem.pipe(f"{path}/broken/shapes-000009.tar", b"not a tar archive" * 64)
     cfg = job_config(
-        f"{prefix}/in",
+        [f"{prefix}/in", f"{prefix}/broken/shapes-000009.tar"],
         f"{prefix}/out",
         tiny_model(root / "tiny-clip"),
         "zoom.enabled=true",
         "zoom.grid=2",
+        "distribute.max_retries=0",
         storage_options=options,
     )
-    assert run_label_job(cfg)["shards"]["committed"] == 2
+    summary = run_label_job(cfg)
+    assert (summary["shards"]["committed"], summary["shards"]["failed"]) == (2, 1)
     rows = [row for shard in ("shapes-000000", "shapes-000001") for row in read_rows(cfg.output, shard, options)]
     return Run(cfg.output, options, rows, root)
 
@@ -141,6 +145,7 @@ def test_the_report_of_a_run_on_s3_shows_the_lowest_confidence_samples_with_ever
     assert all(by_key[c["data-key"]]["zoom_regions"] for c in parsed.cards)  # zoom.grid=2: drawn on every overlay
     assert "2 failed samples in committed shards" in text and "jpg: not a readable image" in text
     assert "shapes-000001/000001_000001, shapes-000001/000001_000004" in text
+    assert "Shards that failed as a whole:" in text and "shapes-000009" in text
 
 
 def test_orders_choose_the_right_samples(run):
@@ -318,6 +323,11 @@ def test_the_page_loads_every_picture_and_sorts_and_filters_in_a_real_browser(re
             page.select_option("#class", rare)
             visible = page.eval_on_selector_all(".card:not([hidden])", "cs => cs.map(c => c.dataset.key)")
             assert len(visible) == sum(rare in s for s in shares) == int(page.inner_text("#shown"))
+            page.select_option("#class", "")
+            middle = sorted(shown)[N // 2]
+            page.fill("#min-confidence", f"{middle:.6f}")
+            visible = page.eval_on_selector_all(".card:not([hidden])", "cs => cs.map(c => +c.dataset.confidence)")
+            assert sorted(visible) == sorted(c for c in shown if c >= float(f"{middle:.6f}"))
             page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
         finally:
             browser.close()
