@@ -15,14 +15,20 @@ QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google", 
 def setup_logging(level: int = logging.INFO, include_host: bool = True) -> None:
     """One format for every process of a run; the host name tells cluster nodes apart."""
     host = f"{socket.gethostname()} | " if include_host else ""
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format=f"%(asctime)s | {host}%(levelname)s | %(name)s | %(message)s",
-        force=True,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_EscapingFormatter(f"%(asctime)s | {host}%(levelname)s | %(name)s | %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.INFO))
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Writes what is not valid Unicode as escapes (a file or member name whose bytes are not UTF-8
+    reaches Python as surrogate escapes, PEP 383), so a stream that insists on UTF-8, such as a Ray
+    worker's log file, never loses a log line to a UnicodeEncodeError."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class CappedCounter:

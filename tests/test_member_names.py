@@ -6,8 +6,10 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import logging
 import lzma
 import os
+import sys
 import tarfile
 import zipfile
 
@@ -22,6 +24,7 @@ from pipeline.distribute.driver import PoolResult, ShardOutcome
 from pipeline.distribute.job import summarize
 from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, SampleError, iter_samples
+from pipeline.obs import setup_logging
 from pipeline.stages.shard import ShardLabeler
 from pipeline.stages.write import LabelShardSink, RowContext
 from pipeline.vocab import Vocabulary
@@ -231,3 +234,16 @@ def test_a_shard_file_named_in_latin1_commits(tmp_path):
     rows = pq.read_table(io.BytesIO(fs.read_bytes(fs.join(out, schema.meta_path(shard))))).to_pylist()
     assert [r["shard"] for r in rows] == ["train-caf\\xe9"]
     assert os.listdir(os.fsencode(tmp_path / "out/labels")) == [b"train-" + LATIN1 + b".tar"]
+
+
+def test_log_lines_naming_undecodable_names_reach_a_strict_utf8_stream(monkeypatch):
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        setup_logging()
+        logging.getLogger("pipeline.test").warning("committed %s", LATIN1.decode("utf-8", "surrogateescape"))
+        written = stream.buffer.getvalue().decode("utf-8")
+    finally:
+        monkeypatch.undo()
+        setup_logging()
+    assert written.rstrip().endswith("| WARNING | pipeline.test | committed caf\\udce9")
