@@ -205,3 +205,28 @@ def test_label_shard_whose_checksum_differs_from_its_marker_is_not_read(faulty, 
     tar.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="no usable sample"):
         _first_pass(labels)
+
+
+def test_checkpoints_and_export_on_s3(labelled, s3, s3_root):
+    so = dict(s3.storage_options)
+    out = f"{s3_root}/student"
+    summary = finetune(finetune_config([labelled["labels"]], out, "optim.steps=2", storage_options=so))
+    assert summary["final_step"] == 2
+    assert fs.read_json(f"{out}/checkpoints/latest.json", so)["step"] == 2
+    assert fs.exists(f"{out}/checkpoints/step-00000002.pt", so) and fs.exists(f"{out}/_run/summary.json", so)
+    vocab = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")
+    labeler = DenseLabeler(RunCfg(model=ModelCfg(name=f"{out}/model"), storage_options=so), vocab, so)
+    assert isinstance(labeler.head, DenseCLIPHead)
+    (result,) = labeler([np.full((32, 48, 3), 128, np.uint8)])
+    assert result.labels.shape == (32, 48)
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_path):
+    out = str(tmp_path / "ray")
+    summary = finetune(finetune_config([labelled["labels"]], out, "optim.steps=2", "distribute.num_workers=2"))
+    assert summary["final_step"] == 2 and summary["label_shards"] == 2
+    assert json.loads(Path(out, "checkpoints/latest.json").read_text())["step"] == 2
+    assert Path(out, "model/student.safetensors").exists()
+    lines = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["kind"] == "train"] == [2]

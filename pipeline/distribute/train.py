@@ -33,7 +33,9 @@ def run_train_workers(cfg: Any, worker: Callable[[Any, int, int], dict]) -> None
                 cfg, ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
             ),
             scaling_config=ScalingConfig(
-                num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker={"CPU": dist.cpus_per_worker}
+                num_workers=dist.num_workers,
+                use_gpu=dist.use_gpu,
+                resources_per_worker={"CPU": dist.cpus_per_worker},
             ),
             torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
             run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="clipdense-train-"), name="finetune"),
