@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -128,6 +129,12 @@ def test_the_report_of_a_run_on_s3_shows_the_lowest_confidence_samples_with_ever
     written = {str(p.relative_to(report)) for p in report.rglob("*") if p.is_file()}
     assert written == referenced | {"index.html"}
     assert len(written) == 1 + 3 + 6 * N  # page, 3 plots, 3 thumbnails + 3 full-size pictures per card
+    again = run.root / "smaller"  # a second, smaller report into the same folder leaves no stale pictures
+    shutil.copytree(report, again)
+    write_report(run.url, str(again), n=2, sort="highest-confidence", storage_options=run.options)
+    parsed_again = _Page((again / "index.html").read_text())
+    kept = {str(p.relative_to(again)) for p in again.rglob("*") if p.is_file()}
+    assert kept == set(parsed_again.images) | set(parsed_again.links) | {"index.html"} and len(kept) == 1 + 3 + 6 * 2
     by_key = {r["key"]: r for r in ok}
     for number, card in enumerate(parsed.cards):
         row = by_key[card["data-key"]]

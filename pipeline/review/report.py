@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from html import escape
@@ -32,12 +32,11 @@ from pipeline.review.finetune import FineTune, is_finetune, open_finetune, stude
 from pipeline.review.overlay import class_shares, confidence_picture, draw_boxes, palette, thumbnail, tint, with_legend
 from pipeline.review.run import RunOutput, iter_shown, open_run, parse_sort, select
 
-logger = logging.getLogger(__name__)
-
 THUMB_PX = 256
 JPEG_QUALITY = 90
 MAX_EXAMPLES = 5  # sample keys listed per failure reason
 
+_OWN_NAME = re.compile(r"\d{4}\.(image|overlay|confidence|student)\.jpg|[\w-]+\.svg")
 Put = Callable[[str, bytes], str]  # writes a file of the report by relative name, returns the name
 
 
@@ -75,8 +74,11 @@ def write_report(
     ok = run.rows.filter(pc.equal(run.rows.column("status"), "ok"))
     indices = select(run.rows, n, sort, run.vocab, seed)
 
+    written: set[str] = set()
+
     def put(name: str, data: bytes) -> str:
         fs.put_atomic(fs.join(out, name), data, storage_options)
+        written.add(name)
         return name
 
     sections: list[tuple[str, str, str]] = [("summary", "Run", _run_section(run, ok.num_rows))]
@@ -97,7 +99,17 @@ def write_report(
     sections.append(("config", "Config and summary", _config(run, finetune)))
     title = f"clipdense review: {target}"
     put("index.html", page.page(title, sections).encode())
+    _remove_stale(out, written, storage_options)
     return fs.join(out, "index.html")
+
+
+def _remove_stale(out: str, written: set[str], storage_options: dict | None) -> None:
+    """Delete pictures and plots an earlier report left in `out` (a larger `n`, another order) that
+    this one does not reference. Only names of the report's own pattern are touched."""
+    for folder in ("thumbs", "full", "plots"):
+        for name in fs.listdir(fs.join(out, folder), storage_options):
+            if f"{folder}/{name}" not in written and _OWN_NAME.fullmatch(name):
+                fs.remove(fs.join(out, folder, name), storage_options)
 
 
 def _compares(finetune: FineTune | None, compare: int) -> bool:
@@ -166,7 +178,9 @@ def _overlay(
 ) -> tuple[np.ndarray, Image.Image]:
     """(tinted picture with zoom boxes, the same with its legend panel): the thumbnail keeps the
     image's size (the page shows its legend), the full-size view carries its own, scaled legend."""
-    entries = [(f"{name} {100 * share:.1f}%", bytes.fromhex(colour[1:])) for name, share, colour in _legend(run, labels)]
+    entries = [
+        (f"{name} {100 * share:.1f}%", bytes.fromhex(colour[1:])) for name, share, colour in _legend(run, labels)
+    ]
     tinted = draw_boxes(tint(image, labels, len(run.vocab), run.ignore), boxes)
     return tinted, with_legend(tinted, entries)
 
