@@ -44,29 +44,26 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             faithful 8-bit form; the reason names the format and the mode.
     """
     image = _open_checked(data, max_pixels)
+    sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in _SIXTEEN_BIT_AS_I)
+    if image.mode in ("I", "F") and not sixteen_bit:
+        kind = "32-bit integer" if image.mode == "I" else "32-bit float"
+        raise ValueError(
+            f"{image.format} image of mode {image.mode} ({kind} pixels) has no defined white level; "
+            "store it as 8- or 16-bit"
+        )
     try:
-        return _to_rgb(image)
-    except ValueError:
-        raise
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error... for malformed data
+        return _grey16_to_rgb(image) if sixteen_bit else np.array(image.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for malformed data or modes
         raise ValueError(f"cannot decode {image.format} image (mode {image.mode}): {_describe(exc)}") from None
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 of an opened image; np.array, not asarray, so callers get a writable array."""
-    mode = image.mode
-    if mode.startswith("I;16") or (mode == "I" and image.format in _SIXTEEN_BIT_AS_I):
-        grey = np.array(image).astype(np.int64)
-        if grey.size and (grey.min() < 0 or grey.max() > 65535):
-            raise ValueError(f"{image.format} image of mode {mode} holds values outside 0..65535")
-        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
-        return np.repeat(grey8[..., None], 3, axis=2)
-    if mode in ("I", "F"):
-        kind = "32-bit integer" if mode == "I" else "32-bit float"
-        raise ValueError(
-            f"{image.format} image of mode {mode} ({kind} pixels) has no defined white level; store it as 8- or 16-bit"
-        )
-    return np.array(image.convert("RGB"), dtype=np.uint8)
+def _grey16_to_rgb(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of a 16-bit grey image, rounded to the nearest 8-bit level (np.array: writable)."""
+    grey = np.array(image).astype(np.int64)
+    if grey.size and (grey.min() < 0 or grey.max() > 65535):
+        raise ValueError("values outside 0..65535")
+    grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+    return np.repeat(grey8[..., None], 3, axis=2)
 
 
 def decode_label_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
