@@ -20,12 +20,13 @@ from bad_corpus import gradient, image_bytes
 from jobs_fixtures import job_config, tiny_model
 
 from pipeline import schema
+from pipeline.distribute.actor import LabelActor
 from pipeline.distribute.driver import PoolResult, ShardOutcome
 from pipeline.distribute.job import summarize
 from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, SampleError, iter_samples
 from pipeline.obs import setup_logging
-from pipeline.stages.shard import ShardLabeler
+from pipeline.stages.shard import ShardLabeler, ShardReadError
 from pipeline.stages.write import LabelShardSink, RowContext
 from pipeline.vocab import Vocabulary
 
@@ -247,3 +248,14 @@ def test_log_lines_naming_undecodable_names_reach_a_strict_utf8_stream(monkeypat
         monkeypatch.undo()
         setup_logging()
     assert written.rstrip().endswith("| WARNING | pipeline.test | committed caf\\udce9")
+
+
+def test_a_failing_shard_named_in_latin1_fails_with_a_message_ray_can_send(tmp_path):
+    url = os.fsdecode(os.fsencode(tmp_path) + b"/bad-" + LATIN1 + b".tar")
+    with open(os.fsencode(url), "wb") as f:
+        f.write(b"not a tar" * 100)
+    cfg = job_config(url, str(tmp_path / "out"), tiny_model(tmp_path / "model"))
+    actor = LabelActor(cfg, Vocabulary.from_entries(["background", "red circle"], background=0))
+    with pytest.raises(ShardReadError) as err:
+        actor.label(url)
+    assert "bad-caf\\xe9.tar" in str(err.value) and str(err.value).encode("utf-8")

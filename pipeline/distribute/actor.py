@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import schema
 from pipeline.config import RunCfg
 from pipeline.obs import setup_logging
 from pipeline.vocab import Vocabulary
@@ -47,8 +48,18 @@ class LabelActor:
         }
 
     def label(self, url: str, attempt: int = 1) -> dict[str, Any]:
-        """Label and commit the shard at `url` (`attempt` 1 = first try); returns its commit marker."""
-        return self.worker(url, attempt)
+        """Label and commit the shard at `url` (`attempt` 1 = first try); returns its commit marker.
+
+        A failure whose message names a shard or member that is not UTF-8 (surrogate escapes) is
+        raised again with those bytes as `\\xNN`: Ray sends messages as UTF-8, and such a message
+        would otherwise kill the worker instead of failing the shard."""
+        try:
+            return self.worker(url, attempt)
+        except Exception as exc:
+            text = str(exc)
+            if text != schema.text_column(text):
+                raise type(exc)(schema.text_column(text)) from None
+            raise
 
 
 def text_checksum(embeddings: Any) -> str:
