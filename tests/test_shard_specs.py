@@ -61,3 +61,12 @@ def test_a_tar_and_its_compressed_copy_are_refused_as_one_output_name(tmp_path):
     cfg = load_config(None, [f"input={root}", f"output={root}/out"])
     with pytest.raises(ValueError, match=r"a\.tar and .*a\.tar\.gz have the same name 'a'; outputs would collide"):
         plan_shards(cfg)
+
+
+def test_a_folder_of_loose_images_is_named_as_such(storage):
+    root, options = storage
+    _make(root, options, ["photos/a.jpg", "photos/B.PNG", "photos/notes.txt"])
+    with pytest.raises(ValueError, match=r"matches no shard \(the folder holds 2 image files, not tar shards: "):
+        expand_shards(fs.join(root, "photos"), options)
+    with pytest.raises(ValueError, match=r"matches no shard$"):
+        expand_shards(fs.join(root, "photos/*.tar"), options)

@@ -47,7 +47,7 @@ def expand_shards(spec: str | list[str], storage_options: dict | None = None) ->
             raise ValueError(f"input spec {one!r} is not a path, URL or pattern")
         found = _expand_one(one, storage_options)
         if not found:
-            raise ValueError(f"input spec {one!r} matches no shard")
+            raise ValueError(f"input spec {one!r} matches no shard{_loose_images_hint(one, storage_options)}")
         urls.extend(found)
     return list(dict.fromkeys(urls))
 
@@ -118,6 +118,22 @@ def _kind(filesystem: AbstractFileSystem, path: str) -> str | None:
         return filesystem.info(path)["type"]
     except FileNotFoundError:
         return None
+
+
+def _loose_images_hint(spec: str, storage_options: dict | None) -> str:
+    """Why a folder matched no shard when it holds images instead (the commonest first mistake)."""
+    filesystem, path = fs.url_to_fs(spec, storage_options)
+    try:
+        names = filesystem.ls(path, detail=False) if filesystem.isdir(path) else []
+    except OSError:  # the spec is a pattern, or the store refuses the listing: no hint
+        return ""
+    images = [n for n in names if n.rsplit(".", 1)[-1].lower() in schema.IMAGE_EXTS]
+    if not images:
+        return ""
+    return (
+        f" (the folder holds {len(images)} image files, not tar shards: pack them into WebDataset shards, "
+        "e.g. tar cf images-000000.tar *.jpg, or label single images with clipdense segment)"
+    )
 
 
 def _folder_shards(filesystem: AbstractFileSystem, folder: str) -> list[str]:
