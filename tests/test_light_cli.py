@@ -12,12 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "open_clip", "ray", "pipeline.models", "matplotlib")
 MAX_RSS_MB = 250  # the modules config show needs take about 70 MB; torch and open_clip alone take 700+
 
+# Peak RSS from VmHWM, which starts afresh at exec; ru_maxrss would carry over the forking parent's
+# size (a pytest process that has loaded torch).
 PROBE = """
-import json, resource, sys
+import json, re, sys
+from pathlib import Path
 from jobs.cli import main
 code = main(sys.argv[1:])
 heavy = [m for m in {heavy!r} if m in sys.modules]
-print(json.dumps({{"code": code, "heavy": heavy, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+print(json.dumps({{"code": code, "heavy": heavy, "peak_mb": peak_kb / 1024}}))
 """
 
 
