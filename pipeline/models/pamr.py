@@ -15,9 +15,9 @@ are therefore exactly those of refining every class, at the map's resolution. Th
 keep their raw distance below the best score, capped by the refined envelope (`min(best - (m - s_k),
 A e)` with `m` the raw best), which keeps them below the winner and a softmax over the map close: on
 held-out ShapeWorld its largest probability differs by 0.009 on average, and labels upsampled to the
-image size (where interpolation mixes neighbours) agree on 99.99% of pixels (`bench/pamr_speed.py`). The images of a batch are refined together, each with its own classes
-packed into one tensor, so a batch of small maps costs a few large operations instead of many small
-ones. Reference: the refinement itself is `PAMR` of github.com/visinf/1-stage-wseg (`models/mods/pamr.py`).
+image size (where interpolation mixes neighbours) agree on 99.99% of pixels (`bench/pamr_speed.py`). The images of a batch are refined together, each with its own classes,
+packed into a few tensors (images with as many classes together), so a batch of small maps costs a
+few large operations instead of many small ones. Reference: the refinement itself is `PAMR` of github.com/visinf/1-stage-wseg (`models/mods/pamr.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 _SPREAD_SCALE = 0.1  # colour differences are measured in tenths of the local standard deviation
+_CALL_PIXELS = 4 * 64 * 64  # fixed cost of one refinement call (its ~160 small ops), in channel-pixels
 _BOUND_SLACK = 1e-5  # float rounding of the bound's two refinements: a class this close is refined too
 
 
@@ -102,16 +103,38 @@ def pamr(
     return _refine_winners(scores, weights, steps, dilations)
 
 
+def _groups(packs: dict[int, torch.Tensor], pixels: int) -> list[list[int]]:
+    """The images of `packs` (image -> channels to refine) in groups refined together, each padded to
+    its longest pack: sorted by length and cut where padding would cost more than one more call
+    (`_CALL_PIXELS`), by dynamic programming over the cut points."""
+    order = sorted(packs, key=lambda b: len(packs[b]))
+    sizes = [len(packs[b]) for b in order]
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the first j images
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + _CALL_PIXELS + (j - i) * sizes[j - 1] * pixels
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups
+
+
 def _refine_winners(
     scores: torch.Tensor, weights: torch.Tensor, steps: int, dilations: tuple[int, ...]
 ) -> torch.Tensor:
     """Rounds of refinement on (B, K, H, W) scores: each image's classes to refine, plus the envelope of
     the others (their pointwise maximum), packed into one (B', C, H, W) tensor; see the module docstring."""
-    top, winner = scores.max(dim=1)  # (B, H, W)
+    # `amax` and comparisons: `max(dim)` with indices is ten times slower on a CPU.
+    top = scores.amax(dim=1)  # (B, H, W)
+    wins = (scores == top[:, None]).flatten(2).any(dim=2)  # (B, K): best somewhere (ties included)
     out = torch.empty_like(scores)
     best = torch.full_like(top, -torch.inf)
     pending = torch.ones(scores.shape[:2], dtype=torch.bool, device=scores.device)  # (B, K) not refined yet
-    todo = {b: winner[b].unique() for b in range(len(scores))}  # image -> classes to refine this round
+    todo = {b: wins[b].nonzero()[:, 0] for b in range(len(scores))}  # image -> classes to refine this round
     while todo:
         packs = {}
         for b, classes in todo.items():
@@ -120,22 +143,25 @@ def _refine_winners(
             if pending[b].any():
                 parts.append(scores[b, pending[b]].amax(dim=0, keepdim=True))  # the envelope of the others
             packs[b] = torch.cat(parts)
-        packed = scores.new_zeros(len(packs), max(len(p) for p in packs.values()), *scores.shape[2:])
-        for row, pack in zip(packed, packs.values(), strict=True):
-            row[: len(pack)] = pack
-        refined = _refine(packed, weights[list(packs)], steps, dilations)
+        refined = {}
+        for group in _groups(packs, scores.shape[2] * scores.shape[3]):
+            packed = scores.new_zeros(len(group), len(packs[group[-1]]), *scores.shape[2:])
+            for row, b in zip(packed, group, strict=True):
+                row[: len(packs[b])] = packs[b]
+            refined |= dict(zip(group, _refine(packed, weights[group], steps, dilations), strict=True))
         nxt = {}
-        for (b, classes), row in zip(todo.items(), refined, strict=True):
+        for b, classes in todo.items():
+            row = refined[b]
             out[b, classes] = row[: len(classes)]
             best[b] = torch.maximum(best[b], row[: len(classes)].amax(dim=0))
             if not pending[b].any():
                 continue
             rest = pending[b].nonzero()[:, 0]
-            envelope, owner = scores[b, rest].max(dim=0)
             bound = row[len(classes)]  # >= every other class once refined: A max(s) >= max(A s)
             reach = bound + _BOUND_SLACK >= best[b]
-            if reach.any():
-                nxt[b] = rest[owner[reach].unique()]
+            if reach.any():  # refine next the classes that make the envelope where it reaches the best
+                there = scores[b, rest][:, reach]
+                nxt[b] = rest[(there == there.amax(dim=0)).any(dim=1)]
             else:  # left out: their raw distance below the best, capped by the envelope (below the best)
                 out[b, rest] = torch.minimum(best[b] - (top[b] - scores[b, rest]), bound)
         todo = nxt
