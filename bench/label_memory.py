@@ -2,7 +2,7 @@
 
 Writes 100 small ShapeWorld shards, then runs `clipdense label` (embedded Ray, one actor) on the
 first 10 and, separately, on all 100, each in a fresh Python process. Reports the driver's peak RSS (the child's
-own `ru_maxrss`) and the actor's peak RSS (recorded in every commit marker as `peak_rss_mb`): after
+own VmHWM) and the actor's peak RSS (recorded in every commit marker as `peak_rss_mb`): after
 its 10th shard and after its last. The check passes when each 100-shard peak is within `--limit-mb`
 of the 10-shard one, and the driver, which only schedules shards, never loaded a model library
 (torch, open_clip) and peaked below `--driver-limit-mb`.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import re
 import shutil
 import subprocess
 import sys
@@ -49,11 +49,16 @@ def run_child(work: Path, n_shards: int, model: str) -> dict:
     return {
         "shards": n_shards,
         "exit_code": summary["exit_code"],
-        "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "driver_peak_mb": round(_peak_kb() / 1024, 1),
         "driver_loaded": [m for m in ("torch", "open_clip", "pipeline.models") if m in sys.modules],
         "actor_peak_mb_after_10": actor[min(9, len(actor) - 1)],
         "actor_peak_mb_at_end": actor[-1],
     }
+
+
+def _peak_kb() -> int:
+    """Peak RSS of this process (VmHWM, which starts afresh at exec; ru_maxrss keeps the forking parent's)."""
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def main() -> int:
