@@ -288,3 +288,26 @@ def test_no_credential_is_printed_logged_or_written_by_any_command(tmp_path, s3,
             assert [p for p in session_files if value.encode() in p.read_bytes()] == []
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_a_second_run_in_the_same_process_relabels_a_shard_whose_marker_was_removed(
+    tmp_path, s3, s3_root, model, local_ray
+):  # noqa: F811
+    """The case of ../shared/cases/robustness/11: run, remove a marker from another process, run again
+    in the same process against the S3 server: the shard is relabelled, not reported as committed."""
+    options = dict(s3.storage_options)
+    shapes(str(tmp_path / "in"), 3, 2)
+    filesystem, root = fs.url_to_fs(s3_root, options)
+    filesystem.put(str(tmp_path / "in") + "/", f"{root}/in/", recursive=True)
+    cfg = job_config(f"{s3_root}/in", f"{s3_root}/out", model, storage_options=options)
+    first = run_label_job(cfg)
+    assert first["exit_code"] == 0 and first["shards"]["labelled"] == 3
+    _remove_from_another_process(fs.join(cfg.output, schema.commit_path("shapes-000001")), s3.endpoint_url)
+
+    second = run_label_job(cfg)
+
+    assert second["exit_code"] == 0
+    assert second["shards"] | {"committed": 3, "skipped": 2, "labelled": 1} == second["shards"]
+    assert committed_shards(cfg.output, options) == {"shapes-000000", "shapes-000001", "shapes-000002"}
+    assert read_commit(cfg.output, "shapes-000001", options)["stats"]["pid"] > 0

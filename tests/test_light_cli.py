@@ -15,13 +15,15 @@ MAX_RSS_MB = 250  # the modules config show needs take about 70 MB; torch and op
 # Peak RSS from VmHWM, which starts afresh at exec; ru_maxrss would carry over the forking parent's
 # size (a pytest process that has loaded torch).
 PROBE = """
-import json, re, sys
+import json, re, sys, time
 from pathlib import Path
+started = time.perf_counter()
 from jobs.cli import main
 code = main(sys.argv[1:])
 heavy = [m for m in {heavy!r} if m in sys.modules]
 peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
-print(json.dumps({{"code": code, "heavy": heavy, "peak_mb": peak_kb / 1024}}))
+seconds = time.perf_counter() - started
+print(json.dumps({{"code": code, "heavy": heavy, "peak_mb": peak_kb / 1024, "seconds": seconds}}))
 """
 
 
@@ -39,3 +41,7 @@ def test_config_show_builds_every_command_yet_loads_no_model_library_and_no_ray(
     result = _probe("config", "show", str(config))  # the parser imports every module in jobs.cli.COMMANDS
     assert result["code"] == 0 and result["heavy"] == []
     assert result["peak_mb"] < MAX_RSS_MB
+
+
+if __name__ == "__main__":  # the figures: python tests/test_light_cli.py
+    print(json.dumps(_probe("config", "show")))
