@@ -5,11 +5,7 @@ Imported only when the command runs: it loads torch and open_clip.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import ctypes
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -19,7 +15,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from jobs.pretrain_shapes import PretrainCfg
 from jobs.pretrain_shapes_card import write_card
@@ -27,6 +22,7 @@ from jobs.pretrain_shapes_data import TEMPLATE, BatchSampler, render_pool, to_in
 from jobs.pretrain_shapes_eval import RECOMMENDED_INFER, evaluate
 from pipeline.io import fs
 from pipeline.models.precision import resolve_dtype
+from pipeline.train.loop import TRIM_EVERY, MasterCopy, Progress, attention_kernel, release_freed_memory, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +36,12 @@ def pretrain(cfg: PretrainCfg, out: str, command: str = "") -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    master = open_clip.CLIP(**model_cfg).to(device)
-    dtype = _train_dtype(cfg.precision, device)
-    work = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)
+    dtype = resolve_dtype(cfg.precision, device)  # auto: measured, as for labeling (pipeline.models.precision)
+    trainer = MasterCopy(open_clip.CLIP(**model_cfg).to(device), dtype)
+    master, work = trainer.master, trainer.work
     tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
 
+    progress = Progress(cfg.steps)  # from here: rendering the pools is training time, evaluations are not
     start = time.time()
     pools = [render_pool(kind, n, size, cfg.seed, cfg.threads) for kind, n in _pools(cfg)]
     sample = BatchSampler(*pools, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -54,38 +51,40 @@ def pretrain(cfg: PretrainCfg, out: str, command: str = "") -> dict:
     loss_fn = open_clip.ClipLoss()
     tokens: dict[str, torch.Tensor] = {}
     history, evals = [], []
-    tick, seen, loss_sum = time.time(), 0, 0.0
+    progress.tick = time.time()
     for step in range(cfg.steps):
         images, captions = sample(step)
         for c in set(captions) - tokens.keys():
             tokens[c] = tokenizer([c])[0]
         text = torch.stack([tokens[c] for c in captions]).to(device)
-        with _attention_kernel(device):
+        with attention_kernel(device):
             image_features = F.normalize(work.encode_image(to_input(images, dtype).to(device)).float(), dim=-1)
             text_features = F.normalize(work.encode_text(text).float(), dim=-1)
             loss = loss_fn(image_features, text_features, work.logit_scale.float().exp())
             work.zero_grad(set_to_none=True)
             loss.backward()
-        _step(master, work, optimizer, _lr(cfg, step))
-        if (step + 1) % _TRIM_EVERY == 0:
-            _release_freed_memory()
-        seen += len(images)
-        loss_sum += loss.item() * len(images)
+        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
+        trainer.step(optimizer, [lr] * len(optimizer.param_groups), grad_clip=1.0, post=_clamp_logit_scale)
+        if (step + 1) % TRIM_EVERY == 0:
+            release_freed_memory()
+        progress.add(loss.item(), len(images))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            mean_loss, rate = loss_sum / seen, seen / (time.time() - tick)
-            logger.info("step %d/%d loss %.4f lr %.2e img/s %.0f", step + 1, cfg.steps, mean_loss, _lr(cfg, step), rate)
+            line = progress.record(step + 1, lr)
             history.append(
-                {"step": step + 1, "loss": round(mean_loss, 4), "img_s": round(rate), "minutes": _minutes(start)}
+                {
+                    "step": step + 1,
+                    "loss": line["loss"],
+                    "img_s": round(line["img_per_s"]),
+                    "minutes": _minutes(progress),
+                }
             )
-            tick, seen, loss_sum = time.time(), 0, 0.0
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            paused = time.time()
-            result = evaluate(master.eval(), tokenizer, size, cfg.seed, cfg.eval_n, cfg.calibration_n)
-            logger.info("step %d eval %s", step + 1, json.dumps(result))
-            evals.append({"step": step + 1} | result)
-            master.train()
-            start, tick = start + time.time() - paused, tick + time.time() - paused  # evaluation is not training time
-    train_minutes = _minutes(start)
+            with progress.pause():  # evaluation is not training time
+                result = evaluate(master.eval(), tokenizer, size, cfg.seed, cfg.eval_n, cfg.calibration_n)
+                logger.info("step %d eval %s", step + 1, json.dumps(result))
+                evals.append({"step": step + 1} | result)
+                master.train()
+    train_minutes = _minutes(progress)
     master.eval()
     metrics = evaluate(master, tokenizer, size, cfg.seed, cfg.eval_n, cfg.calibration_n) | {
         "train_minutes": train_minutes,
@@ -100,46 +99,6 @@ def _pools(cfg: PretrainCfg) -> list[tuple[str, int]]:
     return [("scene", cfg.pool_scenes), ("single", cfg.pool_singles), ("background", cfg.pool_backgrounds)]
 
 
-def _train_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"precision {precision!r} is unknown; use auto, fp32 or bf16")
-    return resolve_dtype("auto", device)  # measured, as for labeling (pipeline.models.precision)
-
-
-_TRIM_EVERY = 20
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc `malloc_trim`).
-
-    glibc raises its mmap threshold once large blocks are freed; from then on this loop's activations
-    come from the heap, which keeps growing (measured: about 20 MB a step, 1 GB to 12 GB in 400 steps,
-    with bf16 weights or the math attention kernel). Trimming every few steps bounds it at no measurable
-    cost; trimming every step, or a fixed low mmap threshold, halves the speed (page faults).
-    """
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-def _attention_kernel(device: torch.device) -> contextlib.AbstractContextManager:
-    """On CPU, the plain (math) attention: for sequences of tens of tokens its backward was measured about 1.4x
-    faster than the fused flash kernel's."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on weight matrices only, as open_clip's trainer does."""
     decay, rest = [], []
@@ -149,32 +108,13 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _lr(cfg: PretrainCfg, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def _step(master: torch.nn.Module, work: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """One AdamW step on the fp32 master from the work copy's gradients; the work copy then takes the new weights."""
-    pairs = list(zip(master.parameters(), work.parameters(), strict=True))
-    if work is not master:
-        for p_master, p_work in pairs:
-            p_master.grad = None if p_work.grad is None else p_work.grad.float()
-    torch.nn.utils.clip_grad_norm_(master.parameters(), 1.0)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
+def _clamp_logit_scale(master: torch.nn.Module) -> None:
     master.logit_scale.clamp_(0, math.log(100))
-    if work is not master:
-        for p_master, p_work in pairs:
-            p_work.copy_(p_master)
 
 
-def _minutes(start: float) -> float:
-    return round((time.time() - start) / 60, 2)
+def _minutes(progress: Progress) -> float:
+    """Training minutes so far (rendering the pools counts, evaluations do not)."""
+    return round(progress.train_seconds / 60, 2)
 
 
 def _write(

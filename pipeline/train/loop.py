@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,8 +54,15 @@ class MasterCopy:
         self.work = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)
 
     @torch.no_grad()
-    def step(self, optimizer: torch.optim.Optimizer, lrs: list[float], grad_clip: float = 0.0) -> None:
-        """One optimiser step with per-group learning rates `lrs`."""
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lrs: list[float],
+        grad_clip: float = 0.0,
+        post: Callable[[torch.nn.Module], None] | None = None,
+    ) -> None:
+        """One optimiser step with per-group learning rates `lrs` (times a group's `lr_mult`); `post(master)`
+        runs after it, before the work copy takes the new weights (e.g. to clamp a temperature)."""
         pairs = list(zip(self.master.parameters(), self.work.parameters(), strict=True))
         if self.work is not self.master:
             for p_master, p_work in pairs:
@@ -64,6 +72,8 @@ class MasterCopy:
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr * group.get("lr_mult", 1.0)
         optimizer.step()
+        if post is not None:
+            post(self.master)
         if self.work is not self.master:
             for p_master, p_work in pairs:
                 p_work.copy_(p_master)
