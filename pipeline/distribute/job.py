@@ -66,15 +66,18 @@ def connect(address: str) -> bool:
     process. Returns True when this call connected (and `disconnect` should follow).
 
     Raises:
+        ValueError: no cluster could be joined at the address.
         SystemExit: a SIGTERM arrived while Ray was starting (Ray's own handler, set by `ray.init`).
     """
     global _reaper
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    if address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=address or None, log_to_driver=True)
+        except ConnectionError as exc:  # an address that names no reachable cluster is bad input
+            where = address or os.environ["RAY_ADDRESS"]
+            raise ValueError(f"cannot join the Ray cluster at {where}: {str(exc).strip().splitlines()[-1]}") from None
     else:
         _reaper = Reaper()
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
