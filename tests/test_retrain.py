@@ -143,9 +143,14 @@ def test_two_steps_at_once_publish_one_version(s3, s3_root):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "CUDA_VISIBLE_DEVICES": ""}
     arg = json.dumps(to_dict(cfg))
     helper = str(ROOT / "tests" / "retrain_helpers.py")
-    procs = [subprocess.Popen([sys.executable, helper, arg], stdout=subprocess.PIPE, env=env) for _ in range(2)]
-    outcomes = sorted(json.loads(p.communicate(timeout=300)[0].decode().splitlines()[-1])["outcome"] for p in procs)
-    assert all(p.returncode == 0 for p in procs)
+    procs = [
+        subprocess.Popen([sys.executable, helper, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0 and out.strip(), err.decode()[-3000:]
+    outcomes = sorted(json.loads(out.decode().splitlines()[-1])["outcome"] for out, _ in results)
     assert outcomes in (["held", "published"], ["already-done", "published"]), outcomes
     assert versions.list_versions(cfg.models, so) == [1]
     assert versions.read_latest(cfg.models, so)["version"] == "v0001"

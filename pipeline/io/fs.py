@@ -16,8 +16,10 @@ atomic, which is why readers trust only the marker.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import time
 import uuid
 from typing import Any
 
@@ -131,6 +133,9 @@ def put_json(url: str, obj: Any, storage_options: StorageOptions | None = None) 
     put_atomic(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
 
 
+_CONFLICT_RETRIES = 5
+
+
 def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None = None) -> bool:
     """Create `url` holding `data` only if no file has that name; True if this call created it.
 
@@ -140,12 +145,19 @@ def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None 
     """
     fs, path = url_to_fs(url, storage_options)
     if not is_local(fs):
-        try:
-            with fs.open(path, "xb") as f:
-                f.write(data)
-        except FileExistsError:
-            return False
-        return True
+        for attempt in range(_CONFLICT_RETRIES):
+            try:
+                with fs.open(path, "xb") as f:
+                    f.write(data)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                # S3 answers 409 ConditionalRequestConflict while another conditional write of the same
+                # key is in flight, and asks for a retry; the retry then wins or sees the name taken.
+                if exc.errno != errno.EBUSY or attempt == _CONFLICT_RETRIES - 1:
+                    raise
+                time.sleep(0.1 * 2**attempt)
     tmp = temp_name(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(tmp, "wb") as f:

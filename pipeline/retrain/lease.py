@@ -67,7 +67,7 @@ def latest_generation(folder: str, storage_options: dict | None = None) -> int |
     filesystem.invalidate_cache()
     if not filesystem.exists(path):
         return None
-    found = [_NAME.search(p) for p in filesystem.ls(path, detail=False)]
+    found = [_NAME.search(p) for p in filesystem.ls(path, detail=False) if not fs.is_temp_name(p)]
     numbers = [int(m.group(1)) for m in found if m]
     return max(numbers) if numbers else None
 
