@@ -18,6 +18,7 @@ import yaml
 from jobs.cli import build_parser
 from pipeline.config import RunCfg, load_config
 from pipeline.retrain import RetrainCfg
+from pipeline.retrain.config import check as check_retrain
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT.parent / "shared" / "kuberay" / "v1.7.0"
@@ -146,7 +147,9 @@ def test_every_manifest_command_is_a_clipdense_command_with_a_valid_config(rende
             local.write_text(configs[argv[2]])
             args = build_parser().parse_args([argv[1], str(local)])
             assert args.config == str(local) and not args.overrides
-            load_config(str(local), cls=CONFIG_CLASSES[argv[1]])  # unknown or mistyped keys raise
+            cfg = load_config(str(local), cls=CONFIG_CLASSES[argv[1]])  # unknown or mistyped keys raise
+            if argv[1] == "retrain":
+                check_retrain(cfg)  # required keys, and its finetune section's keys
 
 
 def test_dockerfile_passes_hadolint_and_runs_as_non_root():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import retrain_helpers as rh
 
-from pipeline.config import from_dict, to_dict
+from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.io import fs
 from pipeline.retrain import RetrainCfg, lease, retrain_step, versions, watermark
 
@@ -169,6 +169,12 @@ def test_first_version_is_gated_only_with_gate_first(tmp_path):
     assert versions.list_versions(fs.join(root, "models")) == []
     first = retrain_step(step_cfg(root, {}, models=fs.join(root, "models-2")), rh.export_shipped)
     assert first["outcome"] == "published" and first["reason"].startswith("first version, nothing live to beat")
+
+
+def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
+    cfg = step_cfg(str(tmp_path), {}, finetune={"optim": {"step": 10}})
+    with pytest.raises(ConfigError, match="unknown config key 'finetune.optim.step'"):
+        retrain_step(cfg, rh.export_shipped)
 
 
 def test_bad_config_is_one_line_and_exit_2(tmp_path):

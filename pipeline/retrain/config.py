@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.config import from_dict
+
 
 @dataclass(frozen=True, slots=True)
 class RetrainCfg:
@@ -40,3 +42,7 @@ def check(cfg: RetrainCfg) -> None:
     for key in ("labels", "output"):
         if key in cfg.finetune:
             raise ValueError(f"retrain config: finetune.{key} is set by the step; remove it")
+    from pipeline.train.config import FinetuneCfg  # dataclasses only: no torch
+
+    # A mistyped fine-tune key fails here, before any listing or training, naming the key.
+    from_dict(FinetuneCfg, {**cfg.finetune, "labels": ["-"], "output": "-"}, "finetune")
