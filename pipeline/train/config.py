@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.config import ModelCfg, to_dict
 
 # Keys that change how a run executes but never what it computes: a resume may differ in them.
-EXECUTION_KEYS = ("output", "storage_options", "distribute", "log_every", "eval")
+EXECUTION_KEYS = ("output", "storage_options", "log_every", "checkpoint_every", "eval")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class DataCfg:
     short_side: int = 0  # images are resized so their short side is this x a random scale; 0 = crop
     scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random scale range
     flip: bool = True  # random horizontal flip
-    jitter: float = 0.2  # brightness/contrast/saturation jitter strength (hue a tenth of it); 0 = off
+    jitter: float = 0.2  # brightness/contrast/saturation jitter strength; 0 = off
     shuffle_buffer: int = 256  # samples held for shuffling
     loader_workers: int = 1  # processes decoding and augmenting beside training; 0 = in the training process
     conf_threshold: float = 0.0  # pixels whose pseudo-label confidence (conf.png) is below are ignored
