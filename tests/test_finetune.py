@@ -230,3 +230,11 @@ def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_pat
     assert Path(out, "model/student.safetensors").exists()
     lines = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["kind"] == "train"] == [2]
+
+
+def test_example_config_resolves_and_config_show_prints_the_finetune_keys(capsys):
+    example = str(ROOT / "examples/finetune-shapes.yaml")
+    assert cli(["config", "show", example, "optim.steps=7"]) == 0
+    shown = capsys.readouterr().out
+    assert "labels:\n- demo-out/labels\n" in shown and "steps: 7\n" in shown and "fpn_width: 64\n" in shown
+    assert "aux_weight: 0.4\n" in shown and "backbone_lr_mult: 0.1\n" in shown  # defaults printed too
