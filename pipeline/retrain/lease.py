@@ -63,11 +63,7 @@ class Lease:
 
 
 def latest_generation(folder: str, storage_options: dict | None = None) -> int | None:
-    filesystem, path = fs.url_to_fs(folder, storage_options)
-    filesystem.invalidate_cache()
-    if not filesystem.exists(path):
-        return None
-    found = [_NAME.search(p) for p in filesystem.ls(path, detail=False) if not fs.is_temp_name(p)]
+    found = [_NAME.search(n) for n in fs.listdir(folder, storage_options) if not fs.is_temp_name(n)]
     numbers = [int(m.group(1)) for m in found if m]
     return max(numbers) if numbers else None
 

@@ -40,11 +40,7 @@ def version_name(number: int) -> str:
 
 def list_versions(models: str, storage_options: dict | None = None) -> list[int]:
     """Numbers of every claimed version folder, complete or not, ascending."""
-    filesystem, path = fs.url_to_fs(models, storage_options)
-    filesystem.invalidate_cache()
-    if not filesystem.exists(path):
-        return []
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in filesystem.ls(path, detail=False))
+    names = fs.listdir(models, storage_options)
     return sorted(int(m.group(1)) for n in names if (m := _VERSION_NAME.match(n)))
 
 

@@ -27,17 +27,14 @@ def find_runs(specs: list[str], storage_options: dict | None = None) -> list[str
     direct sub-folders with a `_run/` are runs. Sorted; raises ValueError for a spec with no run."""
     runs: list[str] = []
     for spec in specs:
-        filesystem, path = fs.url_to_fs(spec, storage_options)
-        filesystem.invalidate_cache()
-        if filesystem.exists(f"{path.rstrip('/')}/{schema.RUN_DIR}"):
+        if fs.exists(fs.join(spec, schema.RUN_DIR), storage_options):
             runs.append(spec.rstrip("/"))
             continue
-        found = []
-        if filesystem.isdir(path):
-            for child in filesystem.ls(path, detail=False):
-                name = child.rstrip("/").rsplit("/", 1)[-1]
-                if filesystem.exists(f"{child.rstrip('/')}/{schema.RUN_DIR}"):
-                    found.append(fs.join(spec, name))
+        found = [
+            fs.join(spec, name)
+            for name in fs.listdir(spec, storage_options)
+            if fs.exists(fs.join(spec, name, schema.RUN_DIR), storage_options)
+        ]
         if not found:
             raise ValueError(f"labels: {spec} is neither a labeling run output nor a folder holding any")
         runs.extend(found)
