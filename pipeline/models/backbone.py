@@ -148,9 +148,9 @@ class _Source:
 
 def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbone:
     """Build the model named by `cfg`, load its weights, move and cast it (see module docstring)."""
+    source = _resolve_source(cfg.name, storage_options)  # a bad name fails before the precision probe runs
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.precision, device)
-    source = _resolve_source(cfg.name, storage_options)
     meta: dict[str, Any] = {}
     preprocess: dict[str, Any] = {}
     if source.config is None:
