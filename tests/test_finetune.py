@@ -87,6 +87,7 @@ def test_student_folder_labels_with_its_own_head(trained, labelled):
     vocab = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")
     labeler = DenseLabeler(RunCfg(model=ModelCfg(name=f"{trained['out']}/model")), vocab)
     assert isinstance(labeler.head, DenseCLIPHead)  # the config kept the default head: the model's own is used
+    assert labeler.head_name == "denseclip"
     image = np.zeros((40, 56, 3), np.uint8)
     image[10:30, 10:30] = (220, 30, 30)
     (result,) = labeler([image])

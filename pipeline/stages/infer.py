@@ -85,10 +85,12 @@ class DenseLabeler:
                 "set vocab.background words or use a vocabulary with a 'background' id"
             )
         self.head = create_head(cfg.head.name, **cfg.head.options)  # before the model: a bad head fails fast
+        self.head_name = cfg.head.name
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
         meta = self.backbone.meta
         if meta.get("head") and cfg.head == HeadCfg():
             self.head = create_head(meta["head"])  # a model with a head of its own (a fine-tuned student)
+            self.head_name = meta["head"]
         self.infer: InferCfg = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
         if spec == PromptCfg().templates and meta.get("templates"):
@@ -233,7 +235,7 @@ class DenseLabeler:
         for size, members in groups.items():
             batch = torch.cat([win.cut((images[i] - self._mean) / self._std, plans[i][1], size) for i in members])
             scores = self.head(self.backbone, self.text, batch)  # (n_windows, K, h, w)
-            logger.debug("head %s: %d windows of %s from %d images", self.cfg.head.name, len(batch), size, len(members))
+            logger.debug("head %s: %d windows of %s from %d images", self.head_name, len(batch), size, len(members))
             for i, part in zip(members, scores.split([len(plans[i][1]) for i in members]), strict=True):
                 maps[i] = win.stitch(part, plans[i][1], size, tuple(images[i].shape[1:]))
                 if self.vocab.background is not None and self.background_offset:

@@ -69,7 +69,7 @@ class ShardLabeler:
         self.vocab = vocab
         self.dense = DenseLabeler(cfg, vocab, cfg.storage_options)
         self.labeler = ZoomLabeler(self.dense, cfg.zoom)  # passes results through when zoom is off
-        self.context = RowContext(head=cfg.head.name, model=cfg.model.name, config_hash=config_hash(cfg))
+        self.context = RowContext(head=self.dense.head_name, model=cfg.model.name, config_hash=config_hash(cfg))
         self.prefetch = max(1, cfg.distribute.prefetch)
 
     def __call__(self, url: str, attempt: int = 1) -> dict[str, Any]:
