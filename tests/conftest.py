@@ -42,6 +42,15 @@ class S3Server:
     storage_options: dict
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _precision_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The precision probe's per-machine cache lives in the test run's temp folder, not the user's home;
+    one folder for the session, so the probe runs once and subprocesses (Ray workers, CLIs) share it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLIPDENSE_CACHE", str(tmp_path_factory.mktemp("clipdense-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3() -> Iterator[S3Server]:
     """moto's S3 server on 127.0.0.1 (a free port), with one empty bucket, for the whole test run."""
