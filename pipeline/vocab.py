@@ -14,10 +14,13 @@ words, from a probability threshold, or both.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from pipeline.config import VocabCfg
 from pipeline.io import fs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,18 +31,9 @@ class Vocabulary:
     def __post_init__(self) -> None:
         if not self.names:
             raise ValueError("the vocabulary is empty: give at least one class")
-        owner: dict[str, int] = {}
         for i, names in enumerate(self.names):
             if not names or not all(n.strip() for n in names):
                 raise ValueError(f"class {i} of the vocabulary has an empty name")
-            for name in names:
-                first = owner.setdefault(" ".join(name.lower().split()), i)
-                if first != i:
-                    raise ValueError(
-                        f"the vocabulary names {name!r} in class {first} ({', '.join(self.names[first])!r}) and in "
-                        f"class {i} ({', '.join(names)!r}): a name can point at one class only; merge the two "
-                        "entries into one (synonyms are comma-separated within an entry) or drop one"
-                    )
         if self.background is not None and not 0 <= self.background < len(self.names):
             raise ValueError(f"background id {self.background} is outside the {len(self.names)} classes")
 
@@ -67,6 +61,40 @@ def _split_synonyms(entry: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in entry.split(",") if n.strip())
 
 
+def _word(name: str) -> str:
+    """`name` as two spellings of one word compare: lower case, single spaces."""
+    return " ".join(name.lower().split())
+
+
+def _check_entries(vocab: Vocabulary) -> None:
+    """Refuse a class listed twice; warn about a word that names two different classes.
+
+    A class listed twice can never win a pixel (the first copy takes every tie). A word shared by two
+    classes is common in real vocabularies (ADE20K's full names) and harmless: each class scores it.
+    """
+    classes: dict[frozenset[str], int] = {}
+    owner: dict[str, int] = {}
+    for i, names in enumerate(vocab.names):
+        words = [_word(n) for n in names]
+        first = classes.setdefault(frozenset(words), i)
+        if first != i:
+            raise ValueError(
+                f"the vocabulary lists one class twice: class {first} ({', '.join(vocab.names[first])!r}) and "
+                f"class {i} ({', '.join(names)!r}); drop one"
+            )
+        for name, word in zip(names, words, strict=True):
+            other = owner.setdefault(word, i)
+            if other != i:
+                logger.warning(
+                    "the vocabulary names %r in class %d (%r) and in class %d (%r): both classes score it",
+                    name,
+                    other,
+                    ", ".join(vocab.names[other]),
+                    i,
+                    ", ".join(names),
+                )
+
+
 def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary:
     """Read a vocabulary file (JSON as above, or one class per line, `#` comments allowed)."""
     text = fs.read_text(url, storage_options)
@@ -82,7 +110,11 @@ def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary
 
 
 def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: dict | None = None) -> Vocabulary:
-    """The run's vocabulary: inline classes, else `cfg.file`, else `vocabulary.json` beside the input."""
+    """The run's vocabulary: inline classes, else `cfg.file`, else `vocabulary.json` beside the input.
+
+    What the user chose is checked here, not in `Vocabulary` (stored files must load as they were
+    written): a class listed twice and a one-class vocabulary without background words are refused.
+    """
     if cfg.classes:
         vocab = Vocabulary.from_entries(list(cfg.classes))
     elif cfg.file:
@@ -101,6 +133,7 @@ def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: 
         else:
             names[vocab.background] = tuple(cfg.background)
             vocab = Vocabulary(tuple(names), vocab.background)
+    _check_entries(vocab)
     if len(vocab) < 2:
         # A softmax over one class gives it every pixel at probability 1.0: a silent, useless run.
         (names,) = vocab.names

@@ -1,8 +1,9 @@
-"""Config and output mistakes users make: a string for a list, one class, one name in two classes, the same
+"""Config and output mistakes users make: a string for a list, one class, a class listed twice, the same
 run spelled two ways, a commit that fails half-way."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 from pipeline import schema
 from pipeline.config import ConfigError, load_config
 from pipeline.io import fs
-from pipeline.outputs import OutputConflict, prepare_output, remove_temporaries
+from pipeline.outputs import OutputConflict, prepare_output, remove_temporaries, write_vocabulary
 from pipeline.stages.write import LabelShardSink, RowContext
-from pipeline.vocab import Vocabulary, resolve_vocabulary
+from pipeline.vocab import Vocabulary, load_vocabulary, resolve_vocabulary
 
 
 def test_a_string_where_a_list_is_expected_is_refused_with_the_fix():
@@ -48,20 +49,46 @@ def test_a_one_class_vocabulary_is_refused_unless_it_has_a_background():
 
 
 @pytest.mark.parametrize(
-    ("entries", "name", "first", "second"),
+    ("entries", "first", "second"),
     [
-        (["cat", "dog", "Cat"], "Cat", 0, 2),
-        (["cat, kitty", "dog", " kitty "], "kitty", 0, 2),
-        (["a b", "a  b"], "a  b", 0, 1),
+        (["cat", "dog", "Cat"], "'cat'", "'Cat'"),
+        (["a b", "a  b"], "'a b'", "'a  b'"),
+        (["tv, monitor", "monitor, TV"], "'tv, monitor'", "'monitor, TV'"),
     ],
 )
-def test_one_name_in_two_classes_is_refused(entries, name, first, second):
-    with pytest.raises(ValueError, match=rf"names {name!r} in class {first} .* and in class {second} "):
-        Vocabulary.from_entries(entries)
+def test_a_class_listed_twice_is_refused(entries, first, second):
+    with pytest.raises(
+        ValueError,
+        match=rf"lists one class twice: class 0 \({first}\) and class {len(entries) - 1} \({second}\); drop one",
+    ):
+        resolve_vocabulary(load_config(None, [f"vocab.classes={entries}"]).vocab)
 
 
-def test_synonyms_repeated_within_one_class_are_fine():
-    assert Vocabulary.from_entries(["cat, cat", "dog"]).names == (("cat", "cat"), ("dog",))
+def test_a_word_shared_by_two_classes_is_a_warning(caplog):
+    vocab = resolve_vocabulary(load_config(None, ['vocab.classes=["cat, kitty", dog, " Kitty "]']).vocab)
+    assert vocab.names == (("cat", "kitty"), ("dog",), ("Kitty",))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "the vocabulary names 'Kitty' in class 0 ('cat, kitty') and in class 2 ('Kitty'): both classes score it"
+    ]
+
+
+def test_a_stored_vocabulary_with_a_shared_word_loads_and_its_run_resumes(tmp_path):
+    # As ADE20K's full names: "car, auto, automobile, machine, motorcar" and "computer, ..., machine".
+    entries = ["car, auto, machine", "computer, machine", "cat"]
+    (tmp_path / "vocab.json").write_text(json.dumps({"classes": entries}))
+    stored = load_vocabulary(str(tmp_path / "vocab.json"))
+    assert stored.names[1] == ("computer", "machine")
+    cfg = load_config(None, ["input=s.tar", f"vocab.file={tmp_path}/vocab.json", f"output={tmp_path}/out"])
+    vocab = resolve_vocabulary(cfg.vocab)
+    assert vocab == stored
+    assert prepare_output(cfg, vocab) == set()
+    write_vocabulary(cfg.output, vocab, ["a photo of a {}."], "0" * 64)
+    sink = LabelShardSink(cfg.output, "s", n_classes=3, context=RowContext("maskclip", "tiny", "abc"))
+    sink.add(0, "a", np.zeros((4, 4), np.uint8), np.ones((4, 4), np.float32))
+    sink.commit()
+    assert load_vocabulary(fs.join(cfg.output, schema.VOCAB_FILE)) == stored
+    assert prepare_output(cfg, resolve_vocabulary(cfg.vocab)) == {"s"}  # resumed: _run/vocabulary.json matches
 
 
 def test_relative_and_absolute_spellings_of_the_same_input_are_one_run(tmp_path, monkeypatch):

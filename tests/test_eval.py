@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,21 @@ def test_cli_writes_table_and_json(shapes, tmp_path, capsys):
     for field in ("mIoU", "per_class", "background_iou", "small_object_iou", "baselines"):
         assert field in report
     assert report["mIoU"] == 1.0
+
+
+def test_a_truth_and_run_whose_classes_share_a_word_are_scored(shapes, tmp_path, capsys):
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for shard in ("shapes-000000", "shapes-000001"):
+        shutil.copy(f"{shapes}/{shard}.tar", truth)
+    data = json.load(open(f"{shapes}/vocabulary.json"))
+    data["classes"][1] += ", shape"  # two classes named "shape" too, as real vocabularies (ADE20K) have
+    data["classes"][2] += ", shape"
+    (truth / "vocabulary.json").write_text(json.dumps(data))
+    run = _write_run(str(tmp_path / "run"), str(truth), lambda s: _seg(s))
+    out = tmp_path / "report.json"
+    assert main(["eval", "--truth", str(truth), "--pred", run, "--json", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["mIoU"] == 1.0
 
 
 def test_cli_names_a_folder_that_is_not_a_run(shapes, tmp_path, capsys):
