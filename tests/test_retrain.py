@@ -77,15 +77,30 @@ def test_publish_resumes_the_number_its_key_claimed(tmp_path):
     models, candidate = str(tmp_path / "models"), str(tmp_path / "candidate")
     rh.export_shipped(None, [], candidate, None)
     model = fs.join(candidate, "model")
-    assert versions.publish(models, "key-a", model, {"mIoU": 1}) == "v0001"
+    assert versions.publish(models, "key-a", model, {"mIoU": 1}, None) == ("v0001", True)
     # A step for key-b killed after its claim: the number is taken, the version incomplete, latest unmoved.
     assert fs.put_exclusive(fs.join(models, "v0002", versions.CLAIM), json.dumps({"key": "key-b"}).encode())
     assert versions.read_latest(models)["version"] == "v0001"
-    assert versions.publish(models, "key-c", model, {}) == "v0003"
-    assert versions.publish(models, "key-b", model, {}) == "v0002"  # the rerun finishes its own number
-    assert versions.read_latest(models)["version"] == "v0003"  # and never moves latest backwards
-    assert versions.publish(models, "key-c", model, {}) == "v0003"
+    assert versions.publish(models, "key-c", model, {}, "v0001") == ("v0003", True)
+    # The rerun finishes its own number, but latest moved past what it was gated against: it stays.
+    assert versions.publish(models, "key-b", model, {}, "v0001") == ("v0002", False)
+    assert versions.read_latest(models)["version"] == "v0003"
+    assert versions.publish(models, "key-c", model, {}, "v0001") == ("v0003", True)  # a rerun after latest moved
     assert versions.list_versions(models) == [1, 2, 3]
+
+
+def test_publish_never_passes_over_a_version_published_meanwhile(tmp_path):
+    models, candidate = str(tmp_path / "models"), str(tmp_path / "candidate")
+    rh.export_shipped(None, [], candidate, None)
+    model = fs.join(candidate, "model")
+    assert versions.publish(models, "key-a", model, {}, None) == ("v0001", True)
+    # A step that read "no version" (or v0001) before key-b published v0002 publishes a higher number,
+    # but was never gated against v0002: latest stays on v0002.
+    assert versions.publish(models, "key-b", model, {}, "v0001") == ("v0002", True)
+    assert versions.publish(models, "key-c", model, {}, None) == ("v0003", False)
+    assert versions.publish(models, "key-d", model, {}, "v0001") == ("v0004", False)
+    assert versions.read_latest(models)["version"] == "v0002"
+    assert fs.exists(fs.join(models, "v0004", versions.VERSION))  # the version folder stays, complete
 
 
 def step_cfg(root: str, so: dict, **extra) -> RetrainCfg:
@@ -169,6 +184,25 @@ def test_first_version_is_gated_only_with_gate_first(tmp_path):
     assert versions.list_versions(fs.join(root, "models")) == []
     first = retrain_step(step_cfg(root, {}, models=fs.join(root, "models-2")), rh.export_shipped)
     assert first["outcome"] == "published" and first["reason"].startswith("first version, nothing live to beat")
+
+
+@pytest.mark.slow
+def test_a_step_superseded_while_training_does_not_move_latest(tmp_path):
+    root = str(tmp_path)
+    rh.truth(root, None)
+    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None)
+    cfg = step_cfg(root, {})
+
+    def beside(start, runs, output, so):  # a manual step for another key publishes while this one trains
+        summary = rh.export_shipped(start, runs, output, so)
+        assert versions.publish(cfg.models, "other-key", fs.join(output, "model"), {}, None, so) == ("v0001", True)
+        return summary
+
+    done = retrain_step(cfg, beside)
+    assert done["outcome"] == "superseded" and done["version"] == "v0002", done
+    assert done["reason"] == "superseded: v0001 was published while this step gated against no version"
+    assert versions.read_latest(cfg.models)["version"] == "v0001"
+    assert fs.read_json(done["record"])["outcome"] == "superseded"
 
 
 def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):

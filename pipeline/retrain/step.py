@@ -10,6 +10,7 @@ its config that decides the result. It does, in order:
 4. score the live version (the labeler's own CLIP for the first) and the candidate on the truth set;
 5. publish `vNNNN/` and move `latest` only if the candidate wins (`versions.publish`); the first
    version is published whatever its score unless `gate_first` (there is no live version to beat);
+   if another step moved `latest` since step 1, the version stays unpointed-to ("superseded");
 6. write `_steps/<key>/done.json` and a record under `records/` saying what was done and why.
 """
 
@@ -45,7 +46,8 @@ def step_key(cfg: RetrainCfg, mark: watermark.Watermark) -> str:
 
 def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
     """Run one step (module docstring); return its record. `outcome` is one of: nothing-new,
-    already-done, held (another live step has the key), published, not-better."""
+    already-done, held (another live step has the key), published, not-better, superseded (another
+    step moved `latest` while this one trained)."""
     check(cfg)
     so = cfg.storage_options or None
     mark = watermark.current_watermark(cfg.labels, so)
@@ -118,7 +120,12 @@ def _train_and_gate(
     if not held.still_held():
         raise RuntimeError(f"lost the lease of step {key} to another step; not publishing")
     info = {k: result[k] for k in ("trained_from", "trained_on", "watermark", "truth", "compared_with", "mIoU")}
-    name = versions.publish(cfg.models, key, candidate, {**info, "finetune": result["finetune"]}, so)
+    expected = live["version"] if live else None
+    name, moved = versions.publish(cfg.models, key, candidate, {**info, "finetune": result["finetune"]}, expected, so)
+    if not moved:
+        now = versions.live_version(cfg.models, so)
+        why = f"superseded: {now} was published while this step gated against {expected or 'no version'}"
+        return {**result, "outcome": "superseded", "version": name, "reason": why}
     why = f"better: {versus}" if beats else f"first version, nothing live to beat (gate_first is off): {versus}"
     logger.info("published %s: %s", name, why)
     return {**result, "outcome": "published", "version": name, "reason": why}

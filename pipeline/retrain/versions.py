@@ -46,19 +46,27 @@ def list_versions(models: str, storage_options: dict | None = None) -> list[int]
 
 def read_latest(models: str, storage_options: dict | None = None) -> dict[str, Any] | None:
     """The live version's `version.json` (with its `version` name), or None before the first publish."""
-    url = fs.join(models, LATEST)
-    if not fs.exists(url, storage_options):
-        return None
-    name = fs.read_json(url, storage_options)["version"]
-    return fs.read_json(fs.join(models, name, VERSION), storage_options)
+    name = live_version(models, storage_options)
+    return fs.read_json(fs.join(models, name, VERSION), storage_options) if name else None
 
 
-def publish(models: str, key: str, model: str, info: dict[str, Any], storage_options: dict | None = None) -> str:
-    """Publish the model folder `model` as the version of `key`; return its name (e.g. "v0003").
+def publish(
+    models: str,
+    key: str,
+    model: str,
+    info: dict[str, Any],
+    expected: str | None,
+    storage_options: dict | None = None,
+) -> tuple[str, bool]:
+    """Publish the model folder `model` as the version of `key`; return its name (e.g. "v0003") and
+    whether `latest` now points to it.
 
-    Order: claim a number, copy the model, write version.json, then point `latest` at it (unless
-    `latest` already points to a newer version). A kill between any two leaves `latest` as it was
-    or pointing to this complete version; a rerun for the same key finishes the same number.
+    Order: claim a number, copy the model, write version.json, then point `latest` at it, but only if
+    `latest` is still `expected` (the version the step trained from and was gated against; None for
+    none). Otherwise another step published in between and this version is superseded: `latest`
+    never moves backwards, nor to a version that was not gated against the live one. A kill between
+    any two writes leaves `latest` as it was or pointing to this complete version; a rerun for the
+    same key finishes the same number.
     """
     number = _claim(models, key, storage_options)
     name = version_name(number)
@@ -68,11 +76,21 @@ def publish(models: str, key: str, model: str, info: dict[str, Any], storage_opt
     for file in filesystem.ls(src, detail=False):
         filesystem.copy(file, f"{dst}/{file.rstrip('/').rsplit('/', 1)[-1]}")
     fs.put_json(fs.join(models, name, VERSION), {**info, "version": name, "key": key}, storage_options)
-    live = read_latest(models, storage_options)
-    if live is None or int(live["version"][1:]) < number:
-        pointer = {"version": name, "key": key, "published_at": _utc_now()}
-        fs.put_json(fs.join(models, LATEST), pointer, storage_options)
-    return name
+    live = live_version(models, storage_options)  # re-read last: a step for another key may have published
+    if live == name:
+        return name, True  # a rerun of a step killed after it moved `latest`
+    if live != expected:
+        logger.warning("not moving latest to %s: it moved from %s to %s meanwhile", name, expected, live)
+        return name, False
+    pointer = {"version": name, "key": key, "published_at": _utc_now()}
+    fs.put_json(fs.join(models, LATEST), pointer, storage_options)
+    return name, True
+
+
+def live_version(models: str, storage_options: dict | None = None) -> str | None:
+    """The name `latest` points to, read now (None before the first publish)."""
+    url = fs.join(models, LATEST)
+    return fs.read_json(url, storage_options)["version"] if fs.exists(url, storage_options) else None
 
 
 def _claim(models: str, key: str, storage_options: dict | None) -> int:
