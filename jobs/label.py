@@ -7,8 +7,9 @@ Also `python -m jobs.label CONFIG [k=v ...]`. The smallest config is two lines::
 
 By default an embedded local Ray instance runs the job; `--address` joins a running cluster. A rerun
 into the same output resumes (committed shards are skipped) when the config is equal, and is refused
-otherwise unless `--overwrite`. Exit status: 0 when every shard is committed, 1 when some failed,
-2 for a bad config or input, 130/143 when interrupted.
+otherwise unless `--overwrite`. Exit status: 0 when every shard is committed, 1 when some failed
+or every actor died while loading the model (one line, no summary), 2 for a bad config or input,
+130/143 when interrupted.
 """
 
 from __future__ import annotations
@@ -50,13 +51,17 @@ def split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.distribute import run_label_job
+    from pipeline.distribute import ModelStartError, run_label_job
 
     file, overrides = split_config_args(args)
     cfg = load_config(file, overrides)
     if args.address is not None:  # set as given, not parsed as YAML
         cfg = dataclasses.replace(cfg, distribute=dataclasses.replace(cfg.distribute, address=args.address))
-    summary = run_label_job(cfg, overwrite=args.overwrite)
+    try:
+        summary = run_label_job(cfg, overwrite=args.overwrite)
+    except ModelStartError as exc:  # the cluster could not run the model: a failed run, not bad input (2)
+        print(f"clipdense label: error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     return int(summary["exit_code"])
 

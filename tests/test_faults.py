@@ -34,7 +34,7 @@ from jobs_fixtures import (
 from pipeline import schema
 from pipeline.config import load_config
 from pipeline.distribute import run_label_job
-from pipeline.distribute.driver import ACTOR_PREFIX
+from pipeline.distribute.driver import ACTOR_PREFIX, ModelStartError
 from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, ShardReadError, iter_samples
 from pipeline.outputs import committed_shards, prepare_output
@@ -205,6 +205,43 @@ def test_an_actor_dying_while_its_model_loads_is_replaced(tmp_path, model, local
     assert killed, "the job finished before its actor could be killed"
     assert result["exit_code"] == 0 and result["shards"]["committed"] == 2
     assert result["actors"] == {"started": 2, "ready": 1}
+
+
+@pytest.mark.ray
+def test_actors_that_all_die_while_their_model_loads_stop_the_job_after_the_start_up_budget(
+    tmp_path,
+    model,
+    local_ray,  # noqa: F811
+):
+    # The weights are a FIFO nobody writes: every actor blocks loading them, so each is killed mid-load.
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    (folder / "weights.safetensors").unlink()
+    os.mkfifo(folder / "weights.safetensors")
+    shapes(str(tmp_path / "in"), 3, 2)
+    cfg = job_config(str(tmp_path / "in"), str(tmp_path / "out"), str(folder), "distribute.max_retries=1")
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_label_job(cfg)
+        except BaseException as exc:
+            raised.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    killed: set[str] = set()
+    deadline = time.monotonic() + 120
+    while runner.is_alive() and time.monotonic() < deadline:
+        for name in set(ray.util.list_named_actors()) - killed:
+            if name.startswith(ACTOR_PREFIX):
+                ray.kill(ray.get_actor(name))
+                killed.add(name)
+        time.sleep(0.05)
+    runner.join(timeout=30)
+    assert len(raised) == 1 and isinstance(raised[0], ModelStartError), raised
+    assert str(raised[0]).startswith("the labeling model could not start: all 2 actors died while loading it; ")
+    assert len(killed) == 2  # 1 actor x (1 + max_retries), not one load per shard attempt (1 + 3 x 2)
 
 
 @pytest.mark.parametrize("kind", ["a file", "under a file", "a read-only bucket"])

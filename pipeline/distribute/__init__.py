@@ -4,7 +4,7 @@
 and runs `driver.run_pool`, which hands shards to `actor.LabelActor`s (one model each).
 """
 
-from pipeline.distribute.driver import StopRequest
+from pipeline.distribute.driver import ModelStartError, StopRequest
 from pipeline.distribute.job import run_label_job
 
-__all__ = ["StopRequest", "run_label_job"]
+__all__ = ["ModelStartError", "StopRequest", "run_label_job"]

@@ -3,9 +3,11 @@
 Each actor builds its model once (from the config, never from an object shipped by the driver) and
 then labels shard after shard, so a slow shard only ever occupies its own actor. A shard whose actor
 dies is put back on the queue and a fresh actor takes the dead one's place. An actor that dies while
-its model loads (killed, out of memory, its node lost) is replaced the same way; only an exception
-raised by the model's construction, before any model has started, is a bad config. A shard whose attempt
-raises (an unreadable tar) is put back too. After `1 + max_retries` attempts it is recorded as a
+its model loads (killed, out of memory, its node lost) is replaced the same way, but until a first
+model is up only `n_actors * (1 + max_retries)` actors are started in all: when every one of them died
+loading (a model too big for the node), the pool raises `ModelStartError` rather than load the model
+once per shard attempt. Only an exception raised by the model's construction, before any model has
+started, is a bad config (ValueError). A shard whose attempt raises (an unreadable tar) is put back too. After `1 + max_retries` attempts it is recorded as a
 failed shard with the last reason. This is the only retry logic of the job.
 
 Ctrl-C or SIGTERM once: no new shards are handed out, in-flight shards finish and commit. Twice:
@@ -40,6 +42,11 @@ logger = logging.getLogger(__name__)
 _WAIT_S = 0.5  # how often the loop wakes to notice a stop request
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ACTOR_PREFIX = "clipdense-label-"  # actors are named <prefix><run id>-<n> (visible in `ray list actors`)
+
+
+class ModelStartError(RuntimeError):
+    """Every actor started so far died while its model loaded and none ever came up: the cluster cannot
+    run this model (out of memory, nodes lost), which is a failure of the run, not a bad config."""
 
 
 @dataclass
@@ -140,6 +147,9 @@ class _Pool:
         self.run_id = uuid.uuid4().hex[:8]
         # Dead actors are replaced; the budget stops a crash loop from spinning forever.
         self.spawn_budget = self.n_actors + len(urls) * self.max_attempts
+        # Until a model is up, an actor slot gets as many tries as a shard: a model that kills every actor
+        # while loading must not be loaded once per shard attempt (hours of loads on 10k shards).
+        self.startup_budget = self.n_actors * self.max_attempts
 
     def run(self, stop: StopRequest) -> PoolResult:
         shards, actors, cpus, gpus = len(self.queue), self.n_actors, self.num_cpus, self.num_gpus
@@ -186,8 +196,15 @@ class _Pool:
                 raise ValueError(f"the labeling model could not start: {_reason(exc)}") from None
             logger.error("an actor %s: %s", "failed to start" if raised else "died while starting", _reason(exc))
             ray.kill(actor)
-            if not raised and self.spawn_budget > 0:
+            if raised or self.spawn_budget <= 0:
+                return
+            if self.result.actor_info or self.result.actors_started < self.startup_budget:
                 self._spawn()
+            elif not self.starting:  # the last actor of the start-up budget died too
+                n = self.result.actors_started
+                raise ModelStartError(
+                    f"the labeling model could not start: all {n} actors died while loading it; last: {_reason(exc)}"
+                ) from None
             return
         if not self.result.actor_info:
             self.on_ready(info)
