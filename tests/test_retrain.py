@@ -205,6 +205,29 @@ def test_a_step_superseded_while_training_does_not_move_latest(tmp_path):
     assert fs.read_json(done["record"])["outcome"] == "superseded"
 
 
+@pytest.mark.slow
+def test_a_finished_step_keeps_its_metrics_but_not_its_checkpoints(tmp_path):
+    root = str(tmp_path)
+    rh.truth(root, None)
+    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None)
+    cfg = step_cfg(root, {})
+
+    def with_checkpoint(start, runs, output, so):  # what the fine-tune leaves beside its export
+        fs.put_atomic(fs.join(output, "checkpoints", "step-1.pt"), b"optimiser state", so)
+        fs.put_atomic(fs.join(output, "metrics.jsonl"), b"{}\n", so)
+        return rh.export_shipped(start, runs, output, so)
+
+    done = retrain_step(cfg, with_checkpoint)
+    assert done["outcome"] == "published", done
+    train = tmp_path / "models" / "_steps" / done["key"] / "train"
+    assert sorted(p.relative_to(train).as_posix() for p in train.rglob("*")) == [
+        "_run",
+        "_run/summary.json",
+        "metrics.jsonl",
+    ]
+    assert sorted(os.listdir(tmp_path / "models" / "v0001" / "model")) == sorted(rh.MODEL_FILES)
+
+
 def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
     cfg = step_cfg(str(tmp_path), {}, finetune={"optim": {"step": 10}})
     with pytest.raises(ConfigError, match="unknown config key 'finetune.optim.step'"):

@@ -11,7 +11,8 @@ its config that decides the result. It does, in order:
 5. publish `vNNNN/` and move `latest` only if the candidate wins (`versions.publish`); the first
    version is published whatever its score unless `gate_first` (there is no live version to beat);
    if another step moved `latest` since step 1, the version stays unpointed-to ("superseded");
-6. write `_steps/<key>/done.json` and a record under `records/` saying what was done and why.
+6. write `_steps/<key>/done.json` and a record under `records/` saying what was done and why, then
+   remove the fine-tune's checkpoints and exported model (its metrics and summary stay).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from pipeline.io import fs
 from pipeline.outputs import read_run_config
 from pipeline.retrain import lease, score, versions, watermark
 from pipeline.retrain.config import EXECUTION_KEYS, RetrainCfg, check
+from pipeline.train.checkpoint import CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
 # (start model, labeling run outputs, output folder, storage options) -> the fine-tune's summary.json
 Trainer = Callable[[ModelCfg, list[str], str, dict | None], dict]
 DONE = "done.json"
+TRAIN_DIR = "train"  # the fine-tune's output folder under _steps/<key>/
 
 
 def step_key(cfg: RetrainCfg, mark: watermark.Watermark) -> str:
@@ -76,9 +79,17 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
         record.update(_train_and_gate(cfg, key, mark, live, held, train))
         fs.put_json(fs.join(folder, DONE), record, so)
         record["record"] = versions.write_record(cfg.models, key, record, so)
+        _drop_training_state(folder, so)
     finally:
         held.release()
     return record
+
+
+def _drop_training_state(folder: str, storage_options: dict | None) -> None:
+    """Remove what only a resume or the publish needed: the checkpoints (optimiser state) and the
+    exported model (a published version has its own copy). metrics.jsonl and the summary stay."""
+    for name in (CHECKPOINT_DIR, versions.MODEL_DIR):
+        fs.remove(fs.join(folder, TRAIN_DIR, name), storage_options)
 
 
 def _train_and_gate(
@@ -89,7 +100,7 @@ def _train_and_gate(
     labeler = read_run_config(runs[0], so)
     live_model = fs.join(cfg.models, live["version"], versions.MODEL_DIR) if live else None
     start = ModelCfg(name=live_model) if live_model else labeler.model
-    out = fs.join(cfg.models, versions.STEPS_DIR, key, "train")
+    out = fs.join(cfg.models, versions.STEPS_DIR, key, TRAIN_DIR)
     logger.info("fine-tuning from %s on %d labeling runs into %s", start.name, len(runs), out)
     began = time.monotonic()
     summary = train(start, runs, out, so)
