@@ -7,8 +7,9 @@ and the held-out truth::
     models: s3://bucket/models
     truth: s3://bucket/truth/
 
-Exit status 0 when the step did its work or had none to do (no new shards, this watermark already
-tried, another step holds it); 2 for a bad config or input; 1 when the step failed.
+Exit status 0 when the step did its work or had none to do (no new shards, no committed shard yet,
+this watermark already tried, another step holds it); 2 for a bad config or input (a local `labels`
+folder that does not exist); 1 when the step failed.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import retrain_helpers as rh
 
+from jobs.retrain import main as retrain_main
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.io import fs
 from pipeline.retrain import RetrainCfg, lease, retrain_step, versions, watermark
@@ -53,8 +54,7 @@ def test_watermark_counts_committed_shards_and_redone_ones(s3, s3_root):
     assert watermark.new_shards(second, first) == 2  # c is new, b's marker changed
     assert watermark.new_shards(second, second) == 0
     assert watermark.digest(first) != watermark.digest(second)
-    with pytest.raises(ValueError, match="neither a labeling run"):
-        watermark.find_runs([fs.join(s3_root, "nothing")], so)
+    assert watermark.find_runs([fs.join(s3_root, "nothing")], so) == []  # a prefix no run wrote to yet
 
 
 def test_lease_taken_over_only_from_a_dead_holder(tmp_path):
@@ -232,6 +232,30 @@ def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
     cfg = step_cfg(str(tmp_path), {}, finetune={"optim": {"step": 10}})
     with pytest.raises(ConfigError, match="unknown config key 'finetune.optim.step'"):
         retrain_step(cfg, rh.export_shipped)
+
+
+@pytest.mark.s3
+def test_before_the_first_committed_shard_a_step_is_nothing_new(s3, s3_root, tmp_path, capsys):
+    so = dict(s3.storage_options)
+    cfg = step_cfg(s3_root, so)  # the labels prefix holds nothing yet
+    first = retrain_step(cfg, rh.export_shipped)
+    assert (first["outcome"], first["reason"], first["shards"]) == ("nothing-new", "no committed label shard yet", 0)
+    rh.run_output(fs.join(s3_root, "labels"), "run-1", [], so)  # a run started, no shard committed yet
+    before = rh.listing(s3_root, so)
+    assert retrain_step(cfg, rh.export_shipped)["outcome"] == "nothing-new"
+    assert rh.listing(s3_root, so) == before  # nothing written
+    # The CLI, as the CronJob runs it on a first deploy: exit 0, no failed Job.
+    (tmp_path / "labels").mkdir()
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"labels: [{tmp_path}/labels]\nmodels: {tmp_path}/models\ntruth: [{tmp_path}/truth]\n")
+    assert retrain_main([str(config)]) == 0
+    assert capsys.readouterr().out.startswith("nothing-new: no committed label shard yet\n")
+    assert not (tmp_path / "models").exists()
+    # A local labels folder that does not exist is a mistyped path: one line, exit 2.
+    assert retrain_main([str(config), f"labels=[{tmp_path}/lables]"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"clipdense retrain: error: labels: {tmp_path}/lables does not exist"
+    )
 
 
 def test_bad_config_is_one_line_and_exit_2(tmp_path):

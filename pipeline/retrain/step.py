@@ -2,8 +2,9 @@
 
 A step is keyed by (watermark, config): the exact committed shards it trains on and everything in
 its config that decides the result. It does, in order:
-1. list the committed shards (`watermark`); if they are what the live version was trained on, or
-   this key already finished (published or not), stop: exit 0, nothing written;
+1. list the committed shards (`watermark`); if there are none yet, or they are what the live
+   version was trained on, or this key already finished (published or not), stop: exit 0, nothing
+   written;
 2. take the key's lease (`lease`); a live step holding it means stop;
 3. fine-tune from the live version (the labeler's own CLIP for the first) into `_steps/<key>/train`;
    a rerun resumes that fine-tune from its checkpoint;
@@ -54,8 +55,6 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
     check(cfg)
     so = cfg.storage_options or None
     mark = watermark.current_watermark(cfg.labels, so)
-    if not any(mark.values()):
-        raise ValueError(f"labels: no committed label shard in {', '.join(cfg.labels)}")
     live = versions.read_latest(cfg.models, so)
     trained = live["watermark"] if live else {}
     key = step_key(cfg, mark)
@@ -65,6 +64,9 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
         "new_shards": watermark.new_shards(mark, trained),
         "live_version": live["version"] if live else None,
     }
+    if not any(mark.values()):  # a first deploy: the CronJob runs before any labeling run committed
+        logger.info("no committed label shard yet in %s: nothing to train on", ", ".join(cfg.labels))
+        return {**record, "outcome": "nothing-new", "reason": "no committed label shard yet"}
     if live and watermark.digest(trained) == watermark.digest(mark):
         return {**record, "outcome": "nothing-new", "reason": f"{live['version']} was trained on these shards"}
     folder = fs.join(cfg.models, versions.STEPS_DIR, key)
