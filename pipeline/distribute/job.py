@@ -67,11 +67,15 @@ def connect(address: str) -> bool:
 
     Raises:
         ValueError: no cluster could be joined at the address.
-        SystemExit: a SIGTERM arrived while Ray was starting (Ray's own handler, set by `ray.init`).
+        SystemExit: a SIGTERM arrived while Ray was starting (Ray's own handler, set by `ray.init`);
+            like any other error of `ray.init`, it shuts down what had started and releases the reaper.
     """
     global _reaper
     if ray.is_initialized():
         return False
+    if _reaper is not None:  # an earlier instance was shut down by `ray.shutdown()`, not `disconnect`
+        _reaper.release()
+        _reaper = None
     if address or os.environ.get("RAY_ADDRESS"):
         try:
             ray.init(address=address or None, log_to_driver=True)
@@ -79,9 +83,17 @@ def connect(address: str) -> bool:
             where = address or os.environ["RAY_ADDRESS"]
             raise ValueError(f"cannot join the Ray cluster at {where}: {str(exc).strip().splitlines()[-1]}") from None
     else:
-        _reaper = Reaper()
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
-        _reaper.started()
+        reaper = Reaper()
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        except BaseException:  # else the token stays in os.environ and marks later subprocesses for the reaper
+            try:
+                ray.shutdown()
+            finally:
+                reaper.release()
+            raise
+        reaper.started()
+        _reaper = reaper
     return True
 
 
