@@ -103,6 +103,24 @@ def test_publish_never_passes_over_a_version_published_meanwhile(tmp_path):
     assert fs.exists(fs.join(models, "v0004", versions.VERSION))  # the version folder stays, complete
 
 
+@pytest.mark.s3
+def test_publish_copies_what_the_model_folder_holds_now(s3, s3_root):
+    so = dict(s3.storage_options)
+    models, candidate = fs.join(s3_root, "models"), fs.join(s3_root, "candidate")
+    model = fs.join(candidate, "model")
+    filesystem, path = fs.url_to_fs(model, so)
+    fs.put_atomic(fs.join(model, "config.json"), b"{}", so)
+    assert len(filesystem.ls(path)) == 1  # a listing the filesystem now caches
+    rh.export_shipped(None, [], candidate, so)  # the rest of the export lands after it
+    fs.put_atomic(fs.join(model, fs.temp_name("weights.safetensors")), b"half", so)  # a killed export's leftover
+    fs.put_atomic(fs.join(model, "extra", "vocab.json"), b"[]", so)  # a sub-folder is copied too
+    assert versions.publish(models, "key-a", model, {}, None, so) == ("v0001", True)
+    copied = rh.listing(fs.join(models, "v0001", versions.MODEL_DIR), so)
+    assert sorted(p.rsplit("/model/", 1)[1] for p in copied) == sorted([*rh.MODEL_FILES, "extra/vocab.json"])
+    weights = fs.join(models, "v0001", versions.MODEL_DIR, "weights.safetensors")
+    assert fs.read_bytes(weights, so) == fs.read_bytes(fs.join(model, "weights.safetensors"), so)
+
+
 def step_cfg(root: str, so: dict, **extra) -> RetrainCfg:
     data = {
         "labels": [fs.join(root, "labels")],

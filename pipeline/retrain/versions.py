@@ -70,11 +70,7 @@ def publish(
     """
     number = _claim(models, key, storage_options)
     name = version_name(number)
-    filesystem, src = fs.url_to_fs(model, storage_options)
-    _, dst = fs.url_to_fs(fs.join(models, name, MODEL_DIR), storage_options)
-    filesystem.makedirs(dst, exist_ok=True)  # a local folder must exist; a no-op on object stores
-    for file in filesystem.ls(src, detail=False):
-        filesystem.copy(file, f"{dst}/{file.rstrip('/').rsplit('/', 1)[-1]}")
+    _copy_folder(model, fs.join(models, name, MODEL_DIR), storage_options)
     fs.put_json(fs.join(models, name, VERSION), {**info, "version": name, "key": key}, storage_options)
     live = live_version(models, storage_options)  # re-read last: a step for another key may have published
     if live == name:
@@ -91,6 +87,21 @@ def live_version(models: str, storage_options: dict | None = None) -> str | None
     """The name `latest` points to, read now (None before the first publish)."""
     url = fs.join(models, LATEST)
     return fs.read_json(url, storage_options)["version"] if fs.exists(url, storage_options) else None
+
+
+def _copy_folder(src: str, dst: str, storage_options: dict | None) -> None:
+    """Copy every file under folder `src` into `dst`, listed now (no cached listing), without the
+    `_tmp.*` files of an unfinished write (an export killed midway leaves them beside its files)."""
+    filesystem, dst_path = fs.url_to_fs(dst, storage_options)
+    filesystem.makedirs(dst_path, exist_ok=True)  # a local folder must exist; a no-op on object stores
+    for name in fs.listdir(src, storage_options):
+        if fs.is_temp_name(name):
+            continue
+        _, path = fs.url_to_fs(fs.join(src, name), storage_options)
+        if filesystem.isdir(path):
+            _copy_folder(fs.join(src, name), fs.join(dst, name), storage_options)
+        else:
+            filesystem.copy(path, f"{dst_path}/{name}")
 
 
 def _claim(models: str, key: str, storage_options: dict | None) -> int:
