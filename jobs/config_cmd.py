@@ -29,9 +29,14 @@ def _show(args: argparse.Namespace) -> int:
     file, overrides = args.file, list(args.overrides)
     if file is not None and "=" in file:
         file, overrides = None, [file, *overrides]
-    job = args.job or ("finetune" if _has_labels_key(file, overrides) else "label")
-    print(dump_yaml(load_config(file, overrides, cls=FinetuneCfg if job == "finetune" else RunCfg)), end="")
+    cls = {"label": RunCfg, "finetune": FinetuneCfg}[args.job] if args.job else config_class(file, overrides)
+    print(dump_yaml(load_config(file, overrides, cls=cls)), end="")
     return 0
+
+
+def config_class(file: str | None, overrides: list[str]) -> type:
+    """FinetuneCfg for a fine-tune's config, RunCfg for a labeling run's."""
+    return FinetuneCfg if _has_labels_key(file, overrides) else RunCfg
 
 
 def _has_labels_key(file: str | None, overrides: list[str]) -> bool:

@@ -5,11 +5,19 @@ figures) that sorts and filters in the page, plots of the whole run from its Par
 markers, the failed samples grouped by reason, and the run's config and summary. For a fine-tune's
 output it adds the loss and mIoU curves and the teacher's labels beside the student's. It is written
 to `OUT/review/` (or `--out DIR`) and opens from disk without a server.
+
+    clipdense review OUT [--config FILE] [storage_options.KEY=VALUE ...]
+
+The store is reached with the `storage_options` of `--config` (the labeling or fine-tune config)
+and `k=v` overrides, then those recorded in `OUT/_run/config.yaml` for the keys not given: only
+what reaches OUT itself (`storage_options.endpoint_url=http://minio:9000`) needs saying.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from jobs.segment import IntermixedParser
 
 SORTS = "lowest-confidence | highest-confidence | class:NAME | random"
 
@@ -28,12 +36,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compare", type=int, default=8, help="images labelled again by a fine-tune's student (default 8)"
     )
     parser.add_argument("--out", default=None, metavar="DIR", help="report folder (default OUT/review)")
+    parser.add_argument(
+        "--config", default=None, help="the labeling or fine-tune config OUT was written with (its storage_options)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="k=v",
+        help="storage_options overrides, e.g. storage_options.endpoint_url=http://minio:9000",
+    )
     parser.set_defaults(func=run)
+    parser.__class__ = IntermixedParser  # `OUT --n 8 storage_options.endpoint_url=...`: overrides after options
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.review import write_report
 
-    index = write_report(args.output, args.out, n=args.n, sort=args.sort, seed=args.seed, compare=args.compare)
+    index = write_report(
+        args.output,
+        args.out,
+        n=args.n,
+        sort=args.sort,
+        seed=args.seed,
+        compare=args.compare,
+        storage_options=_storage_options(args.config, args.overrides),
+    )
     print(f"report: {index}")
     return 0
+
+
+def _storage_options(config: str | None, overrides: list[str]) -> dict:
+    """The `storage_options` of `config` and `overrides`; other keys have no say in a report."""
+    from jobs.config_cmd import config_class
+    from pipeline.config import ConfigError, load_config
+
+    for item in overrides:
+        if not item.startswith("storage_options."):
+            raise ConfigError(f"override {item!r}: review takes storage_options.KEY=VALUE overrides only")
+    return load_config(config, overrides, cls=config_class(config, overrides)).storage_options

@@ -40,10 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=".", help="output folder or URL (default: the current folder)")
     parser.add_argument("--config", default=None, help="YAML config file to start from")
     parser.set_defaults(func=run)
-    parser.__class__ = _IntermixedParser
+    parser.__class__ = IntermixedParser
 
 
-class _IntermixedParser(argparse.ArgumentParser):
+class IntermixedParser(argparse.ArgumentParser):
     """Lets images and k=v overrides come before, between and after the options (argparse alone stops
     collecting positionals at the first option)."""
 

@@ -120,6 +120,18 @@ def read_run_config(output: str, storage_options: dict | None = None) -> RunCfg:
     return from_dict(RunCfg, yaml.safe_load(text) or {}, schema.CONFIG_FILE)
 
 
+def recorded_storage_options(output: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """The `storage_options` that `output` (a labeling run's or a fine-tune's) was written with, under
+    `storage_options` (which win): `_run/config.yaml` keeps the non-secret ones such as `endpoint_url`,
+    so a reader needs only what reaches `output` itself; credentials come from the environment."""
+    given = dict(storage_options or {})
+    url = fs.join(output, schema.CONFIG_FILE)
+    if not fs.exists(url, given):
+        return given
+    recorded = (yaml.safe_load(fs.read_text(url, given)) or {}).get("storage_options") or {}
+    return {**recorded, **given}
+
+
 def _check_same_run(cfg: RunCfg, vocab: Vocabulary, previous: RunCfg) -> None:
     if config_hash(previous) != config_hash(cfg):
         keys = [k for k in diff_keys(previous, cfg) if k.split(".")[0] not in EXECUTION_KEYS]

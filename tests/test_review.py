@@ -197,6 +197,40 @@ def test_the_cli_writes_beside_the_run_on_s3_and_refuses_bad_orders(run, s3, mon
     assert "not a labeling run's output" in capsys.readouterr().err
 
 
+def test_the_cli_reaches_the_store_from_an_override_or_the_label_config(run, s3, tmp_path, capsys):
+    assert "AWS_ENDPOINT_URL" not in os.environ  # the endpoint comes from the command line only
+    endpoint = f"storage_options.endpoint_url={s3.endpoint_url}"
+    assert main(["review", run.url, "--n", "2", "--out", str(tmp_path / "a"), endpoint]) == 0
+    assert len(_Page((tmp_path / "a/index.html").read_text()).cards) == 2
+    (tmp_path / "label.yaml").write_text(
+        f"input: [{run.url}/in]\nstorage_options: {{endpoint_url: '{s3.endpoint_url}'}}\n"
+    )
+    assert (
+        main(["review", run.url, "--n", "1", "--out", str(tmp_path / "b"), "--config", str(tmp_path / "label.yaml")])
+        == 0
+    )
+    assert len(_Page((tmp_path / "b/index.html").read_text()).cards) == 1
+    capsys.readouterr()
+    assert main(["review", run.url, "infer.short_side=448"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "clipdense review: error: override 'infer.short_side=448': review takes storage_options.KEY=VALUE overrides only"
+    )
+
+
+def test_a_local_finetune_of_a_run_on_s3_is_reviewed_with_its_recorded_endpoint(run, s3, tmp_path):
+    ft = tmp_path / "ft"
+    (ft / "_run").mkdir(parents=True)
+    (ft / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    # As the fine-tune writes it: the endpoint is kept, the credentials are not (they come from AWS_*).
+    (ft / "_run/config.yaml").write_text(
+        f"labels: [{run.url}]\nstorage_options: {{endpoint_url: '{s3.endpoint_url}'}}\n"
+    )
+    assert "AWS_ENDPOINT_URL" not in os.environ
+    assert main(["review", str(ft), "--n", "2", "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report/index.html").read_text()
+    assert len(_Page(page).cards) == 2 and f"Fine-tune {ft} on {run.url}" in page
+
+
 def test_finetune_metrics_are_read_by_kind_and_a_line_cut_mid_write_is_skipped(tmp_path):
     lines = [{"kind": "train", "step": s, "loss": 2.0 / s, "lr": 1e-3, "img_per_s": 10.0} for s in range(1, 21)]
     lines += [{"kind": "eval", "step": 10, "mIoU": 0.1}, {"kind": "eval", "step": 20, "mIoU": 0.25}]

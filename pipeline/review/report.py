@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline.io import fs
+from pipeline.outputs import recorded_storage_options
 from pipeline.review import page, plots
 from pipeline.review.finetune import FineTune, is_finetune, open_finetune, student_labeler
 from pipeline.review.overlay import class_shares, confidence_picture, draw_boxes, palette, thumbnail, tint, with_legend
@@ -58,7 +59,8 @@ def write_report(
         n: samples in the gallery (labelled ones, chosen by `sort`).
         sort: lowest-confidence | highest-confidence | class:NAME | random (seeded by `seed`).
         compare: images of the gallery shown teacher against student (fine-tunes only).
-        storage_options: fsspec options for `target`, its run, its inputs and `out`.
+        storage_options: fsspec options for `target`, its run, its inputs and `out`; those recorded in
+            `target`'s `_run/config.yaml` fill in the keys not given.
 
     Raises:
         FileNotFoundError: `target` is neither a labeling run nor a fine-tune.
@@ -67,6 +69,7 @@ def write_report(
     if n < 1:
         raise ValueError(f"--n {n}: show at least one sample")
     target = target.rstrip("/")
+    storage_options = recorded_storage_options(target, storage_options)
     finetune = open_finetune(target, storage_options) if is_finetune(target, storage_options) else None
     run = open_run(finetune.labels[0] if finetune else target, storage_options)
     parse_sort(sort, run.vocab)  # a bad order fails before any work
