@@ -1,9 +1,14 @@
 """The reaper of an embedded Ray instance: `connect` never leaves one behind (nor its token in the
-environment)."""
+environment), and a driver that dies takes only its Ray processes with it, not the other processes
+it started."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,8 @@ import ray
 
 from pipeline.distribute import reaper
 from pipeline.distribute.job import connect, disconnect
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -25,6 +32,28 @@ def _reapers() -> set[int]:
         except OSError:
             continue
     return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def test_a_ray_start_that_fails_releases_its_reaper_and_token(tmp_path, monkeypatch):
@@ -49,3 +78,30 @@ def test_a_second_connect_after_a_plain_ray_shutdown_leaves_one_reaper(monkeypat
     finally:
         disconnect()
     assert _reapers() == set() and reaper.ENV not in os.environ
+
+
+_DRIVER = """
+import subprocess, sys, time
+from pipeline.distribute.job import connect
+connect("")
+other = subprocess.Popen(["sleep", "300"])  # the driver's own work, not Ray's
+print(other.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_driver_takes_its_ray_processes_but_not_its_other_children(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    other = int(driver.stdout.readline())
+    try:
+        time.sleep(3 * reaper.SNAPSHOT_S)  # the reaper has looked at the driver's tree since `other` started
+        ray_pids = set(reaper.descendants(driver.pid)) - {other}  # with the driver's reaper, which ends too
+        assert any(_comm(p) == "raylet" for p in ray_pids)
+        driver.kill()
+        driver.wait(timeout=30)
+        _wait_for(lambda: not any(_alive(p) for p in ray_pids), 20, "Ray's processes to end")
+        assert _alive(other)
+    finally:
+        os.kill(other, signal.SIGKILL)
+        driver.kill()

@@ -9,8 +9,10 @@ when the driver is gone, however it went. The reaper then stops the instance's p
 and SIGKILL after `GRACE_S`. They are found two ways, because Ray's own fate-sharing kills GCS and
 raylet with the driver and so orphans their children: every process that carries the driver's token
 in its environment (set before `ray.init`: GCS, raylet and every worker inherit it, whoever their
-parent is by then), and every descendant of the driver seen in the reaper's snapshots, one per
-`SNAPSHOT_S` (the raylet's agents, which it starts with an environment of its own).
+parent is by then), and every descendant of those seen in the reaper's snapshots, one per
+`SNAPSHOT_S` (the raylet's agents, which it starts with an environment of its own). Only Ray's part
+of the driver's tree is watched: a notebook, service or retrain step that dies leaves the other
+processes it started alone.
 
 A driver that joins a cluster (`--address`, `RAY_ADDRESS`) starts no reaper: the cluster's own GCS
 ends the job's actors when it sees their owner gone. Linux only (it reads `/proc`); elsewhere the
@@ -68,24 +70,25 @@ class Reaper:
 
 def owned_processes(token: str) -> set[int]:
     """PIDs of the processes whose environment holds `ENV=token` (other users' are unreadable and skipped)."""
-    wanted = f"{ENV}={token}".encode()
-    found = set()
-    for pid in _pids():
-        try:
-            if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.add(pid)
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
+    return {pid for pid in _pids() if _owned(pid, token)}
+
+
+def ray_processes(driver: int, token: str) -> dict[int, str]:
+    """The driver's descendants that belong to its Ray instance, as {pid: start time}: those carrying
+    `token` (GCS, raylet, workers) and everything below them (the raylet's agents), nothing else."""
+    children = _children()
+    found: dict[int, str] = {}
+    for pid, start in descendants(driver, children).items():
+        if pid not in found and _owned(pid, token):
+            found[pid] = start
+            found |= descendants(pid, children)
     return found
 
 
-def descendants(root: int) -> dict[int, str]:
-    """Live descendants of `root` as {pid: start time} (the start time tells a reused pid apart)."""
-    children: dict[int, list[int]] = {}
-    for pid in _pids():
-        stat = _stat(pid)
-        if stat is not None:
-            children.setdefault(int(stat[1]), []).append(pid)
+def descendants(root: int, children: dict[int, list[int]] | None = None) -> dict[int, str]:
+    """Live descendants of `root` as {pid: start time} (the start time tells a reused pid apart);
+    `children` is a snapshot from `_children()`, taken here when not given."""
+    children = _children() if children is None else children
     found, todo = {}, [root]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -111,6 +114,23 @@ def _pids() -> list[int]:
     return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and int(e.name) != os.getpid()]
 
 
+def _children() -> dict[int, list[int]]:
+    """Live processes by parent pid."""
+    children: dict[int, list[int]] = {}
+    for pid in _pids():
+        stat = _stat(pid)
+        if stat is not None:
+            children.setdefault(int(stat[1]), []).append(pid)
+    return children
+
+
+def _owned(pid: int, token: str) -> bool:
+    try:
+        return f"{ENV}={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone meanwhile, or not ours to read
+        return False
+
+
 def _stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (state first), or None when gone or a zombie."""
     try:
@@ -134,7 +154,7 @@ def main(token: str) -> int:
     while True:
         ready, _, _ = select.select([sys.stdin.buffer], [], [], SNAPSHOT_S)
         if not ready:
-            seen |= descendants(driver)
+            seen |= ray_processes(driver, token)
             continue
         chunk = os.read(sys.stdin.fileno(), 64)
         if not chunk:
