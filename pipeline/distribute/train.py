@@ -17,7 +17,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.distribute.job import connect
+from pipeline.distribute.job import connect, disconnect
 
 logger = logging.getLogger(__name__)
 
@@ -48,4 +48,4 @@ def run_train_workers(cfg: Any, worker: Callable[[Any, int, int], dict]) -> None
             raise RuntimeError(f"fine-tune workers failed: {first}")
     finally:
         if shutdown:
-            ray.shutdown()
+            disconnect()  # also releases the reaper that `connect` started for the embedded instance
