@@ -16,6 +16,7 @@ from jobs.retrain import main as retrain_main
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.io import fs
 from pipeline.retrain import RetrainCfg, lease, retrain_step, versions, watermark
+from pipeline.retrain.step import step_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,6 +251,37 @@ def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
     cfg = step_cfg(str(tmp_path), {}, finetune={"optim": {"step": 10}})
     with pytest.raises(ConfigError, match="unknown config key 'finetune.optim.step'"):
         retrain_step(cfg, rh.export_shipped)
+
+
+def test_a_step_killed_after_publishing_gets_its_record_from_the_rerun(tmp_path):
+    root = str(tmp_path)
+    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None)
+    cfg = step_cfg(root, {})
+    mark = watermark.current_watermark(cfg.labels)
+    key = step_key(cfg, mark)
+    # What a step killed right after moving `latest` leaves: the fine-tune's output, the published
+    # version (version.json holds the step's record), and no done.json or record.
+    out = fs.join(cfg.models, versions.STEPS_DIR, key, "train")
+    rh.export_shipped(None, [], out, None)
+    record = {"key": key, "record": versions.record_url(cfg.models, key), "watermark": mark, "outcome": "published"}
+    assert versions.publish(cfg.models, key, fs.join(out, "model"), record, None) == ("v0001", True)
+
+    def no_training(*args):
+        raise AssertionError("the rerun must not fine-tune again")
+
+    again = retrain_step(cfg, no_training)
+    assert again["outcome"] == "nothing-new" and again["reason"] == "v0001 was trained on these shards"
+    written = fs.read_json(record["record"])
+    assert written["outcome"] == "published" and written["version"] == "v0001" and written["key"] == key
+    assert fs.read_json(fs.join(cfg.models, versions.STEPS_DIR, key, "done.json")) == written
+    # Killed after done.json, before the record: the next step writes it from done.json.
+    os.remove(record["record"])
+    before = rh.listing(root, {})
+    assert retrain_step(cfg, no_training)["outcome"] == "nothing-new"
+    assert fs.read_json(record["record"]) == written
+    assert rh.listing(root, {}) == before | {record["record"]: os.path.getsize(record["record"])}
+    assert retrain_step(cfg, no_training)["outcome"] == "nothing-new"  # nothing missing: nothing written
+    assert len(os.listdir(tmp_path / "models" / versions.RECORDS_DIR)) == 1
 
 
 @pytest.mark.s3

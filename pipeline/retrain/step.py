@@ -68,23 +68,48 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
         logger.info("no committed label shard yet in %s: nothing to train on", ", ".join(cfg.labels))
         return {**record, "outcome": "nothing-new", "reason": "no committed label shard yet"}
     if live and watermark.digest(trained) == watermark.digest(mark):
+        _repair_record(fs.join(cfg.models, versions.STEPS_DIR, live["key"]), live, so)
         return {**record, "outcome": "nothing-new", "reason": f"{live['version']} was trained on these shards"}
     folder = fs.join(cfg.models, versions.STEPS_DIR, key)
     if fs.exists(fs.join(folder, DONE), so):
-        return {**fs.read_json(fs.join(folder, DONE), so), "outcome": "already-done"}
+        return {**_repair_record(folder, None, so), "outcome": "already-done"}
     held = lease.acquire(folder, cfg.lease_seconds, so)
     if held is None:
         return {**record, "outcome": "held", "reason": "another step is working on this key"}
     try:
         if fs.exists(fs.join(folder, DONE), so):  # it finished while we waited for its lease
-            return {**fs.read_json(fs.join(folder, DONE), so), "outcome": "already-done"}
-        record.update(_train_and_gate(cfg, key, mark, live, held, train))
+            return {**_repair_record(folder, None, so), "outcome": "already-done"}
+        # The record's URL is fixed before publishing and goes into version.json, so whatever point
+        # a kill stops this step at, a later step can write the same record (`_repair_record`).
+        record["record"] = versions.record_url(cfg.models, key)
+        record = _train_and_gate(cfg, record, mark, live, held, train)
         fs.put_json(fs.join(folder, DONE), record, so)
-        record["record"] = versions.write_record(cfg.models, key, record, so)
+        fs.put_json(record["record"], record, so)
         _drop_training_state(folder, so)
     finally:
         held.release()
     return record
+
+
+def _repair_record(folder: str, published: dict[str, Any] | None, storage_options: dict | None) -> dict[str, Any]:
+    """Finish the bookkeeping of the step in `folder` that a kill cut short; return its done.json.
+
+    The step writes version.json (holding its whole record), moves `latest`, writes done.json, then
+    the record. Killed after `latest` moved, its done.json is rebuilt from `published` (the live
+    version.json; its key's rerun is nothing-new and would never write it); killed after done.json,
+    the record is rewritten from it, at the URL it names. Both are no-ops when nothing is missing.
+    """
+    done_url = fs.join(folder, DONE)
+    if not fs.exists(done_url, storage_options):
+        if not published or "record" not in published:
+            return {}
+        logger.info("%s was published by a step killed before its record; writing it", published["version"])
+        fs.put_json(done_url, published, storage_options)
+    done = fs.read_json(done_url, storage_options)
+    if done.get("record") and not fs.exists(done["record"], storage_options):
+        logger.info("writing the record %s a killed step did not write", done["record"])
+        fs.put_json(done["record"], done, storage_options)
+    return done
 
 
 def _drop_training_state(folder: str, storage_options: dict | None) -> None:
@@ -95,9 +120,16 @@ def _drop_training_state(folder: str, storage_options: dict | None) -> None:
 
 
 def _train_and_gate(
-    cfg: RetrainCfg, key: str, mark: watermark.Watermark, live: dict | None, held: lease.Lease, train: Trainer
+    cfg: RetrainCfg,
+    record: dict[str, Any],
+    mark: watermark.Watermark,
+    live: dict | None,
+    held: lease.Lease,
+    train: Trainer,
 ) -> dict[str, Any]:
+    """Fine-tune, score and maybe publish; return `record` completed with what was done and why."""
     so = cfg.storage_options or None
+    key = record["key"]
     runs = sorted(mark)
     labeler = read_run_config(runs[0], so)
     live_model = fs.join(cfg.models, live["version"], versions.MODEL_DIR) if live else None
@@ -114,6 +146,7 @@ def _train_and_gate(
         "candidate": score.score(score.labeler_cfg(labeler, candidate), truth, cfg.eval_batch_size, so),
     }
     result: dict[str, Any] = {
+        **record,
         "trained_from": start.name,
         "trained_on": runs,
         "watermark": mark,
@@ -132,13 +165,15 @@ def _train_and_gate(
         return {**result, "outcome": "not-better", "reason": f"not better: {versus}"}
     if not held.still_held():
         raise RuntimeError(f"lost the lease of step {key} to another step; not publishing")
-    info = {k: result[k] for k in ("trained_from", "trained_on", "watermark", "truth", "compared_with", "mIoU")}
+    why = f"better: {versus}" if beats else f"first version, nothing live to beat (gate_first is off): {versus}"
     expected = live["version"] if live else None
-    name, moved = versions.publish(cfg.models, key, candidate, {**info, "finetune": result["finetune"]}, expected, so)
+    # version.json holds the whole record, so a step killed after `latest` moved can be recorded.
+    name, moved = versions.publish(
+        cfg.models, key, candidate, {**result, "outcome": "published", "reason": why}, expected, so
+    )
     if not moved:
         now = versions.live_version(cfg.models, so)
         why = f"superseded: {now} was published while this step gated against {expected or 'no version'}"
         return {**result, "outcome": "superseded", "version": name, "reason": why}
-    why = f"better: {versus}" if beats else f"first version, nothing live to beat (gate_first is off): {versus}"
     logger.info("published %s: %s", name, why)
     return {**result, "outcome": "published", "version": name, "reason": why}

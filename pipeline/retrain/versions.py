@@ -3,8 +3,9 @@
     MODELS/latest.json             {"version": "v0002", ...}: the live version, rewritten last
     MODELS/v0002/_claim.json       {"key": ...}: created exclusively; a number belongs to one key
     MODELS/v0002/model/            the exported model (config.json, weights.safetensors, meta.json)
-    MODELS/v0002/version.json      what it was trained on and how it scored; written after model/,
-                                   so a version without it is incomplete and never pointed to
+    MODELS/v0002/version.json      the publishing step's record: trained on what, scores, why;
+                                   written after model/, so a version without it is incomplete
+                                   and never pointed to
     MODELS/records/<time>-<key>.json   one record per step that did work: what, why, scores, outcome
     MODELS/_steps/<key>/           the step's lease and fine-tune output (checkpoints, for resuming)
 
@@ -126,12 +127,10 @@ def _claim_key(models: str, number: int, storage_options: dict | None) -> str | 
     return fs.read_json(url, storage_options)["key"] if fs.exists(url, storage_options) else None
 
 
-def write_record(models: str, key: str, record: dict[str, Any], storage_options: dict | None = None) -> str:
-    """Write a step's record under MODELS/records/ (names sort by time); return its URL."""
+def record_url(models: str, key: str) -> str:
+    """The URL of a step's record under MODELS/records/ (names sort by the time it is asked for)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    url = fs.join(models, RECORDS_DIR, f"{stamp}-{key[:12]}.json")
-    fs.put_json(url, record, storage_options)
-    return url
+    return fs.join(models, RECORDS_DIR, f"{stamp}-{key[:12]}.json")
 
 
 def _utc_now() -> str:
