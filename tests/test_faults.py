@@ -22,6 +22,7 @@ import yaml
 from bad_corpus import image_bytes, tar_bytes
 from faultproxy import Fault, FaultProxy
 from jobs_fixtures import (
+    FAST,
     corrupt_image,
     job_config,
     label_bytes,
@@ -31,10 +32,11 @@ from jobs_fixtures import (
     tiny_model,
 )
 
+from jobs.cli import main as cli_main
 from pipeline import schema
 from pipeline.config import load_config
 from pipeline.distribute import run_label_job
-from pipeline.distribute.driver import ACTOR_PREFIX, ModelStartError
+from pipeline.distribute.driver import ACTOR_PREFIX
 from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, ShardReadError, iter_samples
 from pipeline.outputs import committed_shards, prepare_output
@@ -211,6 +213,7 @@ def test_an_actor_dying_while_its_model_loads_is_replaced(tmp_path, model, local
 def test_actors_that_all_die_while_their_model_loads_stop_the_job_after_the_start_up_budget(
     tmp_path,
     model,
+    capsys,
     local_ray,  # noqa: F811
 ):
     # The weights are a FIFO nobody writes: every actor blocks loading them, so each is killed mid-load.
@@ -219,16 +222,9 @@ def test_actors_that_all_die_while_their_model_loads_stop_the_job_after_the_star
     (folder / "weights.safetensors").unlink()
     os.mkfifo(folder / "weights.safetensors")
     shapes(str(tmp_path / "in"), 3, 2)
-    cfg = job_config(str(tmp_path / "in"), str(tmp_path / "out"), str(folder), "distribute.max_retries=1")
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            run_label_job(cfg)
-        except BaseException as exc:
-            raised.append(exc)
-
-    runner = threading.Thread(target=run)
+    args = [f"input={tmp_path}/in", f"output={tmp_path}/out", f"model.name={folder}", *FAST, "distribute.max_retries=1"]
+    code: list[int] = []
+    runner = threading.Thread(target=lambda: code.append(cli_main(["label", *args])))
     runner.start()
     killed: set[str] = set()
     deadline = time.monotonic() + 120
@@ -239,8 +235,10 @@ def test_actors_that_all_die_while_their_model_loads_stop_the_job_after_the_star
                 killed.add(name)
         time.sleep(0.05)
     runner.join(timeout=30)
-    assert len(raised) == 1 and isinstance(raised[0], ModelStartError), raised
-    assert str(raised[0]).startswith("the labeling model could not start: all 2 actors died while loading it; ")
+    assert code == [1]  # the cluster could not run the model: a failed run, not bad config (2)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipdense")]
+    assert len(err) == 1, err
+    assert err[0].startswith("clipdense label: error: the labeling model could not start: all 2 actors died while ")
     assert len(killed) == 2  # 1 actor x (1 + max_retries), not one load per shard attempt (1 + 3 x 2)
 
 
@@ -329,8 +327,12 @@ def test_no_credential_is_printed_logged_or_written_by_any_command(tmp_path, s3,
 
 @pytest.mark.ray
 def test_a_second_run_in_the_same_process_relabels_a_shard_whose_marker_was_removed(
-    tmp_path, s3, s3_root, model, local_ray
-):  # noqa: F811
+    tmp_path,
+    s3,
+    s3_root,
+    model,
+    local_ray,  # noqa: F811
+):
     """The case of ../shared/cases/robustness/11: run, remove a marker from another process, run again
     in the same process against the S3 server: the shard is relabelled, not reported as committed."""
     options = dict(s3.storage_options)
