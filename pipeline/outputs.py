@@ -178,14 +178,20 @@ def committed_shards(output: str, storage_options: dict | None = None) -> set[st
     return {n[: -len(".json")] for n in names if n.endswith(".json") and not fs.is_temp_name(n)}
 
 
-def read_markers(output: str, shards: list[str], storage_options: dict | None = None) -> list[dict[str, Any]]:
-    """The commit markers of `shards` under `output`, fetched together (concurrently on object stores)."""
+def marker_bytes(output: str, shards: list[str], storage_options: dict | None = None) -> dict[str, bytes]:
+    """The commit markers of `shards` under `output` as written ({shard: bytes}, in `shards` order),
+    fetched together (concurrently on object stores) and never from a cache."""
     if not shards:
-        return []
+        return {}
     filesystem, _ = fs.url_to_fs(output, storage_options)
     paths = [fs.url_to_fs(fs.join(output, schema.commit_path(s)), storage_options)[1] for s in shards]
     found = filesystem.cat(paths)
-    return [json.loads(found[p]) for p in paths]
+    return {s: found[p] for s, p in zip(shards, paths, strict=True)}
+
+
+def read_markers(output: str, shards: list[str], storage_options: dict | None = None) -> list[dict[str, Any]]:
+    """The commit markers of `shards` under `output`, parsed, in `shards` order."""
+    return [json.loads(data) for data in marker_bytes(output, shards, storage_options).values()]
 
 
 def remove_temporaries(output: str, storage_options: dict | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import retrain_helpers as rh
 from jobs.retrain import main as retrain_main
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.io import fs
+from pipeline.outputs import marker_bytes, read_markers
 from pipeline.retrain import RetrainCfg, lease, retrain_step, versions, watermark
 from pipeline.retrain.step import step_key
 
@@ -56,6 +58,16 @@ def test_watermark_counts_committed_shards_and_redone_ones(s3, s3_root):
     assert watermark.new_shards(second, second) == 0
     assert watermark.digest(first) != watermark.digest(second)
     assert watermark.find_runs([fs.join(s3_root, "nothing")], so) == []  # a prefix no run wrote to yet
+
+
+def test_watermark_hashes_the_markers_that_read_markers_parses(tmp_path):
+    run = rh.run_output(str(tmp_path / "labels"), "run-1", ["b", "a"], None)
+    raw = marker_bytes(run, ["b", "a"])
+    assert list(raw) == ["b", "a"]  # in the order asked for
+    assert raw["a"] == (tmp_path / "labels" / "run-1" / "_commits" / "a.json").read_bytes()
+    assert read_markers(run, ["b", "a"]) == [json.loads(raw["b"]), json.loads(raw["a"])]
+    mark = watermark.current_watermark([run])
+    assert mark == {run: {s: hashlib.sha256(raw[s]).hexdigest() for s in ("a", "b")}}
 
 
 def test_lease_taken_over_only_from_a_dead_holder(tmp_path):

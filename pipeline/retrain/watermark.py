@@ -15,7 +15,7 @@ import logging
 
 from pipeline import schema
 from pipeline.io import fs
-from pipeline.outputs import committed_shards
+from pipeline.outputs import committed_shards, marker_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,8 @@ def current_watermark(specs: list[str], storage_options: dict | None = None) -> 
     """The committed shards of every run named by `specs`, with their markers' checksums."""
     mark: Watermark = {}
     for run in find_runs(specs, storage_options):
-        commits = fs.join(run, schema.COMMITS_DIR)
-        filesystem, path = fs.url_to_fs(commits, storage_options)
-        filesystem.invalidate_cache()
-        shards = sorted(committed_shards(run, storage_options))
-        markers = filesystem.cat([f"{path}/{s}.json" for s in shards]) if shards else {}
-        by_name = {p.rstrip("/").rsplit("/", 1)[-1][: -len(".json")]: data for p, data in markers.items()}
-        mark[run] = {s: hashlib.sha256(by_name[s]).hexdigest() for s in shards}
+        markers = marker_bytes(run, sorted(committed_shards(run, storage_options)), storage_options)
+        mark[run] = {s: hashlib.sha256(data).hexdigest() for s, data in markers.items()}
     n = sum(len(m) for m in mark.values())
     logger.info("%d committed shards in %d labeling runs", n, len(mark))
     return mark

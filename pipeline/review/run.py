@@ -8,7 +8,6 @@ confidence maps are read only for the samples the report shows, one input shard 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pipeline import schema
 from pipeline.eval.truth import read_label_map
 from pipeline.io import fs
 from pipeline.io.read import Sample, iter_samples
-from pipeline.outputs import committed_shards
+from pipeline.outputs import committed_shards, read_markers
 from pipeline.vocab import Vocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -63,9 +62,8 @@ def open_run(url: str, storage_options: dict | None = None) -> RunOutput:
         raise FileNotFoundError(f"{url} is not a labeling run's output: no {schema.CONFIG_FILE}")
     shards = sorted(committed_shards(url, storage_options))
     filesystem, _ = fs.url_to_fs(url, storage_options)
-    marker_paths = [fs.url_to_fs(fs.join(url, schema.commit_path(s)), storage_options)[1] for s in shards]
     meta_paths = [fs.url_to_fs(fs.join(url, schema.meta_path(s)), storage_options)[1] for s in shards]
-    markers = [json.loads(data) for data in _cat(filesystem, marker_paths)]
+    markers = read_markers(url, shards, storage_options)
     tables = [pq.read_table(io.BytesIO(data), columns=COLUMNS) for data in _cat(filesystem, meta_paths)]
     rows = pa.concat_tables(tables) if tables else schema.ROW_SCHEMA.empty_table().select(COLUMNS)
     summary_url = fs.join(url, schema.SUMMARY_FILE)
