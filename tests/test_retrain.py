@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,22 @@ def test_lease_taken_over_only_from_a_dead_holder(tmp_path):
     again = lease.acquire(folder, 0.6)  # a released lease is free at once
     assert again is not None and again.generation == 2
     again.release()
+
+
+def test_a_holder_taken_for_dead_learns_it_at_its_next_beat(tmp_path):
+    folder = str(tmp_path / "step")
+    held = lease.acquire(folder, 0.3)
+    assert held is not None and not held.lost
+    time.sleep(0.5)  # beats go through while it holds the lease
+    assert not held.lost
+    # Another step took it for dead (say its beats were stuck) and took the next generation.
+    assert fs.put_exclusive(fs.join(folder, "lease-000001.json"), b'{"beat": 0, "released": false}')
+    deadline = time.monotonic() + 5
+    while not held.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held.lost and not held._thread.is_alive()  # it stopped renewing
+    held.release()
+    assert lease.latest_generation(folder) == 1
 
 
 def test_publish_resumes_the_number_its_key_claimed(tmp_path):
@@ -263,6 +280,29 @@ def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
     cfg = step_cfg(str(tmp_path), {}, finetune={"optim": {"step": 10}})
     with pytest.raises(ConfigError, match="unknown config key 'finetune.optim.step'"):
         retrain_step(cfg, rh.export_shipped)
+
+
+@pytest.mark.slow
+def test_a_step_that_lost_its_lease_publishes_nothing_and_says_so(tmp_path):
+    root = str(tmp_path)
+    rh.truth(root, None)
+    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None)
+    cfg = step_cfg(root, {})
+
+    def taken_over(start, runs, output, so):  # another step takes this one's key while it trains
+        summary = rh.export_shipped(start, runs, output, so)
+        step_folder = output.rsplit("/", 1)[0]
+        assert fs.put_exclusive(fs.join(step_folder, "lease-000001.json"), b'{"beat": 0, "released": false}', so)
+        return summary
+
+    done = retrain_step(cfg, taken_over)
+    assert done["outcome"] == "lost-lease", done
+    assert done["reason"] == "lost the lease to another step, which redoes this key"
+    assert versions.list_versions(cfg.models) == [] and versions.read_latest(cfg.models) is None
+    assert fs.read_json(done["record"])["outcome"] == "lost-lease"
+    step_folder = tmp_path / "models" / "_steps" / done["key"]
+    assert not (step_folder / "done.json").exists()  # the new holder's step finishes the key
+    assert (step_folder / "train" / "model").is_dir()  # and finds the fine-tune's output untouched
 
 
 def test_a_step_killed_after_publishing_gets_its_record_from_the_rerun(tmp_path):

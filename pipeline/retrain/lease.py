@@ -5,7 +5,8 @@ so of two steps racing for a generation exactly one wins. The holder rewrites it
 of `lease_seconds` with a growing beat count. A step that finds a lease waits `lease_seconds` on its
 own clock (no clocks are compared across machines) and looks again: a lease whose beat moved, or a
 newer generation, belongs to a live step, and it backs off; an unchanged lease is a dead step's, and
-it takes the next generation, which resumes the dead step's work.
+it takes the next generation, which resumes the dead step's work. A holder that was only slow (its
+beats did not get through) finds the newer generation at its next beat and marks itself `lost`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Lease:
         self.holder = uuid.uuid4().hex
         self.storage_options = storage_options
         self._stop = threading.Event()
+        self._lost = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
 
     def content(self, beat: int, released: bool = False) -> bytes:
@@ -45,14 +47,23 @@ class Lease:
     def _renew(self) -> None:
         beat = 0
         while not self._stop.wait(self.seconds / 3):
-            beat += 1
             try:
+                if not self.still_held():  # taken for dead (missed beats): stop, and say so to the step
+                    logger.warning("lost the lease %s to a newer generation; this step must not publish", self.url)
+                    self._lost.set()
+                    return
+                beat += 1
                 fs.put_atomic(self.url, self.content(beat), self.storage_options)
             except OSError as exc:  # a missed beat is survivable; the next one may get through
                 logger.warning("could not renew the lease %s: %s", self.url, exc)
 
+    @property
+    def lost(self) -> bool:
+        """True once a renewal found that another step took a newer generation."""
+        return self._lost.is_set()
+
     def still_held(self) -> bool:
-        """False once another step took a newer generation (this one was taken for dead)."""
+        """False once another step took a newer generation (this one was taken for dead); lists now."""
         return latest_generation(self.folder, self.storage_options) == self.generation
 
     def release(self) -> None:

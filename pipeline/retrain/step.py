@@ -11,7 +11,8 @@ its config that decides the result. It does, in order:
 4. score the live version (the labeler's own CLIP for the first) and the candidate on the truth set;
 5. publish `vNNNN/` and move `latest` only if the candidate wins (`versions.publish`); the first
    version is published whatever its score unless `gate_first` (there is no live version to beat);
-   if another step moved `latest` since step 1, the version stays unpointed-to ("superseded");
+   if another step moved `latest` since step 1, the version stays unpointed-to ("superseded"); a
+   step whose lease was taken over meanwhile publishes nothing and writes only its record;
 6. write `_steps/<key>/done.json` and a record under `records/` saying what was done and why, then
    remove the fine-tune's checkpoints and exported model (its metrics and summary stay).
 """
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 # (start model, labeling run outputs, output folder, storage options) -> the fine-tune's summary.json
 Trainer = Callable[[ModelCfg, list[str], str, dict | None], dict]
 DONE = "done.json"
+LOST = "lost-lease"  # outcome of a step taken for dead while it worked
 TRAIN_DIR = "train"  # the fine-tune's output folder under _steps/<key>/
 
 
@@ -51,7 +53,7 @@ def step_key(cfg: RetrainCfg, mark: watermark.Watermark) -> str:
 def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
     """Run one step (module docstring); return its record. `outcome` is one of: nothing-new,
     already-done, held (another live step has the key), published, not-better, superseded (another
-    step moved `latest` while this one trained)."""
+    step moved `latest` while this one trained), lost-lease (taken for dead while it worked)."""
     check(cfg)
     so = cfg.storage_options or None
     mark = watermark.current_watermark(cfg.labels, so)
@@ -83,6 +85,9 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
         # a kill stops this step at, a later step can write the same record (`_repair_record`).
         record["record"] = versions.record_url(cfg.models, key)
         record = _train_and_gate(cfg, record, mark, live, held, train)
+        if record["outcome"] == LOST:  # done.json and the training folder are the new holder's
+            fs.put_json(record["record"], record, so)
+            return record
         fs.put_json(fs.join(folder, DONE), record, so)
         fs.put_json(record["record"], record, so)
         _drop_training_state(folder, so)
@@ -156,6 +161,9 @@ def _train_and_gate(
         "finetune": {k: summary.get(k) for k in ("final_step", "mIoU", "train_seconds", "n_samples")},
         "seconds": round(time.monotonic() - began, 1),
     }
+    if held.lost or not held.still_held():  # taken for dead meanwhile: the new holder owns the key now
+        logger.warning("lost the lease of step %s to another step; not publishing", key)
+        return {**result, "outcome": LOST, "reason": "lost the lease to another step, which redoes this key"}
     beats = scores["candidate"] - scores["current"] > cfg.min_gain
     versus = (
         f"candidate mIoU {scores['candidate']:.4f} vs {scores['current']:.4f} of {current} (min_gain {cfg.min_gain})"
@@ -163,8 +171,6 @@ def _train_and_gate(
     if not beats and (live is not None or cfg.gate_first):
         logger.info("not publishing: %s", versus)
         return {**result, "outcome": "not-better", "reason": f"not better: {versus}"}
-    if not held.still_held():
-        raise RuntimeError(f"lost the lease of step {key} to another step; not publishing")
     why = f"better: {versus}" if beats else f"first version, nothing live to beat (gate_first is off): {versus}"
     expected = live["version"] if live else None
     # version.json holds the whole record, so a step killed after `latest` moved can be recorded.
