@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from jobs_fixtures import read_rows, shapes, tiny_model
+from procs import alive, comm, descendants, wait_for
 
 from pipeline import schema
 from pipeline.io import fs
@@ -33,53 +34,11 @@ def _start(tmp_path: Path, model: str, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([*command, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _children() -> dict[int, list[int]]:
-    """Live processes by parent pid (zombies left out: they have ended)."""
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                tree.setdefault(int(fields[1]), []).append(int(entry.name))
-    return tree
-
-
-def _descendants(pid: int) -> set[int]:
-    tree, found, todo = _children(), set(), [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    live = {p for children in _children().values() for p in children}
-    return pids & live
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_while_ray_starts_gives_the_documented_exit_code_and_one_message(tmp_path, model, sig, code):
     shapes(str(tmp_path / "in"), 2, 2)
     driver = _start(tmp_path, model)
-    _wait_for(lambda: any(_comm(p) == "gcs_server" for p in _descendants(driver.pid)), 120, "Ray to start")
+    wait_for(lambda: any(comm(p) == "gcs_server" for p in descendants(driver.pid)), 120, "Ray to start")
     driver.send_signal(sig)
     out, err = driver.communicate(timeout=120)
     assert driver.returncode == code, err
@@ -93,13 +52,13 @@ def test_a_killed_driver_takes_its_embedded_ray_instance_with_it_and_a_rerun_com
     urls = shapes(str(tmp_path / "in"), 6, 24)
     commits = tmp_path / "out" / schema.COMMITS_DIR
     driver = _start(tmp_path, model, "infer.batch_size=1")
-    _wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
-    ray_processes = _descendants(driver.pid)
-    assert any(_comm(p) == "raylet" for p in ray_processes)
+    wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
+    ray_processes = set(descendants(driver.pid))
+    assert any(comm(p) == "raylet" for p in ray_processes)
     driver.kill()
     driver.wait(timeout=30)
     killed_at = time.monotonic()
-    _wait_for(lambda: not _alive(ray_processes), 20, f"Ray's processes to end: {_alive(ray_processes)}")
+    wait_for(lambda: not any(map(alive, ray_processes)), 20, "Ray's processes to end")
     gone_after_s = time.monotonic() - killed_at
     committed = committed_shards(str(tmp_path / "out"))
     time.sleep(2)

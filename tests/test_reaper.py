@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from procs import alive, comm, wait_for
 
 from pipeline.distribute import reaper
 from pipeline.distribute.job import connect, disconnect
@@ -32,28 +33,6 @@ def _reapers() -> set[int]:
         except OSError:
             continue
     return found
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_a_ray_start_that_fails_releases_its_reaper_and_token(tmp_path, monkeypatch):
@@ -97,11 +76,11 @@ def test_a_killed_driver_takes_its_ray_processes_but_not_its_other_children(monk
     try:
         time.sleep(3 * reaper.SNAPSHOT_S)  # the reaper has looked at the driver's tree since `other` started
         ray_pids = set(reaper.descendants(driver.pid)) - {other}  # with the driver's reaper, which ends too
-        assert any(_comm(p) == "raylet" for p in ray_pids)
+        assert any(comm(p) == "raylet" for p in ray_pids)
         driver.kill()
         driver.wait(timeout=30)
-        _wait_for(lambda: not any(_alive(p) for p in ray_pids), 20, "Ray's processes to end")
-        assert _alive(other)
+        wait_for(lambda: not any(alive(p) for p in ray_pids), 20, "Ray's processes to end")
+        assert alive(other)
     finally:
         os.kill(other, signal.SIGKILL)
         driver.kill()
