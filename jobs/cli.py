@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             # Bad input from the user: one line naming it, no traceback.
             print(f"clipdense {args.command}: error: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:
+            from pipeline.io.fs import credentials_problem
+
+            if (reason := credentials_problem(exc)) is None:
+                raise
+            print(f"clipdense {args.command}: error: {reason}", file=sys.stderr)
+            return 2
     except Interrupted as exc:
         print(f"clipdense: interrupted by {exc}", file=sys.stderr)
         return exc.exit_code

@@ -276,6 +276,43 @@ def test_an_unwritable_output_is_one_line_exit_2_and_nothing_written(tmp_path, s
         assert (tmp_path / "taken").read_text() == "a file"
 
 
+@pytest.mark.parametrize(
+    ("command", "env", "reason"),
+    [
+        ("label", {}, "Unable to locate credentials"),
+        ("label", {"AWS_PROFILE": "no-such-profile"}, "The config profile (no-such-profile) could not be found"),
+        ("review", {}, "Unable to locate credentials"),
+    ],
+)
+def test_missing_storage_credentials_are_one_line_and_exit_2(tmp_path, s3, s3_root, command, env, reason):
+    """No credentials anywhere (no keys, no profile file, no metadata service): one line that says so
+    and how to give them, no traceback; the endpoint is the loopback server, so nothing leaves it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    clean |= {
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        **env,
+    }
+    args = {
+        "label": ["label", os.devnull, f"input={s3_root}/in/a.tar", f"output={s3_root}/out"],
+        "review": ["review", f"{s3_root}/out"],
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args[command]],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith(f"clipdense {command}: error: object storage credentials: {reason} (set AWS_ACCESS_KEY_ID")
+    assert fs.listdir(s3_root, s3.storage_options) == []
+
+
 KEY_ID, SECRET = "AKIDCLIPDENSE7Q3XW", "s3cr3t-clipdense-9f2b61"  # moto takes any credentials
 
 

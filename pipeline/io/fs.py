@@ -181,3 +181,20 @@ def is_local(fs: AbstractFileSystem) -> bool:
     """True for the local filesystem, where paths are plain absolute paths and renames are atomic."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def credentials_problem(exc: BaseException) -> str | None:
+    """A one-line reason when `exc` says the object store found no usable credentials (botocore's
+    "Unable to locate credentials", a missing or partial profile), else None. Such an error is the
+    user's environment, not a fault of the store, so commands report it like bad input."""
+    try:
+        from botocore import exceptions as boto  # only installed with s3fs; imported on this error path alone
+    except ImportError:
+        return None
+    kinds = (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ProfileNotFound, boto.CredentialRetrievalError)
+    if not isinstance(exc, kinds):
+        return None
+    return (
+        f"object storage credentials: {exc} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+        "AWS_PROFILE, or storage_options in the config)"
+    )
