@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -223,14 +224,18 @@ def test_checkpoints_and_export_on_s3(labelled, s3, s3_root):
 
 
 @pytest.mark.slow
-def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_path):
+def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_path, monkeypatch):
     out = str(tmp_path / "ray")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the driver's temporary folders go
     summary = finetune(finetune_config([labelled["labels"]], out, "optim.steps=2", "distribute.num_workers=2"))
     assert summary["final_step"] == 2 and summary["label_shards"] == 2
     assert json.loads(Path(out, "checkpoints/latest.json").read_text())["step"] == 2
     assert Path(out, "model/student.safetensors").exists()
     lines = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if m["kind"] == "train"] == [2]
+    assert not any(p.name.startswith("clipdense-train-") for p in scratch.iterdir())  # Ray Train's scratch is gone
 
 
 def test_example_config_resolves_and_config_show_prints_the_finetune_keys(capsys):

@@ -28,24 +28,27 @@ def run_train_workers(cfg: Any, worker: Callable[[Any, int, int], dict]) -> None
     dist = cfg.distribute
     shutdown = connect(dist.address)
     try:
-        trainer = TorchTrainer(
-            lambda _config: worker(
-                cfg, ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-            ),
-            scaling_config=ScalingConfig(
-                num_workers=dist.num_workers,
-                use_gpu=dist.use_gpu,
-                resources_per_worker={"CPU": dist.cpus_per_worker},
-            ),
-            torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
-            run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="clipdense-train-"), name="finetune"),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            first = (
-                str(result.error).strip().splitlines()[-1] if str(result.error).strip() else type(result.error).__name__
+        # Ray Train keeps experiment state under storage_path; the run's own state is in cfg.output, so
+        # this is scratch, removed with the run (a retrain pod runs many fine-tunes in one process).
+        with tempfile.TemporaryDirectory(prefix="clipdense-train-") as scratch:
+            trainer = TorchTrainer(
+                lambda _config: worker(
+                    cfg, ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+                ),
+                scaling_config=ScalingConfig(
+                    num_workers=dist.num_workers,
+                    use_gpu=dist.use_gpu,
+                    resources_per_worker={"CPU": dist.cpus_per_worker},
+                ),
+                torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+                run_config=RunConfig(storage_path=scratch, name="finetune"),
             )
-            raise RuntimeError(f"fine-tune workers failed: {first}")
+            result = trainer.fit()
+        if result.error is not None:
+            message = str(result.error).strip()
+            raise RuntimeError(
+                f"fine-tune workers failed: {message.splitlines()[-1] if message else type(result.error).__name__}"
+            )
     finally:
         if shutdown:
             disconnect()  # also releases the reaper that `connect` started for the embedded instance
