@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 
 import fsspec
 import numpy as np
@@ -53,7 +54,10 @@ def test_positional_embedding_native_grid_is_the_parameter_and_others_are_cached
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt-state_dict", "memory-url"])
-def test_weights_load_from_files_and_urls(tmp_path, fmt):
+def test_weights_load_from_files_and_urls(tmp_path, fmt, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where a remote file's local copy goes
     source = fresh_backbone("vit", seed=1)
     state = _state(source)
     if fmt == "safetensors":
@@ -71,6 +75,7 @@ def test_weights_load_from_files_and_urls(tmp_path, fmt):
     loaded = fresh_backbone("vit", seed=2, pretrained=url)
     assert loaded.pretrained == url and _same_weights(loaded, source)
     assert not _same_weights(fresh_backbone("vit", seed=2), source)
+    assert list(scratch.iterdir()) == []  # a downloaded copy is removed once loaded
 
 
 def _folder(tmp_path, meta: dict | None = None, seed: int = 3):

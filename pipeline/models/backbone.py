@@ -264,32 +264,36 @@ def _tokenizer(config: dict[str, Any]) -> Callable[[list[str]], torch.Tensor]:
 def _load_weights(model: nn.Module, source: _Source, weights: str, storage_options: dict | None) -> dict:
     """Load `weights` into `model` (strict); return the tag's preprocessing config when it is a tag."""
     tag_cfg = get_pretrained_cfg(source.name, weights) if source.builtin else {}
-    if tag_cfg:
-        path = download_pretrained(tag_cfg)
-    elif source.builtin and "/" not in weights and "." not in weights:
+    if not tag_cfg and source.builtin and "/" not in weights and "." not in weights:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(source.name)) or "none"
         raise ValueError(f"pretrained {weights!r} is not an open_clip tag of {source.name} (tags: {tags}) nor a file")
-    else:
-        path = _local_copy(weights, storage_options)
-    try:
-        open_clip.load_checkpoint(model, path, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"weights {weights} do not fit model {source.name}: {first}") from None
+    checkpoint = (
+        contextlib.nullcontext(download_pretrained(tag_cfg)) if tag_cfg else _local_copy(weights, storage_options)
+    )
+    with checkpoint as path:
+        try:
+            open_clip.load_checkpoint(model, path, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(f"weights {weights} do not fit model {source.name}: {first}") from None
     return tag_cfg
 
 
-def _local_copy(url: str, storage_options: dict | None) -> str:
-    """A local file holding `url` (downloaded to a temporary folder when remote)."""
+@contextlib.contextmanager
+def _local_copy(url: str, storage_options: dict | None) -> Iterator[str]:
+    """A local file holding `url` while the context lasts (a remote file is downloaded to a temporary
+    folder, removed afterwards: a long-lived process such as a retrain step loads many models)."""
     fsys, path = fs.url_to_fs(url, storage_options)
     if not fsys.exists(path):
         raise FileNotFoundError(f"no such weights file: {url}")
     protocol = fsys.protocol if isinstance(fsys.protocol, str) else fsys.protocol[0]
     if protocol in ("file", "local"):
-        return path
-    local = os.path.join(tempfile.mkdtemp(prefix="clipdense-weights-"), os.path.basename(path))
-    fsys.get(path, local)
-    return local
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="clipdense-weights-") as folder:
+        local = os.path.join(folder, os.path.basename(path))
+        fsys.get(path, local)
+        yield local
 
 
 def _check_quick_gelu(source: _Source, weights: str, tag_cfg: dict) -> None:
