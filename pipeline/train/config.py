@@ -23,6 +23,10 @@ EXECUTION_KEYS = ("output", "storage_options", "log_every", "checkpoint_every", 
 @dataclass(frozen=True, slots=True)
 class StudentCfg:
     n_contexts: int = 8  # learnable context vectors before each class name
+    context_init: str = ""  # a phrase of n_contexts tokens they start from (e.g. "a photo of a"); "" = random
+    dense: str = "attention"  # dense embedding path: attention (DenseCLIP) | value (MaskCLIP's, the teacher's)
+    patch_stride: int = 0  # ViT: pixels between patches; 0 = the patch size, half of it = overlapping patches
+    residual: bool = False  # the FPN's output is added to the dense CLIP embedding (zero at the start)
     decoder_width: int = 256  # context decoder width
     decoder_layers: int = 3
     decoder_heads: int = 4

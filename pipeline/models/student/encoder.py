@@ -11,6 +11,13 @@ Follows `CLIPVisionTransformer` / `CLIPResNetWithAttention` of the official Dens
 - ResNet: layer1-4 (strides 4-32); the attention pool runs with every position as a query
   (full q-k attention), giving the dense embedding; the mean token gives the global one.
 
+`dense="value"` (a change from the reference) takes the dense embedding from MaskCLIP's value path
+instead (`pipeline.models.heads.maskclip`: the last attention's query-key mixing dropped, as in the
+official MaskCLIP code; ResNet: `c_proj(v_proj(x))`). DenseCLIP fine-tunes the standard path with
+human labels; with pseudo-labels, the value path makes the score map start as the teacher's own
+(MaskCLIP's) map instead of CLIP's poorly localised standard one. The global embedding and the FPN
+features are unchanged.
+
 Left out of the reference: the [CLS] token's second `class_embedding` (a quirk) and drop-path.
 The positional embedding is interpolated to the input's grid in every forward, with gradients.
 """
@@ -24,7 +31,7 @@ from torch import nn
 
 from pipeline.models.backbone import interpolate_pos_embed
 from pipeline.models.heads._base import attend
-from pipeline.models.heads._vit import project, run_blocks
+from pipeline.models.heads._vit import modified_block, project, run_blocks
 
 _REFERENCE_TAPS = (3, 5, 7, 11)  # of the 12 blocks of ViT-B/16
 
@@ -41,12 +48,18 @@ class ImageEncoder(nn.Module):
     global: (B, E) float32; dense: (B, E, h, w) float32 at the tower's output stride (not normalised).
     """
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, dense: str = "attention", patch_stride: int = 0) -> None:
         super().__init__()
+        if dense not in ("attention", "value"):
+            raise ValueError(f"dense must be 'attention' (DenseCLIP) or 'value' (MaskCLIP's path), got {dense!r}")
         self.visual = visual
+        self.dense = dense
         self.is_vit = not isinstance(visual, ModifiedResNet)
         if self.is_vit:
             width, patch = visual.transformer.width, visual.patch_size[0]
+            self.patch_stride = patch_stride or patch
+            if not 0 < self.patch_stride <= patch or (patch - self.patch_stride) % 2:
+                raise ValueError(f"patch_stride must divide evenly into the patch size {patch}, got {patch_stride}")
             self.taps = vit_taps(len(visual.transformer.resblocks))
             if len(self.taps) != 4:
                 raise ValueError(
@@ -67,8 +80,11 @@ class ImageEncoder(nn.Module):
                 ]
             )
             self.channels = [width] * 4
-            self.strides = [patch / 4, patch / 2, patch, patch * 2]
+            step = self.patch_stride
+            self.strides = [step / 4, step / 2, step, step * 2]
         else:
+            if patch_stride:
+                raise ValueError("patch_stride applies to a ViT; this image encoder is a ResNet")
             self.channels = [
                 layer[-1].conv3.out_channels for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)
             ]
@@ -83,7 +99,9 @@ class ImageEncoder(nn.Module):
 
     def _vit(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         vis = self.visual
-        x = vis.conv1(images)
+        conv = vis.conv1
+        pad = (conv.kernel_size[0] - self.patch_stride) // 2
+        x = F.conv2d(images, conv.weight, conv.bias, stride=self.patch_stride, padding=pad)
         b, _, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = vis.class_embedding.to(x.dtype).view(1, 1, -1).expand(b, 1, -1)
@@ -93,13 +111,20 @@ class ImageEncoder(nn.Module):
             pos = interpolate_pos_embed(pos, tuple(native), (h, w))
         x = vis.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
         feats = []
-        for i, blk in enumerate(vis.transformer.resblocks):
+        blocks = vis.transformer.resblocks
+        for i, blk in enumerate(blocks):
+            before = x
             x = run_blocks(vis, x, [blk])
             if i in self.taps:
                 feats.append(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w))
         feats = [adapter(f) for adapter, f in zip(self.adapters, feats, strict=True)]
         out = project(vis, x)  # (B, 1 + h*w, E) float32
-        return feats, out[:, 0], out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
+        if self.dense == "value":
+            value, _ = modified_block(blocks[-1], before, "identity", True, True, (h, w), 0.0)
+            dense = project(vis, value[:, 1:])
+        else:
+            dense = out[:, 1:]
+        return feats, out[:, 0], dense.transpose(1, 2).reshape(b, -1, h, w)
 
     def _resnet(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         vis = self.visual
@@ -110,8 +135,8 @@ class ImageEncoder(nn.Module):
             feats.append(x)
         pool = vis.attnpool
         b, _, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)
-        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+        patches = x.flatten(2).transpose(1, 2)
+        tokens = torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
         native = round((pool.positional_embedding.shape[0] - 1) ** 0.5)
         pos = pool.positional_embedding
         if (h, w) != (native, native):
@@ -122,7 +147,8 @@ class ImageEncoder(nn.Module):
             for proj in (pool.q_proj, pool.k_proj, pool.v_proj)
         )
         out = pool.c_proj(attend(q, k, v, "qk", (h, w)).transpose(1, 2).flatten(2)).float()
-        return feats, out[:, 0], out[:, 1:].transpose(1, 2).reshape(b, -1, h, w)
+        dense = pool.c_proj(pool.v_proj(patches)).float() if self.dense == "value" else out[:, 1:]
+        return feats, out[:, 0], dense.transpose(1, 2).reshape(b, -1, h, w)
 
 
 def resize_like(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -41,7 +41,9 @@ _SHARED = ("clip.", "image.visual.", "text.clip.")  # the CLIP model, reached un
 class DenseCLIP(nn.Module):
     """See the module docstring. Options (all saved in `options`, the model folder's meta.json `student`):
 
-    n_contexts: learnable context vectors (8); decoder_width/layers/heads: context decoder (256/3/4);
+    n_contexts: learnable context vectors (8); context_init: a phrase of n_contexts tokens the contexts
+    start from ("": random, as the reference; see `text`); dense: the path of the dense embedding
+    ("attention" as the reference, or "value", MaskCLIP's; see `encoder`); decoder_width/layers/heads: context decoder (256/3/4);
     gamma_init: initial gamma (1e-4); fpn_width/fpn_head_width: FPN neck and head channels (256/128);
     dropout: context decoder and FPN head dropout (0.1); tau: temperature of the auxiliary score map (0.07).
     """
@@ -51,6 +53,10 @@ class DenseCLIP(nn.Module):
         clip: nn.Module,
         tokenizer,
         n_contexts: int = 8,
+        context_init: str = "",
+        dense: str = "attention",
+        patch_stride: int = 0,
+        residual: bool = False,
         decoder_width: int = 256,
         decoder_layers: int = 3,
         decoder_heads: int = 4,
@@ -65,6 +71,10 @@ class DenseCLIP(nn.Module):
             raise ValueError("a DenseCLIP student needs a CLIP BPE tokenizer (open_clip SimpleTokenizer)")
         self.options = {
             "n_contexts": n_contexts,
+            "context_init": context_init,
+            "dense": dense,
+            "patch_stride": patch_stride,
+            "residual": residual,
             "decoder_width": decoder_width,
             "decoder_layers": decoder_layers,
             "decoder_heads": decoder_heads,
@@ -75,8 +85,8 @@ class DenseCLIP(nn.Module):
             "tau": tau,
         }
         self.clip = clip
-        self.image = ImageEncoder(clip.visual)
-        self.text = PromptText(clip, tokenizer, n_contexts)
+        self.image = ImageEncoder(clip.visual, dense, patch_stride)
+        self.text = PromptText(clip, tokenizer, n_contexts, context_init)
         dim = int(clip.text_projection.shape[1])
         self.context_decoder = ContextDecoder(dim, decoder_width, decoder_layers, decoder_heads, dropout)
         self.gamma = nn.Parameter(torch.full((dim,), float(gamma_init)))
@@ -84,6 +94,10 @@ class DenseCLIP(nn.Module):
         channels = list(self.image.channels)
         channels[self.concat_index] += dim
         self.decoder = SemanticFPN(channels, self.image.strides, dim, fpn_width, fpn_head_width, dropout)
+        self.residual = residual
+        if residual:  # the first step's pixel embeddings are the dense CLIP embeddings themselves
+            nn.init.zeros_(self.decoder.classifier.weight)
+            nn.init.zeros_(self.decoder.classifier.bias)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)))  # pixel classifier temperature
         self.tau = tau
         self.clip.requires_grad_(False)  # the text encoder is frozen (reference: lr_mult 0) ...
@@ -119,7 +133,10 @@ class DenseCLIP(nn.Module):
         mix = torch.einsum("bnhw,bnc->bchw", (aux / self.tau).softmax(dim=1), t)
         level = feats[self.concat_index]
         feats[self.concat_index] = torch.cat([level, resize_like(mix, level.shape[-2:]).to(level.dtype)], dim=1)
-        pixels = F.normalize(self.decoder(feats).float(), dim=1)
+        pixels = self.decoder(feats).float()
+        if self.residual:
+            pixels = pixels + resize_like(dense.float(), pixels.shape[-2:])
+        pixels = F.normalize(pixels, dim=1)
         scores = torch.einsum("bchw,bnc->bnhw", pixels, t)
         return reduce_names(scores, class_index, n_classes), reduce_names(aux, class_index, n_classes)
 

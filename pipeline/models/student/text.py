@@ -2,9 +2,13 @@
 post-model context decoder (official DenseCLIP code, `CLIPTextContextEncoder` and `ContextDecoder`).
 
 Prompt of a class name: `[SOT, c_1 .. c_n, name tokens, EOT]`, with n learnable context vectors
-(`contexts`, initialised `trunc_normal_` with std 1 as in the reference) in the token-embedding space
-and the text positional embedding truncated to the prompt length. The text encoder's weights are
-frozen; gradients flow through it to the contexts.
+(`contexts`) in the token-embedding space and the text positional embedding truncated to the prompt
+length. The text encoder's weights are frozen; gradients flow through it to the contexts.
+
+Initialisation: the reference draws the contexts from `trunc_normal_` (std 1), so the student's text
+embeddings start far from CLIP's. With `context_init` (e.g. "a photo of a"), they start as that phrase's
+token embeddings, as CoOp does (Zhou et al., IJCV'22, `ctx_init`; official code KaiyangZhou/CoOp): the
+first step's prompts are CLIP's own "a photo of a {name}", which the pseudo-labels came from.
 
 Open-vocabulary fix: the reference tokenises names to 5 tokens with `truncate=False`, so any class name
 longer than 3 BPE tokens raises an error. Here the name budget is the text encoder's context length minus
@@ -30,7 +34,7 @@ logger = logging.getLogger(__name__)
 class PromptText(nn.Module):
     """`forward(tokens)` -> (K, E) text embeddings (not normalised) of K tokenised names (`tokenize`)."""
 
-    def __init__(self, clip: nn.Module, tokenizer, n_contexts: int = 8) -> None:
+    def __init__(self, clip: nn.Module, tokenizer, n_contexts: int = 8, context_init: str = "") -> None:
         super().__init__()
         self.clip = clip  # shared with the image side; only its text tower is used here
         self.length = int(clip.positional_embedding.shape[0])
@@ -39,7 +43,18 @@ class PromptText(nn.Module):
             raise ValueError(f"{n_contexts} context vectors leave no room for a class name in {self.length} tokens")
         self.tokenizer = tokenizer
         width = clip.token_embedding.weight.shape[1]
-        self.contexts = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, n_contexts, width)))
+        if context_init:
+            ids = tokenizer.encode(context_init)
+            if len(ids) != n_contexts:
+                raise ValueError(
+                    f"context_init {context_init!r} is {len(ids)} tokens; set n_contexts to {len(ids)} "
+                    f"(it is {n_contexts}) or leave context_init empty for random contexts"
+                )
+            with torch.no_grad():
+                start = clip.token_embedding(torch.tensor(ids)).float()[None]
+        else:
+            start = nn.init.trunc_normal_(torch.empty(1, n_contexts, width))
+        self.contexts = nn.Parameter(start.clone())
 
     @property
     def name_length(self) -> int:

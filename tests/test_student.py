@@ -1,0 +1,68 @@
+"""The DenseCLIP student's options, against what they claim to reproduce (`pipeline.models.student`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import blocky_images, fresh_backbone
+
+from pipeline.config import ModelCfg
+from pipeline.models.backbone import Backbone, load_backbone
+from pipeline.models.heads import create_head
+from pipeline.models.student import DenseCLIP
+from pipeline.models.student.encoder import ImageEncoder
+
+
+def _backbone(kind: str) -> Backbone:
+    """The shipped ViT (a DenseCLIP ViT needs 4 blocks; the tiny test ViT has 3) or the tiny ResNet."""
+    return (
+        load_backbone(ModelCfg(name="shapes-clip", precision="fp32", device="cpu"))
+        if kind == "vit"
+        else fresh_backbone(kind)
+    )
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_value_path_dense_embedding_is_the_maskclip_heads(kind):
+    bb = _backbone(kind)
+    images = blocky_images(2, 64, seed=3)
+    with torch.no_grad():
+        _, global_, dense = ImageEncoder(bb.visual, dense="value")(images)
+        _, reference_global, attention_dense = ImageEncoder(bb.visual)(images)
+    teacher = create_head("maskclip").encode(bb, images)
+    torch.testing.assert_close(dense, teacher.dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(global_, reference_global)  # only the dense path changes
+    assert not torch.allclose(dense, attention_dense, atol=1e-3)
+
+
+def test_contexts_from_a_phrase_give_clips_own_prompt_embeddings():
+    bb = _backbone("vit")
+    names = ["red circle", "a blue square with a long name"]
+    student = DenseCLIP(bb.model, bb.tokenizer, n_contexts=4, context_init="a photo of a")
+    with torch.no_grad():
+        prompted = student.text(student.text.tokenize(names))
+        clip = bb.model.encode_text(bb.tokenizer([f"a photo of a {n}" for n in names])).float()
+        random = DenseCLIP(bb.model, bb.tokenizer, n_contexts=4).text(student.text.tokenize(names))
+    torch.testing.assert_close(prompted, clip, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(random, clip, atol=1e-2)
+    with pytest.raises(ValueError, match=r"'a photo of a' is 4 tokens; set n_contexts to 4 \(it is 8\)"):
+        DenseCLIP(bb.model, bb.tokenizer, n_contexts=8, context_init="a photo of a")
+
+
+def test_overlapping_patches_double_the_output_grid():
+    bb = _backbone("vit")
+    patch = bb.visual.patch_size[0]
+    images = blocky_images(2, 64, seed=4)
+    with torch.no_grad():
+        plain = DenseCLIP(bb.model, bb.tokenizer, fpn_width=16, fpn_head_width=16).eval()
+        half = DenseCLIP(bb.model, bb.tokenizer, fpn_width=16, fpn_head_width=16, patch_stride=patch // 2).eval()
+        tokens = plain.text.tokenize(["red circle"])
+        scores, aux = plain(images, tokens, torch.tensor([0]), 1)
+        fine_scores, fine_aux = half(images, tokens, torch.tensor([0]), 1)
+    assert aux.shape[-1] == 64 // patch and fine_aux.shape[-1] == 2 * 64 // patch
+    assert fine_scores.shape[-1] == 2 * scores.shape[-1] == 2 * 64 * 4 // patch
+    assert half.stride == plain.stride / 2
+    with pytest.raises(ValueError, match="patch_stride must divide evenly into the patch size"):
+        ImageEncoder(bb.visual, patch_stride=patch + 1)
+    with pytest.raises(ValueError, match="patch_stride applies to a ViT"):
+        ImageEncoder(fresh_backbone("resnet").visual, patch_stride=2)
