@@ -9,26 +9,17 @@ The format is POSIX pax, so any key an input tar can hold can be written back by
 longer than ustar's 100 + 155 bytes go into a pax header, and a key that is not valid UTF-8 (the
 reader keeps such bytes as surrogate escapes, PEP 383) is written with `hdrcharset=BINARY`, its
 original bytes. Plain ASCII names of ustar length get no pax header, the same bytes as ustar.
-
-The archive bytes are those of `tarfile`'s stream writer (`mode="w|"`, pax format), but written
-here: headers of plain names are packed directly, since `tarfile` spends more on one header than
-a 96 px label map costs to encode (other names go through `TarInfo.tobuf`, its own pax headers).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 from types import TracebackType
 from typing import Any
 
 from pipeline.io import fs
-
-# Every member's fixed metadata (FORMAT: byte-identical shards on any machine).
-_MODE, _MTIME = 0o644, 0
-_USTAR_NAME_MAX = 100  # a longer or non-ASCII name needs a pax header
-_USTAR_SIZE_MAX = 8**11 - 1  # the largest size 11 octal digits hold
-_NUL = b"\0"
 
 
 class TarShardWriter:
@@ -42,6 +33,7 @@ class TarShardWriter:
         filesystem.makedirs(filesystem._parent(path), exist_ok=True)
         self._file = filesystem.open(path, "wb")
         self._hashed = _HashingWriter(self._file)
+        self._tar = tarfile.open(fileobj=self._hashed, mode="w|", format=tarfile.PAX_FORMAT)
         self.count = 0
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
@@ -51,9 +43,11 @@ class TarShardWriter:
             # A reader extracting this shard would write outside its folder.
             raise ValueError(f"sample key {key!r} must be a relative name without '..' components")
         for ext, data in members.items():
-            self._hashed.write(_header(f"{key}.{ext}", len(data)))
-            self._hashed.write(data)
-            self._hashed.write(_NUL * (-len(data) % tarfile.BLOCKSIZE))
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
     @property
@@ -69,18 +63,14 @@ class TarShardWriter:
 
     def close(self) -> None:
         """Finish the tar and move it to its final name."""
-        self._finish()
+        self._tar.close()
         self._file.close()
         fs.move(self._tmp, self.url, self.storage_options)
-
-    def _finish(self) -> None:
-        """The end-of-archive marker (two zero blocks), then zeros to a whole record, as `tarfile` ends."""
-        self._hashed.write(_NUL * (2 * tarfile.BLOCKSIZE))
-        self._hashed.write(_NUL * (-self._hashed.size % tarfile.RECORDSIZE))
 
     def abort(self) -> None:
         """Drop the partial file; the final name is left untouched."""
         try:
+            self._tar.close()
             self._file.close()
         finally:
             fs.remove(self._tmp, self.storage_options)
@@ -93,21 +83,6 @@ class TarShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def _header(name: str, size: int) -> bytes:
-    """The header block(s) `tarfile` writes for a regular file `name` of `size` bytes in pax format."""
-    if not name.isascii() or len(name) > _USTAR_NAME_MAX or size > _USTAR_SIZE_MAX:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, _MTIME, _MODE
-        return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
-    block = bytearray(tarfile.BLOCKSIZE)
-    fields = (b"%07o\0" % _MODE, b"0000000\0" * 2, b"%011o\0" % size, b"%011o\0" % _MTIME, b" " * 8, tarfile.REGTYPE)
-    block[: len(name)] = name.encode("ascii")
-    block[100:157] = b"".join(fields)  # mode, uid, gid, size, mtime, checksum (spaces while summed), type
-    block[257:265] = tarfile.POSIX_MAGIC  # user and group names, device numbers and prefix stay NUL
-    block[148:155] = b"%06o\0" % sum(block)
-    return bytes(block)
 
 
 class _HashingWriter:
