@@ -14,7 +14,6 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.io import fs
-from pipeline.io.decode import decode_label_png
 from pipeline.stages.write import LabelShardSink, RowContext, encode_confidence, encode_labels, read_commit
 
 CONTEXT = RowContext(head="maskclip", model="tiny", config_hash="abc123")
@@ -51,20 +50,6 @@ def test_label_png_rejects_values_beyond_its_bit_depth():
 def test_confidence_png_quantises_to_8_bits():
     conf = np.array([[0.0, 0.5, 1.0], [0.2, 1.7, -1.0]], dtype=np.float32)
     np.testing.assert_array_equal(_decode(encode_confidence(conf)), [[0, 128, 255], [51, 255, 0]])
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (37, 53)])
-@pytest.mark.parametrize("n_classes", [37, 301])
-def test_label_png_decodes_to_the_same_values_at_any_shape(shape, n_classes):
-    """The PNG writer is the project's own: Pillow and the project's reader must read back every value."""
-    rng = np.random.default_rng(sum(shape) + n_classes)
-    top = schema.ignore_value(n_classes)
-    labels = rng.integers(0, top + 1, shape).astype(np.uint8 if top == schema.IGNORE_U8 else np.uint16)
-    labels.flat[0] = top  # wraps around in the Up filter's subtraction
-    data = encode_labels(labels, n_classes)
-    np.testing.assert_array_equal(_decode(data).astype(np.int64), labels.astype(np.int64))
-    np.testing.assert_array_equal(decode_label_png(data), labels)
-    assert decode_label_png(data).dtype == labels.dtype
 
 
 def _write_shard(out: str, shard: str = "shapes-000000", storage_options=None) -> dict:
