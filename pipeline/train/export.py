@@ -3,9 +3,10 @@
 `FOLDER/config.json` (the open_clip model config), `weights.safetensors` (the fine-tuned CLIP, float32),
 `student.safetensors` (contexts, context decoder, FPN, ...), `meta.json`: `head: denseclip` (so
 `clipdense label/segment/eval model.name=FOLDER` label with the student's forward), the student's
-options, the vocabulary it was trained on, `infer` (one plain pass: the student predicts at a quarter
-of a patch, shifts and PAMR are not needed), its learned `logit_scale`, no background offset, the image
-size and normalisation. Files are written atomically, `meta.json` last.
+options, the vocabulary it was trained on, `infer` (one pass: the student predicts at a quarter of a
+patch, so no shifts; the PAMR steps its teacher's model recommends, which snap its map to colour
+edges as they do the teacher's), its learned `logit_scale`, no background offset, the image size and
+normalisation. Files are written atomically, `meta.json` last.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def export(
         "head": HEAD_NAME,
         "student": model.options,
         "vocabulary": vocab.to_json(),
-        "infer": {"shifts": 1, "pamr_steps": 0},
+        "infer": {"shifts": 1, "pamr_steps": int((backbone.meta.get("infer") or {}).get("pamr_steps") or 0)},
         "logit_scale": round(float(model.logit_scale.detach().float().exp().clamp(max=100)), 4),
         "background_offset": 0.0,
         "templates": ["{}"],  # the student prompts class names with its learned contexts, not templates
