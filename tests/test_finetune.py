@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from jobs.cli import main as cli
@@ -27,7 +28,7 @@ from pipeline.stages.infer import DenseLabeler
 from pipeline.train import finetune
 from pipeline.train.job import OutputConflict
 from pipeline.vocab import load_vocabulary
-from tests.finetune_fixtures import finetune_config, label_in_process
+from tests.finetune_fixtures import FINETUNE_FAST, finetune_config, label_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +67,6 @@ def test_finetune_writes_checkpoints_metrics_model_and_summary(trained, labelled
     teacher = json.loads((ROOT / "pipeline/models/shipped/shapes-clip/meta.json").read_text())
     assert teacher["infer"]["pamr_steps"] > 0  # so that the next line shows the student takes it over
     assert meta["head"] == "denseclip" and meta["infer"] == {"shifts": 1, "pamr_steps": teacher["infer"]["pamr_steps"]}
-    run_vocab = json.loads(Path(labelled["labels"], "_run/vocabulary.json").read_text())
-    assert meta["vocabulary"]["classes"] == run_vocab["classes"]
     assert (
         meta["vocabulary"]["classes"]
         == json.loads(Path(labelled["labels"], "_run/vocabulary.json").read_text())["classes"]
@@ -111,8 +110,6 @@ def test_killed_run_resumes_to_the_same_final_weights(labelled, tmp_path):
     finetune(straight)
     killed = str(tmp_path / "killed")
     fs.put_atomic(str(tmp_path / "ft.yaml"), f"labels: [{labelled['labels']}]\noutput: {killed}\n".encode())
-    from tests.finetune_fixtures import FINETUNE_FAST
-
     cmd = [sys.executable, "-m", "jobs.finetune", str(tmp_path / "ft.yaml"), *FINETUNE_FAST, *overrides]
     log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
@@ -151,6 +148,19 @@ def test_unreadable_checkpoint_is_a_one_line_error(labelled, tmp_path, capsys):
     assert (
         errors[0].startswith("clipdense finetune: error: checkpoint ") and "step-00000002.pt is unreadable" in errors[0]
     )
+
+
+def test_a_run_stopped_by_a_bad_value_does_not_refuse_the_corrected_one(labelled, tmp_path, capsys):
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"labels: [{labelled['labels']}]\noutput: {tmp_path / 'out'}\n")
+    assert cli(["finetune", str(config), *FINETUNE_FAST, "student.dense=values"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        "clipdense finetune: error: dense must be 'attention' (DenseCLIP) or 'value' (MaskCLIP's path), got 'values'"
+    ]
+    assert not (tmp_path / "out" / "_run" / "config.yaml").exists()
+    assert cli(["finetune", str(config), *FINETUNE_FAST, "student.dense=value"]) == 0
+    assert yaml.safe_load((tmp_path / "out" / "_run" / "config.yaml").read_text())["student"]["dense"] == "value"
 
 
 def test_runs_with_different_vocabularies_are_refused(labelled, tmp_path):

@@ -2,11 +2,12 @@
 with DenseCLIP's model and recipe; see `pipeline.models.student` and METHODS.md 1.2-1.3).
 
 `finetune(cfg)` checks the config, resolves the model (the labeling run's own CLIP unless the config
-names one), prepares `OUT` (a new output records `_run/config.yaml`; an existing one with an equal
-config is resumed from its latest checkpoint and ends at the same final step; a finished one returns
-its summary; a different config is refused, naming the keys), then trains in this process
+names one), checks `OUT` (an existing output with an equal config is resumed from its latest
+checkpoint and ends at the same final step; a finished one returns its summary; a different config is
+refused, naming the keys), then trains in this process
 (`distribute.num_workers: 0`) or on Ray Train with N workers (`pipeline.distribute.train`); both run
-`train_worker`. Output layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval
+`train_worker`, which records `_run/config.yaml` once its labels are found and its model is built, so
+that a run stopped by a bad value leaves nothing that refuses the corrected run. Output layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval
 lines), `model/` (the exported student), `_run/summary.json` (written last).
 """
 
@@ -54,7 +55,7 @@ def finetune(cfg: FinetuneCfg) -> dict[str, Any]:
     runs = open_runs(cfg.labels, so)
     cfg = dataclasses.replace(cfg, model=teacher_model(runs[0].config.model, cfg.model))
     summary_url = fs.join(cfg.output, schema.SUMMARY_FILE)
-    _prepare_output(cfg)
+    _check_output(cfg)
     if fs.exists(summary_url, so):
         logger.info("%s is finished: returning its summary", cfg.output)
         return fs.read_json(summary_url, so)
@@ -66,19 +67,26 @@ def finetune(cfg: FinetuneCfg) -> dict[str, Any]:
     return train_worker(cfg)
 
 
-def _prepare_output(cfg: FinetuneCfg) -> None:
+def _check_output(cfg: FinetuneCfg) -> None:
+    """OutputConflict when `cfg.output` records a fine-tune whose config differs from `cfg`."""
     so = cfg.storage_options or None
     url = fs.join(cfg.output, schema.CONFIG_FILE)
-    if fs.exists(url, so):
-        previous = from_dict(FinetuneCfg, yaml.safe_load(fs.read_text(url, so)) or {}, schema.CONFIG_FILE)
-        if finetune_hash(previous) != finetune_hash(cfg):
-            keys = [k for k in diff_keys(previous, cfg) if k.split(".")[0] not in EXECUTION_KEYS]
-            raise OutputConflict(
-                f"{cfg.output} holds a fine-tune with a different config (differing keys: {', '.join(keys)}); "
-                "choose a new output"
-            )
+    if not fs.exists(url, so):
         return
-    fs.put_atomic(url, dump_yaml(public_config(cfg)).encode(), so)
+    previous = from_dict(FinetuneCfg, yaml.safe_load(fs.read_text(url, so)) or {}, schema.CONFIG_FILE)
+    if finetune_hash(previous) != finetune_hash(cfg):
+        keys = [k for k in diff_keys(previous, cfg) if k.split(".")[0] not in EXECUTION_KEYS]
+        raise OutputConflict(
+            f"{cfg.output} holds a fine-tune with a different config (differing keys: {', '.join(keys)}); "
+            "choose a new output"
+        )
+
+
+def _record_config(cfg: FinetuneCfg) -> None:
+    so = cfg.storage_options or None
+    url = fs.join(cfg.output, schema.CONFIG_FILE)
+    if not fs.exists(url, so):
+        fs.put_atomic(url, dump_yaml(public_config(cfg)).encode(), so)
 
 
 def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1) -> dict[str, Any]:
@@ -91,6 +99,8 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1) -> dict[str, A
         raise ValueError(f"no committed label shard in {', '.join(cfg.labels)}")
     vocab = runs[0].vocab
     model, backbone = build(cfg)
+    if rank == 0:
+        _record_config(cfg)
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.precision, device)
     model.to(device)
