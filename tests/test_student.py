@@ -62,7 +62,25 @@ def test_overlapping_patches_double_the_output_grid():
     assert aux.shape[-1] == 64 // patch and fine_aux.shape[-1] == 2 * 64 // patch
     assert fine_scores.shape[-1] == 2 * scores.shape[-1] == 2 * 64 * 4 // patch
     assert half.stride == plain.stride / 2
-    with pytest.raises(ValueError, match="patch_stride must divide evenly into the patch size"):
-        ImageEncoder(bb.visual, patch_stride=patch + 1)
+    for bad in (patch + 1, patch - 2):  # wider than a patch; not a divisor of it
+        with pytest.raises(ValueError, match=f"patch_stride must divide evenly into the patch size {patch}"):
+            ImageEncoder(bb.visual, patch_stride=bad)
     with pytest.raises(ValueError, match="patch_stride applies to a ViT"):
         ImageEncoder(fresh_backbone("resnet").visual, patch_stride=2)
+
+
+def test_a_residual_student_starts_as_its_dense_embedding():
+    bb = _backbone("vit")
+    images = blocky_images(2, 64, seed=5)
+    student = DenseCLIP(bb.model, bb.tokenizer, gamma_init=0.0, dense="value", residual=True, fpn_width=16).eval()
+    with torch.no_grad():
+        tokens = student.text.tokenize(["red circle", "blue square"])
+        scores, _ = student(images, tokens, torch.tensor([0, 1]), 2)
+        _, _, dense = student.image(images)
+        text = torch.nn.functional.normalize(student.text(tokens), dim=-1)
+        dense = torch.nn.functional.interpolate(dense, size=scores.shape[-2:], mode="bilinear", align_corners=False)
+        expected = torch.einsum("bchw,nc->bnhw", torch.nn.functional.normalize(dense, dim=1), text)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+    plain = DenseCLIP(bb.model, bb.tokenizer, gamma_init=0.0, dense="value", fpn_width=16).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(images, tokens, torch.tensor([0, 1]), 2)[0], expected, atol=1e-2)

@@ -58,8 +58,11 @@ class ImageEncoder(nn.Module):
         if self.is_vit:
             width, patch = visual.transformer.width, visual.patch_size[0]
             self.patch_stride = patch_stride or patch
-            if not 0 < self.patch_stride <= patch or (patch - self.patch_stride) % 2:
-                raise ValueError(f"patch_stride must divide evenly into the patch size {patch}, got {patch_stride}")
+            if not 0 < self.patch_stride <= patch or patch % self.patch_stride or (patch - self.patch_stride) % 2:
+                raise ValueError(
+                    f"patch_stride must divide evenly into the patch size {patch}, leaving an even overlap "
+                    f"(e.g. {patch // 2}), got {patch_stride}"
+                )
             self.taps = vit_taps(len(visual.transformer.resblocks))
             if len(self.taps) != 4:
                 raise ValueError(

@@ -43,7 +43,10 @@ class DenseCLIP(nn.Module):
 
     n_contexts: learnable context vectors (8); context_init: a phrase of n_contexts tokens the contexts
     start from ("": random, as the reference; see `text`); dense: the path of the dense embedding
-    ("attention" as the reference, or "value", MaskCLIP's; see `encoder`); decoder_width/layers/heads: context decoder (256/3/4);
+    ("attention" as the reference, or "value", MaskCLIP's; see `encoder`); patch_stride: ViT pixels
+    between patches (0: the patch size; see `encoder`); residual: the FPN's output is added to the
+    dense embedding and starts at zero (False: it replaces it, as the reference);
+    decoder_width/layers/heads: context decoder (256/3/4);
     gamma_init: initial gamma (1e-4); fpn_width/fpn_head_width: FPN neck and head channels (256/128);
     dropout: context decoder and FPN head dropout (0.1); tau: temperature of the auxiliary score map (0.07).
     """

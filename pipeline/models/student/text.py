@@ -54,7 +54,7 @@ class PromptText(nn.Module):
                 start = clip.token_embedding(torch.tensor(ids)).float()[None]
         else:
             start = nn.init.trunc_normal_(torch.empty(1, n_contexts, width))
-        self.contexts = nn.Parameter(start.clone())
+        self.contexts = nn.Parameter(start)
 
     @property
     def name_length(self) -> int:
