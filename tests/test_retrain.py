@@ -163,6 +163,13 @@ def step_cfg(root: str, so: dict, **extra) -> RetrainCfg:
     return from_dict(RetrainCfg, data)
 
 
+def one_run_cfg(root: str) -> RetrainCfg:
+    """A local step over one labeling run with one committed shard and a truth set."""
+    rh.truth(root, None)
+    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None)
+    return step_cfg(root, {})
+
+
 @pytest.mark.s3
 @pytest.mark.slow
 def test_step_publishes_then_does_nothing_then_gates(s3, s3_root):
@@ -236,10 +243,7 @@ def test_first_version_is_gated_only_with_gate_first(tmp_path):
 
 @pytest.mark.slow
 def test_a_step_superseded_while_training_does_not_move_latest(tmp_path):
-    root = str(tmp_path)
-    rh.truth(root, None)
-    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None)
-    cfg = step_cfg(root, {})
+    cfg = one_run_cfg(str(tmp_path))
 
     def beside(start, runs, output, so):  # a manual step for another key publishes while this one trains
         summary = rh.export_shipped(start, runs, output, so)
@@ -255,10 +259,7 @@ def test_a_step_superseded_while_training_does_not_move_latest(tmp_path):
 
 @pytest.mark.slow
 def test_a_finished_step_keeps_its_metrics_but_not_its_checkpoints(tmp_path):
-    root = str(tmp_path)
-    rh.truth(root, None)
-    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None)
-    cfg = step_cfg(root, {})
+    cfg = one_run_cfg(str(tmp_path))
 
     def with_checkpoint(start, runs, output, so):  # what the fine-tune leaves beside its export
         fs.put_atomic(fs.join(output, "checkpoints", "step-1.pt"), b"optimiser state", so)
@@ -284,10 +285,7 @@ def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_a_step_that_lost_its_lease_publishes_nothing_and_says_so(tmp_path):
-    root = str(tmp_path)
-    rh.truth(root, None)
-    rh.run_output(fs.join(root, "labels"), "run-1", ["a"], None)
-    cfg = step_cfg(root, {})
+    cfg = one_run_cfg(str(tmp_path))
 
     def taken_over(start, runs, output, so):  # another step takes this one's key while it trains
         summary = rh.export_shipped(start, runs, output, so)
