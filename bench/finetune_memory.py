@@ -1,9 +1,9 @@
 """Peak memory of a fine-tune worker must not grow with the number of label shards it reads.
 
 Labels 100 small ShapeWorld shards and their first 10 (`bench/label_memory.py`, which also checks the
-labeling job), then fine-tunes the shipped `shapes-clip` student on each run, in-process and with
-`data.loader_workers=0`, so that reading, joining, shuffling and augmenting run in the measured
-process, each in a fresh Python process. `--steps` defaults to one pass over the 100-shard run (the
+labeling job), then fine-tunes a `shapes-clip` student (`examples/finetune-shapes.yaml`) on each run,
+in-process and with `data.loader_workers=0`, so that reading, joining, shuffling and augmenting run
+in the measured process, each in a fresh Python process. `--steps` defaults to one pass over the 100-shard run (the
 10-shard run is read ten times over). Reports each child's peak RSS (VmHWM); the check passes when
 the 100-shard peak is within `--limit-mb` of the 10-shard one.
 
@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+EXAMPLE = str(BENCH.parent / "examples" / "finetune-shapes.yaml")
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
@@ -35,14 +36,12 @@ def run_child(work: Path, n_shards: int, steps: int, batch: int) -> dict:
     from jobs.cli import main
 
     out = work / f"student-{n_shards}"
-    config = work / f"finetune-{n_shards}.yaml"
-    config.write_text(json.dumps({"labels": [str(work / f"out-{n_shards}")], "output": str(out)}))  # JSON is YAML
     overrides = [
+        f"labels=[{work / f'out-{n_shards}'}]", f"output={out}", "model.name=shapes-clip", "eval.truth=",
         f"optim.steps={steps}", f"optim.batch_size={batch}", f"checkpoint_every={steps}", f"log_every={steps}",
-        "model.name=shapes-clip", "data.loader_workers=0", "data.shuffle_buffer=32",
-        "student.fpn_width=64", "student.fpn_head_width=64", "student.decoder_width=128",
+        "data.loader_workers=0", "data.shuffle_buffer=32",
     ]  # fmt: skip
-    main(["finetune", str(config), *overrides])
+    main(["finetune", EXAMPLE, *overrides])
     summary = json.loads((out / "_run/summary.json").read_text())
     return {
         "shards": n_shards,
