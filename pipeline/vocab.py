@@ -9,7 +9,8 @@ JSON form::
     {"classes": ["background", "red circle", "tv, monitor"], "background": 0}
 
 `background` (optional) is the id of the background class, which a head may score from its own
-words, from a probability threshold, or both.
+words, from a probability threshold, or both. A class list that declares none (plain text, inline
+`vocab.classes`, JSON without the key) takes the class named "background", if it has one.
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary
     return Vocabulary.from_entries([line for line in lines if line and not line.startswith("#")])
 
 
+def named_background(vocab: Vocabulary) -> Vocabulary:
+    """`vocab`, or when it declares no background class, with the class named "background" (any case) as one."""
+    if vocab.background is not None:
+        return vocab
+    names = [n.lower() for n in vocab.display_names]
+    return Vocabulary(vocab.names, names.index("background")) if "background" in names else vocab
+
+
 def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: dict | None = None) -> Vocabulary:
     """The run's vocabulary: inline classes, else `cfg.file`, else `vocabulary.json` beside the input.
 
@@ -125,6 +134,7 @@ def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: 
         raise ValueError(
             "no vocabulary: set vocab.classes (inline) or vocab.file, or put a vocabulary.json beside the input shards"
         )
+    vocab = named_background(vocab)
     if cfg.background:
         # An explicit background word list becomes (or replaces the words of) the background class.
         names = list(vocab.names)

@@ -30,6 +30,20 @@ def test_resolution_order(tmp_path):
         resolve_vocabulary(VocabCfg(), near=str(tmp_path / "elsewhere"))
 
 
+def test_a_class_named_background_is_the_background_when_none_is_declared(tmp_path):
+    (tmp_path / "v.txt").write_text("cat\nBackground\ndog\n")
+    (tmp_path / "v.json").write_text(json.dumps({"classes": ["background", "cat"], "background": None}))
+    assert resolve_vocabulary(VocabCfg(file=str(tmp_path / "v.txt"))).background == 1
+    assert resolve_vocabulary(VocabCfg(file=str(tmp_path / "v.json"))).background == 0
+    assert resolve_vocabulary(VocabCfg(classes=["cat", "background"])).background == 1
+    assert resolve_vocabulary(VocabCfg(classes=["cat", "dog"])).background is None
+    declared = json.dumps({"classes": ["background", "sky"], "background": 1})
+    (tmp_path / "d.json").write_text(declared)
+    assert resolve_vocabulary(VocabCfg(file=str(tmp_path / "d.json"))).background == 1  # declared wins
+    words = resolve_vocabulary(VocabCfg(classes=["cat", "background"], background=["sky"]))
+    assert words.names == (("cat",), ("sky",)) and words.background == 1  # the words name that class
+
+
 def test_background_words_add_or_replace_the_background_class(tmp_path):
     added = resolve_vocabulary(VocabCfg(classes=["cat"], background=["sky", "wall"]))
     assert added.names == (("sky", "wall"), ("cat",)) and added.background == 0
