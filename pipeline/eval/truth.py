@@ -101,7 +101,6 @@ def open_truth(
     return TruthSet(name, "shards", vocab, shards=tuple(shards), storage_options=storage_options)
 
 
-
 def _shard_samples(truth: TruthSet) -> Iterator[TruthSample]:
     missing = 0
     for url in truth.shards:
