@@ -46,7 +46,9 @@ def truth(root: str, storage_options: dict | None) -> str:
     return url
 
 
-def export_shipped(start: ModelCfg, runs: list[str], output: str, storage_options: dict | None) -> dict:
+def export_shipped(
+    start: ModelCfg, runs: list[str], output: str, storage_options: dict | None, stop: object = None
+) -> dict:
     """Trainer stand-in: export the shipped shapes-clip as OUT/model and write OUT/_run/summary.json."""
     for name in MODEL_FILES:
         data = (SHIPPED_DIR / "shapes-clip" / name).read_bytes()

@@ -24,9 +24,10 @@ from pipeline.config import ModelCfg, RunCfg
 from pipeline.data.shapeworld_shards import write_dataset
 from pipeline.io import fs
 from pipeline.models.heads.denseclip import DenseCLIPHead
+from pipeline.retrain.lease import Taken
 from pipeline.stages.infer import DenseLabeler
 from pipeline.train import finetune
-from pipeline.train.job import OutputConflict
+from pipeline.train.job import OutputConflict, Stopped
 from pipeline.vocab import load_vocabulary
 from tests.finetune_fixtures import FINETUNE_FAST, finetune_config, label_in_process
 
@@ -134,6 +135,19 @@ def test_killed_run_resumes_to_the_same_final_weights(labelled, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_asked_to_stop_writes_nothing_more_and_resumes_later(labelled, tmp_path):
+    out = str(tmp_path / "stopped")
+    cfg = finetune_config([labelled["labels"]], out)  # 4 steps, a checkpoint and a progress line every 2
+    answers = iter([False, True])
+    with pytest.raises(Stopped, match="asked to stop at step 4"):
+        finetune(cfg, stop=lambda: next(answers))
+    assert json.loads(Path(out, "checkpoints/latest.json").read_text())["step"] == 2
+    assert sorted(p.name for p in Path(out, "checkpoints").iterdir()) == ["latest.json", "step-00000002.pt"]
+    assert not Path(out, "model").exists() and not Path(out, "_run/summary.json").exists()
+    assert [json.loads(x)["step"] for x in Path(out, "metrics.jsonl").read_text().splitlines()] == [2]
+    assert finetune(cfg)["final_step"] == 4  # the output is whole: another run resumes it
+
+
 def test_unreadable_checkpoint_is_a_one_line_error(labelled, tmp_path, capsys):
     out = tmp_path / "broken"
     (out / "checkpoints").mkdir(parents=True)
@@ -239,7 +253,12 @@ def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_pat
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the driver's temporary folders go
-    summary = finetune(finetune_config([labelled["labels"]], out, "optim.steps=2", "distribute.num_workers=2"))
+    lease = tmp_path / "lease"
+    lease.mkdir()
+    (lease / "lease-000000.json").write_text("{}")
+    stop = Taken(str(lease), 0)  # a retraining step's lease check, held throughout: rank 0 asks, all hear
+    cfg = finetune_config([labelled["labels"]], out, "optim.steps=2", "distribute.num_workers=2")
+    summary = finetune(cfg, stop)
     assert summary["final_step"] == 2 and summary["label_shards"] == 2
     assert json.loads(Path(out, "checkpoints/latest.json").read_text())["step"] == 2
     assert Path(out, "model/student.safetensors").exists()

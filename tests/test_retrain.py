@@ -245,8 +245,8 @@ def test_first_version_is_gated_only_with_gate_first(tmp_path):
 def test_a_step_superseded_while_training_does_not_move_latest(tmp_path):
     cfg = one_run_cfg(str(tmp_path))
 
-    def beside(start, runs, output, so):  # a manual step for another key publishes while this one trains
-        summary = rh.export_shipped(start, runs, output, so)
+    def beside(start, runs, output, so, stop):  # a manual step for another key publishes while this one trains
+        summary = rh.export_shipped(start, runs, output, so, stop)
         assert versions.publish(cfg.models, "other-key", fs.join(output, "model"), {}, None, so) == ("v0001", True)
         return summary
 
@@ -261,10 +261,10 @@ def test_a_step_superseded_while_training_does_not_move_latest(tmp_path):
 def test_a_finished_step_keeps_its_metrics_but_not_its_checkpoints(tmp_path):
     cfg = one_run_cfg(str(tmp_path))
 
-    def with_checkpoint(start, runs, output, so):  # what the fine-tune leaves beside its export
+    def with_checkpoint(start, runs, output, so, stop):  # what the fine-tune leaves beside its export
         fs.put_atomic(fs.join(output, "checkpoints", "step-1.pt"), b"optimiser state", so)
         fs.put_atomic(fs.join(output, "metrics.jsonl"), b"{}\n", so)
-        return rh.export_shipped(start, runs, output, so)
+        return rh.export_shipped(start, runs, output, so, stop)
 
     done = retrain_step(cfg, with_checkpoint)
     assert done["outcome"] == "published", done
@@ -283,14 +283,47 @@ def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
         retrain_step(cfg, rh.export_shipped)
 
 
+def take_over(output: str, so: dict | None) -> None:
+    """Another step takes the key of the step whose fine-tune writes to `output` (its next generation)."""
+    step_folder = output.rsplit("/", 1)[0]
+    assert fs.put_exclusive(fs.join(step_folder, "lease-000001.json"), b'{"beat": 0, "released": false}', so)
+
+
+def test_a_fine_tune_that_stops_for_a_lost_lease_ends_the_step_as_lost(tmp_path):
+    cfg = one_run_cfg(str(tmp_path))
+
+    def stops(start, runs, output, so, stop):
+        take_over(output, so)
+        if stop():  # as pipeline.train.finetune does, before writing anything
+            raise RuntimeError("asked to stop")
+        return rh.export_shipped(start, runs, output, so, stop)
+
+    done = retrain_step(cfg, stops)
+    assert done["outcome"] == "lost-lease" and "mIoU" not in done, done
+    assert fs.read_json(done["record"])["outcome"] == "lost-lease"
+    assert versions.list_versions(cfg.models) == []
+    assert not (tmp_path / "models" / "_steps" / done["key"] / "done.json").exists()
+
+
+def test_a_fine_tune_that_fails_with_its_lease_held_fails_the_step(tmp_path):
+    cfg = one_run_cfg(str(tmp_path))
+
+    def fails(start, runs, output, so, stop):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        retrain_step(cfg, fails)
+
+
 @pytest.mark.slow
 def test_a_step_that_lost_its_lease_publishes_nothing_and_says_so(tmp_path):
     cfg = one_run_cfg(str(tmp_path))
 
-    def taken_over(start, runs, output, so):  # another step takes this one's key while it trains
-        summary = rh.export_shipped(start, runs, output, so)
-        step_folder = output.rsplit("/", 1)[0]
-        assert fs.put_exclusive(fs.join(step_folder, "lease-000001.json"), b'{"beat": 0, "released": false}', so)
+    def taken_over(start, runs, output, so, stop):  # another step takes this one's key while it trains
+        summary = rh.export_shipped(start, runs, output, so, stop)
+        assert not stop()
+        take_over(output, so)
+        assert stop()  # what a fine-tune asks before each write
         return summary
 
     done = retrain_step(cfg, taken_over)

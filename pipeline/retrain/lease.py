@@ -7,6 +7,7 @@ own clock (no clocks are compared across machines) and looks again: a lease whos
 newer generation, belongs to a live step, and it backs off; an unchanged lease is a dead step's, and
 it takes the next generation, which resumes the dead step's work. A holder that was only slow (its
 beats did not get through) finds the newer generation at its next beat and marks itself `lost`.
+Its work must then stop writing: `Lease.taken` is a check its fine-tune asks before each write.
 """
 
 from __future__ import annotations
@@ -17,12 +18,26 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from pipeline.io import fs
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"lease-(\d{6})\.json$")
+
+
+@dataclass(frozen=True)
+class Taken:
+    """`taken()`: True once a newer generation than `generation` exists in `folder` (lists it now). Plain
+    data, so it pickles to training workers on other machines."""
+
+    folder: str
+    generation: int
+    storage_options: dict | None = None
+
+    def __call__(self) -> bool:
+        return latest_generation(self.folder, self.storage_options) != self.generation
 
 
 class Lease:
@@ -62,9 +77,14 @@ class Lease:
         """True once a renewal found that another step took a newer generation."""
         return self._lost.is_set()
 
+    @property
+    def taken(self) -> Taken:
+        """The check whether another step took a newer generation (this one was taken for dead)."""
+        return Taken(self.folder, self.generation, self.storage_options)
+
     def still_held(self) -> bool:
         """False once another step took a newer generation (this one was taken for dead); lists now."""
-        return latest_generation(self.folder, self.storage_options) == self.generation
+        return not self.taken()
 
     def release(self) -> None:
         self._stop.set()

@@ -37,9 +37,12 @@ from pipeline.train.checkpoint import CHECKPOINT_DIR
 logger = logging.getLogger(__name__)
 
 # (start model, labeling run outputs, output folder, storage options) -> the fine-tune's summary.json
-Trainer = Callable[[ModelCfg, list[str], str, dict | None], dict]
+# train(start, labeling runs, output, storage_options, stop): `stop()` turns True once the step lost its
+# lease; the trainer then ends without writing more to `output` (by raising, or by returning).
+Trainer = Callable[[ModelCfg, list[str], str, dict | None, Callable[[], bool]], dict]
 DONE = "done.json"
 LOST = "lost-lease"  # outcome of a step taken for dead while it worked
+_LOST = {"outcome": LOST, "reason": "lost the lease to another step, which redoes this key"}
 TRAIN_DIR = "train"  # the fine-tune's output folder under _steps/<key>/
 
 
@@ -142,7 +145,13 @@ def _train_and_gate(
     out = fs.join(cfg.models, versions.STEPS_DIR, key, TRAIN_DIR)
     logger.info("fine-tuning from %s on %d labeling runs into %s", start.name, len(runs), out)
     began = time.monotonic()
-    summary = train(start, runs, out, so)
+    try:
+        summary = train(start, runs, out, so, held.taken)
+    except Exception:
+        if not held.lost and held.still_held():
+            raise
+        logger.warning("fine-tune of step %s stopped: another step took its lease", key)
+        return {**record, "trained_from": start.name, "trained_on": runs, "watermark": mark, **_LOST}
     truth = open_truth(cfg.truth, "", "", so)
     candidate = fs.join(out, versions.MODEL_DIR)
     current = live["version"] if live else f"the labeler's {labeler.model.name}"
@@ -163,7 +172,7 @@ def _train_and_gate(
     }
     if held.lost or not held.still_held():  # taken for dead meanwhile: the new holder owns the key now
         logger.warning("lost the lease of step %s to another step; not publishing", key)
-        return {**result, "outcome": LOST, "reason": "lost the lease to another step, which redoes this key"}
+        return {**result, **_LOST}
     beats = scores["candidate"] - scores["current"] > cfg.min_gain
     versus = (
         f"candidate mIoU {scores['candidate']:.4f} vs {scores['current']:.4f} of {current} (min_gain {cfg.min_gain})"

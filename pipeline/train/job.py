@@ -7,16 +7,19 @@ checkpoint and ends at the same final step; a finished one returns its summary; 
 refused, naming the keys), then trains in this process
 (`distribute.num_workers: 0`) or on Ray Train with N workers (`pipeline.distribute.train`); both run
 `train_worker`, which records `_run/config.yaml` once its labels are found and its model is built, so
-that a run stopped by a bad value leaves nothing that refuses the corrected run. Output layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval
+that a run stopped by a bad value leaves nothing that refuses the corrected run. A caller may pass
+`stop`, asked before anything is written (see `finetune`). Output layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval
 lines), `model/` (the exported student), `_run/summary.json` (written last).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,8 +51,21 @@ class OutputConflict(ValueError):
     """The output holds a fine-tune with a different config."""
 
 
-def finetune(cfg: FinetuneCfg) -> dict[str, Any]:
-    """Run (or resume) the fine-tune of `cfg`; returns the run summary (module docstring)."""
+class Stopped(RuntimeError):
+    """The caller's `stop` asked the fine-tune to end; nothing was written to its output after that."""
+
+
+Stop = Callable[[], bool]
+
+
+def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
+    """Run (or resume) the fine-tune of `cfg`; returns the run summary (module docstring).
+
+    `stop`, when given, is asked at every progress line, checkpoint and evaluation and before the
+    summary; once it answers True the run raises `Stopped` and writes nothing more, so that its output
+    can be resumed by someone else (a retraining step whose lease was taken: the folder is the new
+    holder's). With Ray Train workers rank 0 asks it and tells the others; it must then pickle.
+    """
     check(cfg)
     so = cfg.storage_options or None
     runs = open_runs(cfg.labels, so)
@@ -62,9 +78,14 @@ def finetune(cfg: FinetuneCfg) -> dict[str, Any]:
     if cfg.distribute.num_workers > 0:
         from pipeline.distribute.train import run_train_workers  # Ray stays out of in-process runs
 
-        run_train_workers(cfg, train_worker)
+        try:
+            run_train_workers(cfg, functools.partial(train_worker, stop=stop))
+        except RuntimeError:
+            if stop is not None and stop():
+                raise Stopped(f"{cfg.output}: the fine-tune was asked to stop") from None
+            raise
         return fs.read_json(summary_url, so)
-    return train_worker(cfg)
+    return train_worker(cfg, stop=stop)
 
 
 def _check_output(cfg: FinetuneCfg) -> None:
@@ -89,9 +110,10 @@ def _record_config(cfg: FinetuneCfg) -> None:
         fs.put_atomic(url, dump_yaml(public_config(cfg)).encode(), so)
 
 
-def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1) -> dict[str, Any]:
+def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | None = None) -> dict[str, Any]:
     """Train on this worker's share of the label shards; rank 0 writes checkpoints, metrics, the model
-    and the summary. With `world` > 1 the default torch.distributed process group must be initialised."""
+    and the summary. With `world` > 1 the default torch.distributed process group must be initialised.
+    `stop`: see `finetune` (Stopped)."""
     so = cfg.storage_options or None
     runs = open_runs(cfg.labels, so)
     units, shard_skips = committed_units(runs, so)
@@ -162,25 +184,41 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1) -> dict[str, A
             release_freed_memory()
         progress.add(value.item(), len(images) * world)
         done = step + 1
-        if done % cfg.log_every == 0 or done == steps:
+        log = done % cfg.log_every == 0 or done == steps
+        save = done % cfg.checkpoint_every == 0 or done == steps
+        evaluate = bool(cfg.eval.truth) and cfg.eval.every > 0 and done % cfg.eval.every == 0 and done < steps
+        if (log or save or evaluate) and _asked_to_stop(stop, rank, world, device):
+            raise Stopped(f"{cfg.output}: asked to stop at step {done}; its last checkpoint is the one to resume")
+        if log:
             metrics.append({"kind": "train", **progress.record(done, lr)})
         with progress.pause():
-            if done % cfg.checkpoint_every == 0 or done == steps:
-                if rank == 0:
-                    seconds = train_seconds + progress.train_seconds
-                    checkpoint.save(cfg.output, done, _state(model, optimizer, done, seconds), so)
-                    _write_metrics(cfg, metrics)
-            if cfg.eval.truth and cfg.eval.every and done % cfg.eval.every == 0 and done < steps and rank == 0:
+            if save and rank == 0:
+                seconds = train_seconds + progress.train_seconds
+                checkpoint.save(cfg.output, done, _state(model, optimizer, done, seconds), so)
+                _write_metrics(cfg, metrics)
+            if evaluate and rank == 0:
                 metrics.append(_evaluate(cfg, model, backbone, vocab, done))
                 _write_metrics(cfg, metrics)
     train_seconds += progress.train_seconds
     skipped = _gather_counts(counts, world)
     if rank != 0:
         return {}
-    return _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds)
+    return _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds, stop)
 
 
-def _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds) -> dict:
+def _asked_to_stop(stop: Stop | None, rank: int, world: int, device: torch.device) -> bool:
+    """Rank 0's answer of `stop`, the same on every rank (a broadcast: all must leave at one step)."""
+    if stop is None:
+        return False
+    asked = bool(stop()) if rank == 0 else False
+    if world > 1:
+        flag = torch.tensor([int(asked)], device=device)
+        torch.distributed.broadcast(flag, src=0)
+        asked = bool(flag.item())
+    return asked
+
+
+def _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds, stop) -> dict:
     so = cfg.storage_options or None
     final = None
     if cfg.eval.truth:
@@ -189,6 +227,8 @@ def _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metr
         final = line["mIoU"]
     else:
         _export(cfg, model, backbone, vocab)
+    if stop is not None and stop():  # the final evaluation can take a while
+        raise Stopped(f"{cfg.output}: asked to stop after its final step; its last checkpoint is the final one")
     _write_metrics(cfg, metrics)
     used = skipped.pop("used", 0)
     summary = {
