@@ -44,6 +44,25 @@ def test_stitch_averages_overlapping_windows():
     assert out[0, :, :2].eq(1).all() and out[0, :, 2:4].eq(2).all() and out[0, :, 4:].eq(3).all()
 
 
+@pytest.mark.parametrize(("h", "w", "size"), [((8, 8, (64, 64))), ((14, 14, (224, 224))), ((5, 7, (37, 50)))])
+def test_stitch_upsamples_as_interpolate_does(h, w, size):
+    scores = torch.randn(3, 4, h, w, generator=torch.Generator().manual_seed(0))
+    up = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+    windows = [
+        win.Window(0, 0, *size),
+        win.Window(-3, 0, size[0] - 3, size[1]),
+        win.Window(0, -2, size[0], size[1] - 2),
+    ]
+    expected = torch.zeros(4, *size)
+    expected += up[0]
+    expected[:, : size[0] - 3] += up[1, :, 3:]
+    expected[:, :, : size[1] - 2] += up[2, :, :, 2:]
+    count = torch.full(size, 3.0)
+    count[size[0] - 3 :] -= 1
+    count[:, size[1] - 2 :] -= 1
+    assert torch.allclose(win.stitch(scores, windows, size, size), expected / count, atol=1e-5)
+
+
 def test_shifted_windows_start_above_and_left_by_fractions_of_a_patch():
     size, windows = win.plan(64, 64, 0, 0, multiple=8, shifts=2)
     assert size == (64, 64)
