@@ -44,7 +44,9 @@ def test_stitch_averages_overlapping_windows():
     assert out[0, :, :2].eq(1).all() and out[0, :, 2:4].eq(2).all() and out[0, :, 4:].eq(3).all()
 
 
-@pytest.mark.parametrize(("h", "w", "size"), [((8, 8, (64, 64))), ((14, 14, (224, 224))), ((5, 7, (37, 50)))])
+@pytest.mark.parametrize(
+    ("h", "w", "size"), [((8, 8, (64, 64))), ((14, 14, (224, 224))), ((5, 7, (37, 50))), ((70, 90, (100, 120)))]
+)
 def test_stitch_upsamples_as_interpolate_does(h, w, size):
     scores = torch.randn(3, 4, h, w, generator=torch.Generator().manual_seed(0))
     up = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)

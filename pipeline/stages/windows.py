@@ -4,9 +4,9 @@ Windows start every `stride` pixels along each axis, plus one flush with the far
 image is covered without running past it. An image smaller than the crop gets one window padded
 at the bottom/right (with zeros, i.e. the mean colour after normalisation). `crop = 0` means one
 window holding the whole image, padded up to a multiple of the patch size. Window scores are
-upsampled (bilinear) to the window's pixels and averaged where windows overlap. The upsampling is
-separable, so it runs as two small matrix products (`resize_matrix`), the same weights as
-`F.interpolate`'s and several times faster on CPUs.
+upsampled (bilinear) to the window's pixels and averaged where windows overlap. From a patch grid
+the upsampling runs as two small matrix products (`resize_matrix`): bilinear resizing is separable,
+and the products apply the same weights as `F.interpolate`, several times faster on CPUs.
 
 Sub-patch shifts (`shifts` = n > 1): a ViT scores one vector per patch, so its map can only change
 every `multiple` pixels and an object's edge is placed to within a patch. Every window is therefore
@@ -81,6 +81,11 @@ def cut(image: torch.Tensor, windows: list[Window], size: tuple[int, int]) -> to
     return torch.stack(crops)
 
 
+# A dense product costs about `w` multiply-adds per output pixel, interpolation a few: on a patch grid
+# (tens of cells a side) the product is the faster, on a map near pixel resolution interpolation is.
+_PRODUCT_MAX_SIDE = 32
+
+
 @functools.lru_cache(maxsize=64)
 def resize_matrix(src: int, dst: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(dst, src) weights of 1-D linear resizing with `align_corners=False`: `M @ x` resizes `x` (src,)
@@ -95,11 +100,18 @@ def stitch(
     """Average of window scores (n, K, h, w), each upsampled to `size`, over an image of `out_size`: (K, H, W)."""
     canvas = scores.new_zeros((scores.shape[1], *out_size))
     count = scores.new_zeros(out_size)
-    same = tuple(scores.shape[2:]) == tuple(size)  # a head that scores every pixel (a student)
-    rows = resize_matrix(scores.shape[2], size[0], scores.dtype, scores.device)
-    cols = resize_matrix(scores.shape[3], size[1], scores.dtype, scores.device).T
+    h, w = scores.shape[2:]
+    product = max(h, w) <= _PRODUCT_MAX_SIDE
+    if product:
+        rows = resize_matrix(h, size[0], scores.dtype, scores.device)
+        cols = resize_matrix(w, size[1], scores.dtype, scores.device).T
     for score, win in zip(scores, windows, strict=True):
-        up = score if same else rows @ score @ cols  # bilinear upsampling to `size`, (K, *size)
+        if (h, w) == tuple(size):  # a head that scores every pixel (a student)
+            up = score
+        elif product:
+            up = rows @ score @ cols
+        else:
+            up = F.interpolate(score[None], size=size, mode="bilinear", align_corners=False)[0]
         y0, x0 = max(0, win.y0), max(0, win.x0)
         canvas[:, y0 : win.y1, x0 : win.x1] += up[:, y0 - win.y0 : win.y1 - win.y0, x0 - win.x0 : win.x1 - win.x0]
         count[y0 : win.y1, x0 : win.x1] += 1
