@@ -65,6 +65,17 @@ def test_stitch_upsamples_as_interpolate_does(h, w, size):
     assert torch.allclose(win.stitch(scores, windows, size, size), expected / count, atol=1e-5)
 
 
+def test_first_argmax_is_max_with_indices_ties_included():
+    scores = torch.randn(40, 9, 11, generator=torch.Generator().manual_seed(0))
+    scores[7, :3] = scores[3, :3] = scores[30, :3] = 9.0  # ties: the first class wins, as in max(dim=0)
+    scores[:, 5, 5] = 1.0
+    top = scores.amax(dim=0)
+    assert torch.equal(infer.first_argmax(scores, top), scores.max(dim=0).indices)
+    assert infer.first_argmax(scores, top)[0, 0] == 3 and infer.first_argmax(scores, top)[5, 5] == 0
+    scores[:, 2, 2] = float("nan")
+    assert infer.first_argmax(scores, scores.amax(dim=0))[2, 2] == 40  # no class: the caller's ignore
+
+
 def test_shifted_windows_start_above_and_left_by_fractions_of_a_patch():
     size, windows = win.plan(64, 64, 0, 0, multiple=8, shifts=2)
     assert size == (64, 64)
