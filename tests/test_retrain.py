@@ -41,6 +41,51 @@ def test_put_exclusive_has_one_winner(storage):
     assert not fs.put_exclusive(url, b"late", so)
 
 
+def test_replace_if_swaps_only_from_the_expected_content(storage):
+    root, so = storage
+    url = fs.join(root, "pointer", "latest.json")
+    assert fs.replace_if(url, b"a", None, so) and not fs.replace_if(url, b"x", None, so)  # None: create only
+    assert not fs.replace_if(url, b"x", b"stale", so) and fs.read_bytes(url, so) == b"a"
+    assert fs.replace_if(url, b"b", b"a", so) and fs.read_bytes(url, so) == b"b"
+    assert not fs.replace_if(fs.join(root, "pointer", "absent.json"), b"x", b"a", so)
+
+
+@pytest.mark.parametrize("storage", ["local", pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
+def test_replace_if_has_one_winner_among_writers_from_one_content(storage):
+    root, so = storage
+    url = fs.join(root, "pointer", "latest.json")
+    assert fs.replace_if(url, b"v0001", None, so)
+    wins: list[int] = []
+    threads = [
+        threading.Thread(target=lambda i=i: wins.append(i) if fs.replace_if(url, b"v%d" % i, b"v0001", so) else None)
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and fs.read_bytes(url, so) == b"v%d" % wins[0]
+
+
+def test_replace_if_waits_for_the_lock_and_then_sees_the_change(tmp_path):
+    """Locally the swap holds `url.lock`: a writer that took it first (another process, say) moves the
+    pointer, and the waiting swap then finds its expected content gone."""
+    import fcntl
+
+    url = str(tmp_path / "latest.json")
+    assert fs.replace_if(url, b"v0001", None)
+    results: list[bool] = []
+    with open(url + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: results.append(fs.replace_if(url, b"v0003", b"v0001")))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not results  # it waits for the lock
+        fs.put_atomic(url, b"v0002")
+    waiting.join()
+    assert results == [False] and fs.read_bytes(url) == b"v0002"
+
+
 @pytest.mark.s3
 def test_watermark_counts_committed_shards_and_redone_ones(s3, s3_root):
     so = dict(s3.storage_options)
@@ -131,6 +176,25 @@ def test_publish_never_passes_over_a_version_published_meanwhile(tmp_path):
     assert versions.publish(models, "key-d", model, {}, "v0001") == ("v0004", False)
     assert versions.read_latest(models)["version"] == "v0002"
     assert fs.exists(fs.join(models, "v0004", versions.VERSION))  # the version folder stays, complete
+
+
+def test_of_steps_publishing_at_once_from_one_version_one_moves_latest(tmp_path):
+    models, candidate = str(tmp_path / "models"), str(tmp_path / "candidate")
+    rh.export_shipped(None, [], candidate, None)
+    model = fs.join(candidate, "model")
+    assert versions.publish(models, "key-a", model, {}, None) == ("v0001", True)
+    results: list[tuple[str, bool]] = []
+    threads = [
+        threading.Thread(target=lambda k=k: results.append(versions.publish(models, k, model, {}, "v0001")))
+        for k in ("key-b", "key-c", "key-d")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    moved = [name for name, ok in results if ok]
+    assert len(moved) == 1 and versions.read_latest(models)["version"] == moved[0]
+    assert sorted(name for name, _ in results) == ["v0002", "v0003", "v0004"]
 
 
 @pytest.mark.s3

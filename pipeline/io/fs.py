@@ -17,6 +17,7 @@ atomic, which is why readers trust only the marker.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import time
@@ -168,6 +169,45 @@ def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None 
         return False
     finally:
         os.remove(tmp)
+    return True
+
+
+def replace_if(url: str, data: bytes, expected: bytes | None, storage_options: StorageOptions | None = None) -> bool:
+    """Write `data` to `url` only if it still holds `expected` (None: only if no file has that name);
+    True if this call wrote it. A compare-and-swap: of writers racing from one `expected`, one wins.
+
+    Locally: read, compare and write under an exclusive `flock` of `url + ".lock"` (the processes of
+    one machine); on S3: a conditional write (`If-Match`) on the ETag read before the comparison, so
+    a change in between fails it. Other stores compare, then write: there the swap is not atomic.
+    """
+    if expected is None:
+        return put_exclusive(url, data, storage_options)
+    fs, path = fresh(url, storage_options)
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not os.path.exists(path) or read_bytes(url) != expected:
+                return False
+            put_atomic(url, data)
+            return True
+    try:
+        etag = fs.info(path).get("ETag")
+        current = read_bytes(url, storage_options)
+    except FileNotFoundError:
+        return False
+    if current != expected:
+        return False
+    if "s3" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        put_atomic(url, data, storage_options)
+        return True
+    try:
+        fs.pipe_file(path, data, IfMatch=etag)  # one PUT: readers see the old or the new object
+    except OSError:
+        fs.invalidate_cache(path)
+        if fs.info(path).get("ETag") == etag:
+            raise  # the object did not change: not a lost race but a failed write
+        return False
     return True
 
 
