@@ -97,7 +97,9 @@ def _check_entries(vocab: Vocabulary) -> None:
 
 
 def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary:
-    """Read a vocabulary file (JSON as above, or one class per line, `#` comments allowed)."""
+    """Read a vocabulary file (JSON as above, or one class per line, `#` comments allowed). A class named
+    "background" is the background class when the file declares none (`named_background`), so a run
+    stored before that rule reads as the same vocabulary as one resolved now."""
     text = fs.read_text(url, storage_options)
     if url.endswith(".json"):
         import json
@@ -105,9 +107,9 @@ def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
             raise ValueError(f"{url}: a vocabulary JSON needs a 'classes' list")
-        return Vocabulary.from_entries([str(c) for c in data["classes"]], data.get("background"))
+        return named_background(Vocabulary.from_entries([str(c) for c in data["classes"]], data.get("background")))
     lines = [line.strip() for line in text.splitlines()]
-    return Vocabulary.from_entries([line for line in lines if line and not line.startswith("#")])
+    return named_background(Vocabulary.from_entries([line for line in lines if line and not line.startswith("#")]))
 
 
 def named_background(vocab: Vocabulary) -> Vocabulary:

@@ -45,7 +45,8 @@ def test_stitch_averages_overlapping_windows():
 
 
 @pytest.mark.parametrize(
-    ("h", "w", "size"), [((8, 8, (64, 64))), ((14, 14, (224, 224))), ((5, 7, (37, 50))), ((70, 90, (100, 120)))]
+    ("h", "w", "size"),
+    [((8, 8, (64, 64))), ((14, 14, (224, 224))), ((5, 7, (37, 50))), ((1, 1, (8, 8))), ((70, 90, (100, 120)))],
 )
 def test_stitch_upsamples_as_interpolate_does(h, w, size):
     scores = torch.randn(3, 4, h, w, generator=torch.Generator().manual_seed(0))

@@ -35,6 +35,7 @@ def test_a_class_named_background_is_the_background_when_none_is_declared(tmp_pa
     (tmp_path / "v.json").write_text(json.dumps({"classes": ["background", "cat"], "background": None}))
     assert resolve_vocabulary(VocabCfg(file=str(tmp_path / "v.txt"))).background == 1
     assert resolve_vocabulary(VocabCfg(file=str(tmp_path / "v.json"))).background == 0
+    assert load_vocabulary(str(tmp_path / "v.json")).background == 0  # a run stored before reads the same
     assert resolve_vocabulary(VocabCfg(classes=["cat", "background"])).background == 1
     assert resolve_vocabulary(VocabCfg(classes=["cat", "dog"])).background is None
     declared = json.dumps({"classes": ["background", "sky"], "background": 1})

@@ -31,7 +31,7 @@ from pipeline.io import fs
 from pipeline.io.decode import decode_image, decode_label_png
 from pipeline.io.read import Sample, SampleError, iter_samples
 from pipeline.io.shards import expand_shards
-from pipeline.vocab import Vocabulary, load_vocabulary, named_background
+from pipeline.vocab import Vocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def open_truth(
     vocab_url = vocab_file or fs.join(near, "vocabulary.json")
     if not fs.exists(vocab_url, storage_options):
         raise FileNotFoundError(f"no vocabulary for the truth shards: {vocab_url} is missing (give --vocab FILE)")
-    vocab = named_background(load_vocabulary(vocab_url, storage_options))
+    vocab = load_vocabulary(vocab_url, storage_options)
     name = url if isinstance(url, str) else " ".join(url)
     return TruthSet(name, "shards", vocab, shards=tuple(shards), storage_options=storage_options)
 
@@ -181,7 +181,7 @@ def _open_voc(root: str, vocab_file: str, split: str, storage_options: dict | No
         )
     if not keys:
         raise FileNotFoundError(f"{root}: no label maps in {VOC_LABELS_DIR}/")
-    return TruthSet(root, "voc", named_background(vocab), keys=tuple(keys), storage_options=storage_options)
+    return TruthSet(root, "voc", vocab, keys=tuple(keys), storage_options=storage_options)
 
 
 def _voc_samples(truth: TruthSet, images: bool) -> Iterator[TruthSample]:

@@ -37,7 +37,11 @@ class Taken:
     storage_options: dict | None = None
 
     def __call__(self) -> bool:
-        return latest_generation(self.folder, self.storage_options) != self.generation
+        try:
+            return latest_generation(self.folder, self.storage_options) != self.generation
+        except OSError as exc:  # a store that fails to list now says nothing about the lease
+            logger.warning("could not list %s to check the lease: %s", self.folder, exc)
+            return False
 
 
 class Lease:
@@ -84,7 +88,7 @@ class Lease:
 
     def still_held(self) -> bool:
         """False once another step took a newer generation (this one was taken for dead); lists now."""
-        return not self.taken()
+        return latest_generation(self.folder, self.storage_options) == self.generation
 
     def release(self) -> None:
         self._stop.set()

@@ -36,8 +36,7 @@ from pipeline.train.checkpoint import CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
-# (start model, labeling run outputs, output folder, storage options) -> the fine-tune's summary.json
-# train(start, labeling runs, output, storage_options, stop): `stop()` turns True once the step lost its
+# train(start model, labeling run outputs, output folder, storage_options, stop) -> the fine-tune's summary: `stop()` turns True once the step lost its
 # lease; the trainer then ends without writing more to `output` (by raising, or by returning).
 Trainer = Callable[[ModelCfg, list[str], str, dict | None, Callable[[], bool]], dict]
 DONE = "done.json"
@@ -150,7 +149,10 @@ def _train_and_gate(
     except Exception:
         if not held.lost and held.still_held():
             raise
-        logger.warning("fine-tune of step %s stopped: another step took its lease", key)
+        logger.warning("fine-tune of step %s ended: another step took its lease", key, exc_info=True)
+        return {**record, "trained_from": start.name, "trained_on": runs, "watermark": mark, **_LOST}
+    if held.lost or not held.still_held():  # a fine-tune that returned when asked to stop
+        logger.warning("lost the lease of step %s to another step while fine-tuning; not scoring", key)
         return {**record, "trained_from": start.name, "trained_on": runs, "watermark": mark, **_LOST}
     truth = open_truth(cfg.truth, "", "", so)
     candidate = fs.join(out, versions.MODEL_DIR)

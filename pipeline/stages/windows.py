@@ -102,14 +102,15 @@ def stitch(
     count = scores.new_zeros(out_size)
     h, w = scores.shape[2:]
     product = max(h, w) <= _PRODUCT_MAX_SIDE
+    work = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype  # one rounding
     if product:
-        rows = resize_matrix(h, size[0], scores.dtype, scores.device)
-        cols = resize_matrix(w, size[1], scores.dtype, scores.device).T
+        rows = resize_matrix(h, size[0], work, scores.device)
+        cols = resize_matrix(w, size[1], work, scores.device).T
     for score, win in zip(scores, windows, strict=True):
         if (h, w) == tuple(size):  # a head that scores every pixel (a student)
             up = score
         elif product:
-            up = rows @ score @ cols
+            up = rows @ score.to(work) @ cols
         else:
             up = F.interpolate(score[None], size=size, mode="bilinear", align_corners=False)[0]
         y0, x0 = max(0, win.y0), max(0, win.x0)

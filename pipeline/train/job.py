@@ -8,7 +8,7 @@ refused, naming the keys), then trains in this process
 (`distribute.num_workers: 0`) or on Ray Train with N workers (`pipeline.distribute.train`); both run
 `train_worker`, which records `_run/config.yaml` once its labels are found and its model is built, so
 that a run stopped by a bad value leaves nothing that refuses the corrected run. A caller may pass
-`stop`, asked before anything is written (see `finetune`). Output layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval
+`stop`, asked before each checkpoint, metrics line, evaluation and export (see `finetune`). Output layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval
 lines), `model/` (the exported student), `_run/summary.json` (written last).
 """
 
@@ -52,7 +52,7 @@ class OutputConflict(ValueError):
 
 
 class Stopped(RuntimeError):
-    """The caller's `stop` asked the fine-tune to end; nothing was written to its output after that."""
+    """The caller's `stop` asked the fine-tune to end; it wrote nothing more to its output after the answer."""
 
 
 Stop = Callable[[], bool]
@@ -80,7 +80,7 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
 
         try:
             run_train_workers(cfg, functools.partial(train_worker, stop=stop))
-        except RuntimeError:
+        except Exception:  # Ray Train reports a worker's Stopped as its own error type
             if stop is not None and stop():
                 raise Stopped(f"{cfg.output}: the fine-tune was asked to stop") from None
             raise
@@ -198,6 +198,8 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
                 _write_metrics(cfg, metrics)
             if evaluate and rank == 0:
                 metrics.append(_evaluate(cfg, model, backbone, vocab, done))
+                if stop is not None and stop():  # asked again: an evaluation takes a while
+                    raise Stopped(f"{cfg.output}: asked to stop after the evaluation at step {done}")
                 _write_metrics(cfg, metrics)
     train_seconds += progress.train_seconds
     skipped = _gather_counts(counts, world)
@@ -221,6 +223,8 @@ def _asked_to_stop(stop: Stop | None, rank: int, world: int, device: torch.devic
 def _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds, stop) -> dict:
     so = cfg.storage_options or None
     final = None
+    if stop is not None and stop():  # asked again: saving the last checkpoint took a while
+        raise Stopped(f"{cfg.output}: asked to stop after its final step; its last checkpoint is the final one")
     if cfg.eval.truth:
         line = _evaluate(cfg, model, backbone, vocab, cfg.optim.steps)
         metrics.append(line)
