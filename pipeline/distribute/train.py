@@ -43,12 +43,16 @@ def run_train_workers(cfg: Any, worker: Callable[[Any, int, int], dict]) -> None
                 torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
                 run_config=RunConfig(storage_path=scratch, name="finetune"),
             )
-            result = trainer.fit()
-        if result.error is not None:
-            message = str(result.error).strip()
+            try:
+                result = trainer.fit()  # Ray Train v2 raises a worker's error; v1 returns it in result.error
+                error = result.error
+            except Exception as exc:  # any worker error, in Ray's own types
+                error = exc
+        if error is not None:
+            message = str(error).strip()
             raise RuntimeError(
-                f"fine-tune workers failed: {message.splitlines()[-1] if message else type(result.error).__name__}"
-            )
+                f"fine-tune workers failed: {message.splitlines()[-1] if message else type(error).__name__}"
+            ) from None
     finally:
         if shutdown:
             disconnect()  # also releases the reaper that `connect` started for the embedded instance
