@@ -267,6 +267,18 @@ def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_pat
     assert not any(p.name.startswith("clipdense-train-") for p in scratch.iterdir())  # Ray Train's scratch is gone
 
 
+def test_ray_train_workers_stop_together_when_the_lease_is_taken(labelled, tmp_path):
+    lease = tmp_path / "lease"
+    lease.mkdir()
+    (lease / "lease-000000.json").write_text("{}")
+    (lease / "lease-000001.json").write_text("{}")  # another step took the key: generation 0 is stale
+    out = tmp_path / "ray-stopped"
+    cfg = finetune_config([labelled["labels"]], str(out), "optim.steps=2", "distribute.num_workers=2")
+    with pytest.raises(Stopped, match="asked to stop"):
+        finetune(cfg, Taken(str(lease), 0))
+    assert not (out / "checkpoints").exists() and not (out / "_run/summary.json").exists()
+
+
 def test_example_config_resolves_and_config_show_prints_the_finetune_keys(capsys):
     example = str(ROOT / "examples/finetune-shapes.yaml")
     assert cli(["config", "show", example, "optim.steps=7"]) == 0
