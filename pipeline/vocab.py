@@ -47,7 +47,14 @@ class Vocabulary:
 
     @classmethod
     def from_entries(cls, entries: list[str], background: int | None = None) -> Vocabulary:
-        return cls(tuple(_split_synonyms(e) for e in entries), background)
+        """One class per entry (synonyms split at commas). Without a `background` id, the class named
+        "background" (any case), if any, is the background class: every class list, from a file,
+        inline or stored by an earlier run, follows this one rule."""
+        names = tuple(_split_synonyms(e) for e in entries)
+        if background is None:
+            display = [n[0].lower() if n else "" for n in names]
+            background = display.index("background") if "background" in display else None
+        return cls(names, background)
 
     @classmethod
     def parse_inline(cls, text: str) -> Vocabulary:
@@ -97,9 +104,7 @@ def _check_entries(vocab: Vocabulary) -> None:
 
 
 def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary:
-    """Read a vocabulary file (JSON as above, or one class per line, `#` comments allowed). A class named
-    "background" is the background class when the file declares none (`named_background`), so a run
-    stored before that rule reads as the same vocabulary as one resolved now."""
+    """Read a vocabulary file (JSON as above, or one class per line, `#` comments allowed)."""
     text = fs.read_text(url, storage_options)
     if url.endswith(".json"):
         import json
@@ -107,17 +112,9 @@ def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
             raise ValueError(f"{url}: a vocabulary JSON needs a 'classes' list")
-        return named_background(Vocabulary.from_entries([str(c) for c in data["classes"]], data.get("background")))
+        return Vocabulary.from_entries([str(c) for c in data["classes"]], data.get("background"))
     lines = [line.strip() for line in text.splitlines()]
-    return named_background(Vocabulary.from_entries([line for line in lines if line and not line.startswith("#")]))
-
-
-def named_background(vocab: Vocabulary) -> Vocabulary:
-    """`vocab`, or when it declares no background class, with the class named "background" (any case) as one."""
-    if vocab.background is not None:
-        return vocab
-    names = [n.lower() for n in vocab.display_names]
-    return Vocabulary(vocab.names, names.index("background")) if "background" in names else vocab
+    return Vocabulary.from_entries([line for line in lines if line and not line.startswith("#")])
 
 
 def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: dict | None = None) -> Vocabulary:
@@ -136,7 +133,6 @@ def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: 
         raise ValueError(
             "no vocabulary: set vocab.classes (inline) or vocab.file, or put a vocabulary.json beside the input shards"
         )
-    vocab = named_background(vocab)
     if cfg.background:
         # An explicit background word list becomes (or replaces the words of) the background class.
         names = list(vocab.names)
