@@ -50,9 +50,10 @@ def test_replace_if_swaps_only_from_the_expected_content(storage):
     assert not fs.replace_if(fs.join(root, "pointer", "absent.json"), b"x", b"a", so)
 
 
-@pytest.mark.parametrize("storage", ["local", pytest.param("s3", marks=pytest.mark.s3)], indirect=True)
-def test_replace_if_has_one_winner_among_writers_from_one_content(storage):
-    root, so = storage
+@pytest.mark.s3
+def test_replace_if_has_one_winner_among_writers_from_one_content(s3, s3_root):
+    """On S3 the writers' requests interleave; locally the lock test below shows the exclusion."""
+    root, so = s3_root, dict(s3.storage_options)
     url = fs.join(root, "pointer", "latest.json")
     assert fs.replace_if(url, b"v0001", None, so)
     wins: list[int] = []
@@ -179,21 +180,33 @@ def test_publish_never_passes_over_a_version_published_meanwhile(tmp_path):
 
 
 def test_of_steps_publishing_at_once_from_one_version_one_moves_latest(tmp_path):
-    models, candidate = str(tmp_path / "models"), str(tmp_path / "candidate")
+    """Three steps read `latest` as v0001 while a fourth writer holds the pointer's lock: none moves
+    it meanwhile, and once the lock is free exactly one does (a read-then-write would move it thrice)."""
+    import fcntl
+
+    models, candidate = tmp_path / "models", str(tmp_path / "candidate")
     rh.export_shipped(None, [], candidate, None)
     model = fs.join(candidate, "model")
-    assert versions.publish(models, "key-a", model, {}, None) == ("v0001", True)
+    assert versions.publish(str(models), "key-a", model, {}, None) == ("v0001", True)
     results: list[tuple[str, bool]] = []
     threads = [
-        threading.Thread(target=lambda k=k: results.append(versions.publish(models, k, model, {}, "v0001")))
+        threading.Thread(target=lambda k=k: results.append(versions.publish(str(models), k, model, {}, "v0001")))
         for k in ("key-b", "key-c", "key-d")
     ]
-    for t in threads:
-        t.start()
+    with open(models / "latest.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while sum((models / f"v000{i}" / versions.VERSION).exists() for i in (2, 3, 4)) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # each has read latest and waits on the lock
+        assert not results and versions.read_latest(str(models))["version"] == "v0001"
     for t in threads:
         t.join()
     moved = [name for name, ok in results if ok]
-    assert len(moved) == 1 and versions.read_latest(models)["version"] == moved[0]
+    assert len(moved) == 1 and versions.read_latest(str(models))["version"] == moved[0]
     assert sorted(name for name, _ in results) == ["v0002", "v0003", "v0004"]
 
 

@@ -130,8 +130,13 @@ def put_atomic(url: str, data: bytes, storage_options: StorageOptions | None = N
     move(tmp, url, storage_options)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as the JSON files of a run hold it (indented, keys sorted)."""
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
 def put_json(url: str, obj: Any, storage_options: StorageOptions | None = None) -> None:
-    put_atomic(url, json.dumps(obj, indent=1, sort_keys=True).encode(), storage_options)
+    put_atomic(url, json_bytes(obj), storage_options)
 
 
 _CONFLICT_RETRIES = 5

@@ -36,8 +36,9 @@ from pipeline.train.checkpoint import CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
-# train(start model, labeling run outputs, output folder, storage_options, stop) -> the fine-tune's summary: `stop()` turns True once the step lost its
-# lease; the trainer then ends without writing more to `output` (by raising, or by returning).
+# train(start model, labeling run outputs, output folder, storage_options, stop) -> the fine-tune's
+# summary. `stop()` turns True once the step lost its lease; the trainer then ends without writing more
+# to `output` (by raising, or by returning).
 Trainer = Callable[[ModelCfg, list[str], str, dict | None, Callable[[], bool]], dict]
 DONE = "done.json"
 LOST = "lost-lease"  # outcome of a step taken for dead while it worked
@@ -119,6 +120,11 @@ def _repair_record(folder: str, published: dict[str, Any] | None, storage_option
     return done
 
 
+def _taken_over(held: lease.Lease) -> bool:
+    """True once another step took this step's key (its renewals saw it, or a listing does now)."""
+    return held.lost or not held.still_held()
+
+
 def _drop_training_state(folder: str, storage_options: dict | None) -> None:
     """Remove what only a resume or the publish needed: the checkpoints (optimiser state) and the
     exported model (a published version has its own copy). metrics.jsonl and the summary stay."""
@@ -144,16 +150,17 @@ def _train_and_gate(
     out = fs.join(cfg.models, versions.STEPS_DIR, key, TRAIN_DIR)
     logger.info("fine-tuning from %s on %d labeling runs into %s", start.name, len(runs), out)
     began = time.monotonic()
+    trained = {**record, "trained_from": start.name, "trained_on": runs, "watermark": mark}
     try:
         summary = train(start, runs, out, so, held.taken)
     except Exception:
-        if not held.lost and held.still_held():
+        if not _taken_over(held):
             raise
         logger.warning("fine-tune of step %s ended: another step took its lease", key, exc_info=True)
-        return {**record, "trained_from": start.name, "trained_on": runs, "watermark": mark, **_LOST}
-    if held.lost or not held.still_held():  # a fine-tune that returned when asked to stop
+        return {**trained, **_LOST}
+    if _taken_over(held):  # a fine-tune that returned when asked to stop
         logger.warning("lost the lease of step %s to another step while fine-tuning; not scoring", key)
-        return {**record, "trained_from": start.name, "trained_on": runs, "watermark": mark, **_LOST}
+        return {**trained, **_LOST}
     truth = open_truth(cfg.truth, "", "", so)
     candidate = fs.join(out, versions.MODEL_DIR)
     current = live["version"] if live else f"the labeler's {labeler.model.name}"
@@ -162,17 +169,14 @@ def _train_and_gate(
         "candidate": score.score(score.labeler_cfg(labeler, candidate), truth, cfg.eval_batch_size, so),
     }
     result: dict[str, Any] = {
-        **record,
-        "trained_from": start.name,
-        "trained_on": runs,
-        "watermark": mark,
+        **trained,
         "truth": cfg.truth,
         "compared_with": current,
         "mIoU": scores,
         "finetune": {k: summary.get(k) for k in ("final_step", "mIoU", "train_seconds", "n_samples")},
         "seconds": round(time.monotonic() - began, 1),
     }
-    if held.lost or not held.still_held():  # taken for dead meanwhile: the new holder owns the key now
+    if _taken_over(held):  # taken for dead meanwhile: the new holder owns the key now
         logger.warning("lost the lease of step %s to another step; not publishing", key)
         return {**result, **_LOST}
     beats = scores["candidate"] - scores["current"] > cfg.min_gain

@@ -65,23 +65,25 @@ def publish(
     Order: claim a number, copy the model, write version.json, then point `latest` at it, but only if
     `latest` is still `expected` (the version the step trained from and was gated against; None for
     none), checked and written as one compare-and-swap (`fs.replace_if`). Otherwise another step
-    published in between and this version is superseded: `latest` never moves backwards, nor to a version that was not gated against the live one. A kill between
-    any two writes leaves `latest` as it was or pointing to this complete version; a rerun for the
-    same key finishes the same number.
+    published in between and this version is superseded: `latest` never moves backwards, nor to a
+    version that was not gated against the live one. A kill between any two writes leaves `latest` as
+    it was or pointing to this complete version; a rerun for the same key finishes the same number.
     """
     number = _claim(models, key, storage_options)
     name = version_name(number)
     _copy_folder(model, fs.join(models, name, MODEL_DIR), storage_options)
     fs.put_json(fs.join(models, name, VERSION), {**info, "version": name, "key": key}, storage_options)
     url = fs.join(models, LATEST)
-    raw = fs.read_bytes(url, storage_options) if fs.exists(url, storage_options) else None  # read last
+    try:
+        raw: bytes | None = fs.read_bytes(url, storage_options)  # read last
+    except FileNotFoundError:
+        raw = None
     live = json.loads(raw)["version"] if raw is not None else None
     if live == name:
         return name, True  # a rerun of a step killed after it moved `latest`
-    pointer = {"version": name, "key": key, "published_at": _utc_now()}
+    pointer = fs.json_bytes({"version": name, "key": key, "published_at": _utc_now()})
     # Compare-and-swap: a step for another key that moved `latest` since this read makes it fail.
-    data = json.dumps(pointer, indent=1, sort_keys=True).encode()  # as fs.put_json writes
-    if live != expected or not fs.replace_if(url, data, raw, storage_options):
+    if live != expected or not fs.replace_if(url, pointer, raw, storage_options):
         now = live_version(models, storage_options)
         logger.warning("not moving latest to %s: it moved from %s to %s meanwhile", name, expected, now)
         return name, False

@@ -8,8 +8,9 @@ refused, naming the keys), then trains in this process
 (`distribute.num_workers: 0`) or on Ray Train with N workers (`pipeline.distribute.train`); both run
 `train_worker`, which records `_run/config.yaml` once its labels are found and its model is built, so
 that a run stopped by a bad value leaves nothing that refuses the corrected run. A caller may pass
-`stop`, asked before each checkpoint, metrics line, evaluation and export (see `finetune`). Output layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval
-lines), `model/` (the exported student), `_run/summary.json` (written last).
+`stop`, asked before each checkpoint, metrics line, evaluation and export (see `finetune`). Output
+layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval lines), `model/` (the
+exported student), `_run/summary.json` (written last).
 """
 
 from __future__ import annotations
@@ -187,8 +188,8 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
         log = done % cfg.log_every == 0 or done == steps
         save = done % cfg.checkpoint_every == 0 or done == steps
         evaluate = bool(cfg.eval.truth) and cfg.eval.every > 0 and done % cfg.eval.every == 0 and done < steps
-        if (log or save or evaluate) and _asked_to_stop(stop, rank, world, device):
-            raise Stopped(f"{cfg.output}: asked to stop at step {done}; its last checkpoint is the one to resume")
+        if log or save or evaluate:
+            _stop_if_asked(stop, cfg.output, f"at step {done}", rank, world, device)
         if log:
             metrics.append({"kind": "train", **progress.record(done, lr)})
         with progress.pause():
@@ -198,8 +199,7 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
                 _write_metrics(cfg, metrics)
             if evaluate and rank == 0:
                 metrics.append(_evaluate(cfg, model, backbone, vocab, done))
-                if stop is not None and stop():  # asked again: an evaluation takes a while
-                    raise Stopped(f"{cfg.output}: asked to stop after the evaluation at step {done}")
+                _stop_if_asked(stop, cfg.output, f"after the evaluation at step {done}")  # it takes a while
                 _write_metrics(cfg, metrics)
     train_seconds += progress.train_seconds
     skipped = _gather_counts(counts, world)
@@ -208,31 +208,33 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
     return _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds, stop)
 
 
-def _asked_to_stop(stop: Stop | None, rank: int, world: int, device: torch.device) -> bool:
-    """Rank 0's answer of `stop`, the same on every rank (a broadcast: all must leave at one step)."""
+def _stop_if_asked(
+    stop: Stop | None, output: str, when: str, rank: int = 0, world: int = 1, device: torch.device | None = None
+) -> None:
+    """Stopped once `stop` answers True. Rank 0 asks; with `world` > 1 a broadcast gives every rank its
+    answer, so all leave at one step (every rank must then call this at the same steps)."""
     if stop is None:
-        return False
+        return
     asked = bool(stop()) if rank == 0 else False
     if world > 1:
         flag = torch.tensor([int(asked)], device=device)
         torch.distributed.broadcast(flag, src=0)
         asked = bool(flag.item())
-    return asked
+    if asked:
+        raise Stopped(f"{output}: asked to stop {when}; its last checkpoint is the one to resume")
 
 
 def _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds, stop) -> dict:
     so = cfg.storage_options or None
     final = None
-    if stop is not None and stop():  # asked again: saving the last checkpoint took a while
-        raise Stopped(f"{cfg.output}: asked to stop after its final step; its last checkpoint is the final one")
+    _stop_if_asked(stop, cfg.output, "after its final checkpoint")
     if cfg.eval.truth:
         line = _evaluate(cfg, model, backbone, vocab, cfg.optim.steps)
         metrics.append(line)
         final = line["mIoU"]
     else:
         _export(cfg, model, backbone, vocab)
-    if stop is not None and stop():  # the final evaluation can take a while
-        raise Stopped(f"{cfg.output}: asked to stop after its final step; its last checkpoint is the final one")
+    _stop_if_asked(stop, cfg.output, "after its final evaluation")
     _write_metrics(cfg, metrics)
     used = skipped.pop("used", 0)
     summary = {
