@@ -62,23 +62,36 @@ def _refine(scores: torch.Tensor, weights: torch.Tensor, steps: int, dilations: 
     """`steps` iterations of the neighbour average on (B, C, H, W) float32 scores, all C channels.
 
     Two border-replicated buffers take turns: each step writes its average into the other's interior
-    and copies its edges outwards, cheaper than padding anew (`F.pad(mode="replicate")` is slow).
+    and copies its edges outwards, cheaper than padding anew (`F.pad(mode="replicate")` is slow). The
+    views a step reads and writes are made once: on small maps, making them cost as much as the sums.
     """
     offsets, pad = _offsets(dilations), max(dilations)
     h, w = scores.shape[-2:]
-    src = F.pad(scores, (pad,) * 4, mode="replicate")
-    dst = torch.empty_like(src)
-    for _ in range(steps):
-        acc = dst[..., pad : pad + h, pad : pad + w]
-        torch.mul(_shift(src, *offsets[0], pad, (h, w)), weights[:, :1], out=acc)
-        for j, (dy, dx) in enumerate(offsets[1:], start=1):
-            acc.addcmul_(weights[:, j : j + 1], _shift(src, dy, dx, pad, (h, w)))
-        dst[..., :pad, pad : pad + w] = acc[..., :1, :]
-        dst[..., pad + h :, pad : pad + w] = acc[..., -1:, :]
-        dst[..., :pad] = dst[..., pad : pad + 1]
-        dst[..., pad + w :] = dst[..., pad + w - 1 : pad + w]
-        src, dst = dst, src
-    return src[..., pad : pad + h, pad : pad + w]
+    buffers = (
+        F.pad(scores, (pad,) * 4, mode="replicate"),
+        scores.new_empty(scores.shape[:2] + (h + 2 * pad, w + 2 * pad)),
+    )
+    neighbours = [[_shift(b, dy, dx, pad, (h, w)) for dy, dx in offsets] for b in buffers]
+    interiors = [b[..., pad : pad + h, pad : pad + w] for b in buffers]
+    edges = [
+        [
+            (b[..., :pad, pad : pad + w], b[..., pad : pad + 1, pad : pad + w]),
+            (b[..., pad + h :, pad : pad + w], b[..., pad + h - 1 : pad + h, pad : pad + w]),
+            (b[..., :pad], b[..., pad : pad + 1]),
+            (b[..., pad + w :], b[..., pad + w - 1 : pad + w]),
+        ]
+        for b in buffers
+    ]
+    weight = [weights[:, j : j + 1] for j in range(len(offsets))]
+    for step in range(steps):
+        src, dst = step % 2, 1 - step % 2
+        acc = interiors[dst]
+        torch.mul(neighbours[src][0], weight[0], out=acc)
+        for view, wt in zip(neighbours[src][1:], weight[1:], strict=True):
+            acc.addcmul_(wt, view)
+        for target, edge in edges[dst]:  # rows first, then whole columns: the corners follow
+            target.copy_(edge)
+    return interiors[steps % 2]
 
 
 def pamr(
