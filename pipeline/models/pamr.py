@@ -172,9 +172,13 @@ def _refine_winners(
             rest = pending[b].nonzero()[:, 0]
             bound = row[len(classes)]  # >= every other class once refined: A max(s) >= max(A s)
             reach = bound + _BOUND_SLACK >= best[b]
-            if reach.any():  # refine next the classes that make the envelope where it reaches the best
+            if reach.any():  # refine next the classes closest to the envelope where it reaches the best
                 there = scores[b, rest][:, reach]
-                nxt[b] = rest[(there == there.amax(dim=0)).any(dim=1)]
+                gap = (there - there.amax(dim=0)).amax(dim=1)  # 0 for those that make it somewhere there
+                # and half as many as were refined so far: a round costs more than a few channels, and
+                # without it a tail of rounds of one class each follows on maps with many close classes
+                more = max(int((gap == 0).sum()), (len(scores[b]) - len(rest)) // 2)
+                nxt[b] = rest[gap.topk(min(more, len(rest))).indices]
             else:  # left out: their raw distance below the best, capped by the envelope (below the best)
                 out[b, rest] = torch.minimum(best[b] - (top[b] - scores[b, rest]), bound)
         todo = nxt
