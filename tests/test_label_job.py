@@ -6,9 +6,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ from pipeline.distribute.driver import ACTOR_PREFIX, actor_resources
 from pipeline.distribute.progress import Progress
 from pipeline.io import fs
 from pipeline.io.read import Sample, SampleError, iter_samples
-from pipeline.stages.shard import ShardLabeler, ShardReadError, _yield_to_model
+from pipeline.stages.shard import ShardLabeler, ShardReadError
 from pipeline.vocab import Vocabulary, load_vocabulary
 
 
@@ -101,23 +99,6 @@ def test_shard_worker_refuses_an_unreadable_shard_and_leaves_no_output(tmp_path,
         ShardLabeler(cfg, vocab)(str(bad))
     assert not fs.exists(fs.join(cfg.output, schema.commit_path("shapes-000000")))
     assert not list((tmp_path / "out/labels").iterdir())
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="Linux sets scheduling priorities per thread")
-def test_reader_and_writer_threads_yield_the_cores_to_the_model():
-    """They take the lowest priority for themselves only: the model's thread keeps its own."""
-    seen = {}
-
-    def io_thread():
-        _yield_to_model()
-        seen["io"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    thread = threading.Thread(target=io_thread)
-    thread.start()
-    thread.join()
-    assert seen["io"] == 19
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
 def test_missing_vocabulary_is_a_one_line_error(tmp_path, capsys, model):

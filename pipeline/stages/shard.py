@@ -7,9 +7,6 @@ actor run the same `ShardLabeler`. Three threads share the work so the model nev
     caller thread   batches of `infer.batch_size` images → DenseLabeler (the only model user)
     writer thread   PNG encoding + tar/Parquet writes, at most `prefetch` batches behind
 
-The reader and the writer run at the lowest scheduling priority, so they use the cores the model
-leaves idle instead of stalling its parallel ops.
-
 A corrupt sample becomes a failed row with the reader's reason, never a crashed shard. A shard the
 reader cannot open, or whose store keeps failing (`pipeline.io.read`), raises `ShardReadError`,
 which the driver retries; it is never committed with part of its samples. The commit marker's
@@ -43,7 +40,6 @@ from pipeline.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 _END = object()
-_IO_NICE = 19  # the reader's and writer's threads: the lowest priority (see `_yield_to_model`)
 
 
 __all__ = ["ShardLabeler", "ShardReadError", "peak_rss_mb"]
@@ -83,7 +79,7 @@ class ShardLabeler:
         timer = _Timer()
         sink = LabelShardSink(self.cfg.output, name, len(self.vocab), self.context, self.cfg.storage_options)
         reader = _ReadAhead(url, self.cfg, maxsize=self.prefetch * self.cfg.infer.batch_size, timer=timer)
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{name}", initializer=_yield_to_model)
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{name}")
         pending: deque[Future] = deque()
         try:
             batch: list[_Item] = []
@@ -171,23 +167,6 @@ def peak_rss_mb() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
-def _yield_to_model() -> None:
-    """Give the calling I/O thread the lowest scheduling priority (Linux sets it per thread).
-
-    The model's intra-op threads take every core, and an I/O thread that preempts one of them stalls
-    each parallel op until its time slice ends. Reading and writing then run in the time the model
-    leaves its cores idle: on 2 cores, 96 px scenes labelled end to end went from 0.64-0.68x the
-    labeler's rate to 0.70-0.74x (`bench/label_speed.py --model shapes-clip --size 96 --batch 16
-    --shards 4 --per-shard 128 infer.shifts=1 infer.pamr_steps=0`, three runs each); large images,
-    where the model dominates, are unchanged.
-    """
-    if sys.platform == "linux":
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _IO_NICE)
-        except OSError as exc:  # a sandbox may forbid it; labels are the same, only slower
-            logger.debug("could not lower the priority of %s: %s", threading.current_thread().name, exc)
-
-
 def _drain(pending: deque[Future], timer: _Timer, keep: int) -> None:
     """Wait until at most `keep` writes are pending (re-raising a writer error)."""
     t0 = time.perf_counter()
@@ -209,7 +188,6 @@ class _ReadAhead:
         self._thread.start()
 
     def _run(self, url: str, cfg: RunCfg) -> None:
-        _yield_to_model()
         try:
             dist = cfg.distribute
             samples = iter_samples(url, cfg.storage_options, dist.max_pixels, dist.read_retry_s, self.stats)
