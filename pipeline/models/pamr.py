@@ -174,10 +174,13 @@ def _refine_winners(
             reach = bound + _BOUND_SLACK >= best[b]
             if reach.any():  # refine next the classes closest to the envelope where it reaches the best
                 there = scores[b, rest][:, reach]
-                gap = (there - there.amax(dim=0)).amax(dim=1)  # 0 for those that make it somewhere there
+                envelope = there.amax(dim=0)
+                makers = (there == envelope).any(dim=1)  # those that make it somewhere there
+                gap = (there - envelope).nan_to_num(nan=-torch.inf).amax(dim=1).masked_fill(makers, 0.0)
                 # and half as many as were refined so far: a round costs more than a few channels, and
-                # without it a tail of rounds of one class each follows on maps with many close classes
-                more = max(int((gap == 0).sum()), (len(scores[b]) - len(rest)) // 2)
+                # without it a tail of rounds of one class each follows on maps with many close classes;
+                # at least one, where no class makes it (NaN scores)
+                more = max(1, int(makers.sum()), (len(scores[b]) - len(rest)) // 2)
                 nxt[b] = rest[gap.topk(min(more, len(rest))).indices]
             else:  # left out: their raw distance below the best, capped by the envelope (below the best)
                 out[b, rest] = torch.minimum(best[b] - (top[b] - scores[b, rest]), bound)
