@@ -5,7 +5,7 @@ image is covered without running past it. An image smaller than the crop gets on
 at the bottom/right (with zeros, i.e. the mean colour after normalisation). `crop = 0` means one
 window holding the whole image, padded up to a multiple of the patch size. Window scores are
 upsampled (bilinear) to the window's pixels and averaged where windows overlap. From a patch grid
-the upsampling, placing and averaging of all windows run as a few batched matrix products
+the upsampling and placing of the windows that share rows run as two matrix products
 (`resize_matrix`): bilinear resizing is separable, and the products apply the same weights as
 `F.interpolate`, several times faster on CPUs than resizing window by window.
 
@@ -99,11 +99,14 @@ def stitch(
     scores: torch.Tensor, windows: list[Window], size: tuple[int, int], out_size: tuple[int, int]
 ) -> torch.Tensor:
     """Average of window scores (n, K, h, w), each upsampled to `size`, over an image of `out_size`: (K, H, W)."""
+    if len(scores) != len(windows):
+        raise ValueError(f"{len(scores)} window scores for {len(windows)} windows")
     h, w = scores.shape[2:]
-    if max(h, w) <= _PRODUCT_MAX_SIDE and (h, w) != tuple(size):
-        return _stitch_by_products(scores, windows, size, out_size)
     canvas = scores.new_zeros((scores.shape[1], *out_size))
     count = scores.new_zeros(out_size)
+    if max(h, w) <= _PRODUCT_MAX_SIDE and (h, w) != tuple(size):
+        _add_by_products(canvas, count, scores, windows, size)
+        return canvas / count
     for score, win in zip(scores, windows, strict=True):
         if (h, w) == tuple(size):  # a head that scores every pixel (a student)
             up = score
@@ -115,61 +118,27 @@ def stitch(
     return canvas / count
 
 
-def _stitch_by_products(
-    scores: torch.Tensor, windows: list[Window], size: tuple[int, int], out_size: tuple[int, int]
-) -> torch.Tensor:
-    """`stitch` of patch-grid scores as two batched products: the windows that share rows are widened
-    and summed by one product each, `Y_r = sum_n S_n C_n` (K, h, W), and their rows are placed and
-    summed by one more, `R [Y_1; ...; Y_r]` (K, H, W), where `C_n` and `R` hold the resizing weights
-    at the windows' places in the image (`_placed_weights`)."""
+def _add_by_products(
+    canvas: torch.Tensor, count: torch.Tensor, scores: torch.Tensor, windows: list[Window], size: tuple[int, int]
+) -> None:
+    """Add patch-grid window scores (n, K, h, w), upsampled, to `canvas` (K, H, W) and their coverage to
+    `count` (H, W), as two products per row span: the windows that share rows are widened and summed
+    by one, `Y = [S_1 ... S_m] [C_1; ...; C_m]` (K, h, W), with `C_i` the column weights placed at the
+    window's columns, and their rows are resized by one more, `R Y`, and added at the span's rows."""
     work = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype  # one rounding
-    h, w = scores.shape[2:]
-    placed = _placed_weights(tuple(windows), h, w, tuple(size), tuple(out_size), work, scores.device)
-    k = scores.shape[1]
-    scores = scores.to(work)
-    widened = [
-        scores[members].permute(1, 2, 0, 3).reshape(k, h, len(members) * w) @ cols for members, cols in placed.groups
-    ]
-    return (placed.rows @ torch.cat(widened, dim=1)).mul_(placed.inverse_count)
-
-
-@dataclass(frozen=True)
-class _Placed:
-    rows: torch.Tensor  # (H, r * h): the row resizing weights of each of the r row spans, at its rows
-    groups: list[tuple[list[int], torch.Tensor]]  # per row span: its windows, their column weights (m * w, W)
-    inverse_count: torch.Tensor  # (H, W): 1 / the number of windows covering each pixel
-
-
-@functools.lru_cache(maxsize=16)
-def _placed_weights(
-    windows: tuple[Window, ...],
-    h: int,
-    w: int,
-    size: tuple[int, int],
-    out_size: tuple[int, int],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> _Placed:
-    """The weights `_stitch_by_products` applies, for one window layout (the same for every image of
-    a size). A window's weights are those of `resize_matrix`, cut to the part of it inside the image."""
-    row_weights = resize_matrix(h, size[0], dtype, device)  # (size[0], h)
-    col_weights = resize_matrix(w, size[1], dtype, device).T  # (w, size[1])
+    k, h, w = scores.shape[1:]
+    row_weights = resize_matrix(h, size[0], work, scores.device)  # (size[0], h)
+    col_weights = resize_matrix(w, size[1], work, scores.device).T  # (w, size[1])
     spans: dict[tuple[int, int], list[int]] = {}
     for n, win in enumerate(windows):
         spans.setdefault((win.y0, win.y1), []).append(n)
-    rows = torch.zeros(out_size[0], len(spans) * h, dtype=dtype, device=device)
-    covered = torch.zeros(len(spans), out_size[0], dtype=dtype, device=device)
-    across = torch.zeros(len(spans), out_size[1], dtype=dtype, device=device)
-    groups = []
-    for r, ((y0, y1), members) in enumerate(spans.items()):
+    for (y0, y1), members in spans.items():
         top = max(0, y0)
-        rows[top:y1, r * h : (r + 1) * h] = row_weights[top - y0 : y1 - y0]
-        covered[r, top:y1] = 1
-        cols = torch.zeros(len(members) * w, out_size[1], dtype=dtype, device=device)
+        cols = scores.new_zeros((len(members) * w, canvas.shape[2]), dtype=work)
         for m, n in enumerate(members):
             x0, x1 = windows[n].x0, windows[n].x1
             left = max(0, x0)
             cols[m * w : (m + 1) * w, left:x1] = col_weights[:, left - x0 : x1 - x0]
-            across[r, left:x1] += 1
-        groups.append((members, cols))
-    return _Placed(rows, groups, (covered.T @ across).reciprocal())
+            count[top:y1, left:x1] += 1
+        widened = scores[members].to(work).permute(1, 2, 0, 3).reshape(k, h, len(members) * w) @ cols
+        canvas[:, top:y1] += row_weights[top - y0 : y1 - y0] @ widened
