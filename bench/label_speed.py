@@ -10,7 +10,8 @@ On the same images, model, batch size and resolution, it measures in one process
 Each is timed `--repeats` times, interleaved, and the best is kept (the machine may be shared). The
 target is end_to_end / labeler >= 0.9: reading and writing overlap the model and cost it little.
 `model_idle_fraction` is the share of the shards' wall time the model thread spent waiting for the
-reader or the writer (from the last end-to-end pass's commit markers).
+reader or the writer, and `model_slowdown_end_to_end` the labeler's seconds inside the shards against
+its best time alone (both from the last end-to-end pass's commit markers).
 
 `--actors 1 2` also runs the whole job on a local Ray instance with 1 and 2 actors of 1 CPU each and
 reports, per pool size, the run summary's img/s (from the first model ready to the end: a late second
@@ -67,6 +68,9 @@ def in_process(cfg, urls: list[str], repeats: int) -> dict:
     return {
         "images": len(images),
         "model_idle_fraction": round(waited / sum(s["wall_s"] for s in stats), 3),  # waiting on read or write
+        # the labeler's own seconds inside the job against alone: > 1 when the reader and writer threads
+        # slow the model down by sharing its cores (and the interpreter) rather than by making it wait
+        "model_slowdown_end_to_end": round(sum(s["infer_s"] for s in stats) / best["labeler"], 3),
         "img_per_s": {k: round(v, 2) for k, v in rates.items()},
         "end_to_end_over_labeler": round(rates["end_to_end"] / rates["labeler"], 3),
         "end_to_end_over_forward": round(rates["end_to_end"] / rates["forward"], 3),
