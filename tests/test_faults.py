@@ -5,6 +5,7 @@ resets connections, cuts responses, or serves a listing that is out of date."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import subprocess
@@ -40,6 +41,7 @@ from pipeline.distribute.driver import ACTOR_PREFIX
 from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, ShardReadError, iter_samples
 from pipeline.outputs import committed_shards, prepare_output
+from pipeline.retrain.lease import Taken
 from pipeline.stages.write import LabelShardSink, RowContext, read_commit
 from pipeline.vocab import Vocabulary
 
@@ -99,6 +101,20 @@ def test_s3_failing_longer_than_the_retry_window_raises_and_yields_no_failed_row
     with pytest.raises(ShardReadError, match=r"failed at byte \d+ for 1s: OSError: .*Internal Server Error"):
         records.extend(iter_samples(url, through(proxy, s3), retry_s=1))
     assert records and all(isinstance(r, Sample) for r in records) and len(records) < 12
+
+
+def test_a_lease_check_whose_listing_fails_does_not_stop_a_fine_tune(s3, s3_root, proxy, caplog):
+    """A retraining step's fine-tune stops when its lease is taken; a store that fails to list the
+    lease folder now says nothing about that, so the check answers "not taken" and says why."""
+    folder = fs.join(s3_root, "leases")
+    fs.put_atomic(fs.join(folder, "lease-000001.json"), b"{}", s3.storage_options)
+    taken = Taken(folder, 0, through(proxy, s3))
+    assert taken()  # generation 1 took over from 0
+    proxy.add(Fault("500", method="GET", path=r"list-type=2", times=2))  # the client tries twice
+    with caplog.at_level(logging.WARNING, logger="pipeline.retrain.lease"):
+        assert not taken()
+    assert "could not list" in caplog.text and proxy.faults[0].hits == 2
+    assert taken()  # the store answers again
 
 
 def _remove_from_another_process(url: str, endpoint: str) -> None:
