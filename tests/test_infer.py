@@ -279,17 +279,23 @@ def test_pamr_refines_only_classes_that_can_win_and_keeps_the_labels_of_refining
     assert (left_out < best).all() and (full[0, 2:] <= refined_envelope + 1e-6).all()
 
 
-@pytest.mark.parametrize("bad", [-float("inf"), float("nan")])
+@pytest.mark.parametrize("bad", ["-inf", "nan", "nan everywhere"])
 def test_pamr_of_the_winners_survives_scores_that_are_not_finite(bad):
-    """Where the envelope reaches the best at a pixel whose other classes are all -inf (or NaN), no
-    class makes it there; a round still refines one, and the labels are those of refining all
-    wherever both are finite (a class left out keeps its NaN; refining replaces it by neighbours')."""
+    """Scores that are not finite end neither in a crash nor in a round without classes, and the
+    labels are those of refining every class wherever both are finite (a class left out keeps its
+    NaN; refining replaces a pixel by its neighbours')."""
     image = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(5))
     scores = torch.zeros(1, 3, 24, 24)
     scores[0, 1], scores[0, 2] = -1e-6, -5.0
-    scores[0, 1:, 10, 10] = bad
+    if bad == "nan everywhere":  # no class is best anywhere
+        scores[0, 2] = float("nan")
+    else:  # the other classes are all -inf (or NaN) at one pixel
+        scores[0, 1:, 10, 10] = float(bad)
     full = pamr(scores, image, steps=1, dilations=(2, 4), every_class=True)
     fast = pamr(scores, image, steps=1, dilations=(2, 4))
+    if bad == "nan everywhere":  # every class is refined, as `every_class` does
+        assert torch.allclose(fast, full, equal_nan=True)
+        return
     finite = full.isfinite().all(dim=1) & fast.isfinite().all(dim=1)
     assert finite.sum() > 500 and torch.equal(fast.argmax(1)[finite], full.argmax(1)[finite])
 

@@ -144,6 +144,7 @@ def _refine_winners(
     # `amax` and comparisons: `max(dim)` with indices is ten times slower on a CPU.
     top = scores.amax(dim=1)  # (B, H, W)
     wins = (scores == top[:, None]).flatten(2).any(dim=2)  # (B, K): best somewhere (ties included)
+    wins[~wins.any(dim=1)] = True  # no class is best anywhere (NaN in every pixel): refine them all
     out = torch.empty_like(scores)
     best = torch.full_like(top, -torch.inf)
     pending = torch.ones(scores.shape[:2], dtype=torch.bool, device=scores.device)  # (B, K) not refined yet
