@@ -39,7 +39,7 @@ class Taken:
     def __call__(self) -> bool:
         try:
             return latest_generation(self.folder, self.storage_options) != self.generation
-        except OSError as exc:  # a store that fails to list now says nothing about the lease
+        except Exception as exc:  # a store that fails to list now (OSError, botocore...) says nothing of the lease
             logger.warning("could not list %s to check the lease: %s", self.folder, exc)
             return False
 
@@ -73,7 +73,7 @@ class Lease:
                     return
                 beat += 1
                 fs.put_atomic(self.url, self.content(beat), self.storage_options)
-            except OSError as exc:  # a missed beat is survivable; the next one may get through
+            except Exception as exc:  # whatever the store raises (OSError, botocore...): a missed beat is survivable
                 logger.warning("could not renew the lease %s: %s", self.url, exc)
 
     @property
