@@ -66,6 +66,38 @@ def test_stitch_upsamples_as_interpolate_does(h, w, size):
     assert torch.allclose(win.stitch(scores, windows, size, size), expected / count, atol=1e-5)
 
 
+def _stitch_reference(scores: torch.Tensor, windows: list, size: tuple, out_size: tuple) -> torch.Tensor:
+    """Each window upsampled by `F.interpolate`, cut to the image, summed and averaged: in float64."""
+    up = F.interpolate(scores.double(), size=size, mode="bilinear", align_corners=False)
+    canvas = torch.zeros(scores.shape[1], *out_size, dtype=torch.float64)
+    count = torch.zeros(out_size, dtype=torch.float64)
+    for u, w in zip(up, windows, strict=True):
+        y0, x0 = max(0, w.y0), max(0, w.x0)
+        canvas[:, y0 : w.y1, x0 : w.x1] += u[:, y0 - w.y0 : w.y1 - w.y0, x0 - w.x0 : w.x1 - w.x0]
+        count[y0 : w.y1, x0 : w.x1] += 1
+    return canvas / count
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "crop", "stride", "shifts"),
+    [(70, 130, 32, 16, 2), (21, 30, 16, 8, 2), (200, 90, 64, 48, 3), (96, 96, 0, 0, 2), (40, 300, 32, 8, 1)],
+)
+def test_stitch_of_tiled_and_shifted_windows_is_the_average_of_their_upsampled_scores(
+    height, width, crop, stride, shifts
+):
+    """Many windows sharing rows and columns (tiles, sub-patch shifts, windows cut at the far edge)."""
+    size, windows = win.plan(height, width, crop, stride, multiple=8, shifts=shifts)
+    scores = torch.randn(len(windows), 3, size[0] // 8, size[1] // 8, generator=torch.Generator().manual_seed(1))
+    expected = _stitch_reference(scores, windows, size, (height, width))
+    assert torch.allclose(win.stitch(scores, windows, size, (height, width)).double(), expected, atol=1e-5)
+    half = scores.bfloat16()  # summed in float32, kept in the scores' dtype
+    out = win.stitch(half, windows, size, (height, width))
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.double(), _stitch_reference(half, windows, size, (height, width)), atol=2e-2)
+    with pytest.raises(ValueError, match=f"{len(windows) - 1} window scores for {len(windows)} windows"):
+        win.stitch(scores[1:], windows, size, (height, width))
+
+
 def test_first_argmax_is_max_with_indices_ties_included():
     scores = torch.randn(40, 9, 11, generator=torch.Generator().manual_seed(0))
     scores[7, :3] = scores[3, :3] = scores[30, :3] = 9.0  # ties: the first class wins, as in max(dim=0)

@@ -7,7 +7,9 @@ window holding the whole image, padded up to a multiple of the patch size. Windo
 upsampled (bilinear) to the window's pixels and averaged where windows overlap. From a patch grid
 the upsampling and placing of the windows that share rows run as two matrix products
 (`resize_matrix`): bilinear resizing is separable, and the products apply the same weights as
-`F.interpolate`, several times faster on CPUs than resizing window by window.
+`F.interpolate`. On CPUs this is several times faster than resizing window by window for small
+images with sub-patch shifts (where many small windows overlap), and about as fast for large ones.
+Each row span's product is a temporary of (K, window height, image width).
 
 Sub-patch shifts (`shifts` = n > 1): a ViT scores one vector per patch, so its map can only change
 every `multiple` pixels and an object's edge is placed to within a patch. Every window is therefore
@@ -125,7 +127,7 @@ def _add_by_products(
     `count` (H, W), as two products per row span: the windows that share rows are widened and summed
     by one, `Y = [S_1 ... S_m] [C_1; ...; C_m]` (K, h, W), with `C_i` the column weights placed at the
     window's columns, and their rows are resized by one more, `R Y`, and added at the span's rows."""
-    work = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype  # one rounding
+    work = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype  # products in fp32
     k, h, w = scores.shape[1:]
     row_weights = resize_matrix(h, size[0], work, scores.device)  # (size[0], h)
     col_weights = resize_matrix(w, size[1], work, scores.device).T  # (w, size[1])
