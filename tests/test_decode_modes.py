@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from pipeline.io.decode import decode_image
 
@@ -118,3 +119,40 @@ def test_modes_without_a_white_level_are_refused_by_name(image, mode):
 def test_colour_spaces_of_tiff_files_convert_to_their_rgb(mode, stored, rgb):
     out = decode_image(_encode(Image.new(mode, (4, 4), stored), "TIFF"))
     assert np.abs(out.astype(int) - rgb).max() <= 12, out[0, 0]
+
+
+def _profile_with_red_and_blue_swapped() -> bytes:
+    """sRGB's own ICC profile with its red and blue primaries exchanged (their tag table entries): a
+    valid RGB profile of another colour space, in which stored red is sRGB's blue and back."""
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", data[128:132])[0]
+    entries = {bytes(data[132 + 12 * i : 136 + 12 * i]): 136 + 12 * i for i in range(count)}
+    red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
+    data[red : red + 8], data[blue : blue + 8] = data[blue : blue + 8], data[red : red + 8]
+    return bytes(data)
+
+
+def _png_with_profile(pixels: np.ndarray, icc: bytes, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels)
+    (image if mode == "RGB" else image.convert(mode)).save(buf, format="PNG", icc_profile=icc)
+    return buf.getvalue()
+
+
+COLOURS = np.array([[[200, 30, 10], [0, 128, 255], [255, 255, 255], [90, 90, 90]]], dtype=np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_an_embedded_profile_of_another_colour_space_is_converted_to_srgb(mode):
+    decoded = decode_image(_png_with_profile(COLOURS, _profile_with_red_and_blue_swapped(), mode))
+    stored = np.array(Image.fromarray(COLOURS).convert(mode).convert("RGB"))  # a palette rounds the colours
+    expected = stored[..., ::-1].astype(int)  # red and blue exchanged; green, white and grey stay
+    assert np.abs(decoded.astype(int) - expected).max() <= 2
+
+
+def test_an_srgb_profile_or_one_that_cannot_be_read_leaves_the_pixels_as_stored(caplog):
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert np.array_equal(decode_image(_png_with_profile(COLOURS, srgb)), COLOURS)
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.decode"):
+        assert np.array_equal(decode_image(_png_with_profile(COLOURS, b"not an ICC profile" * 20)), COLOURS)
+    assert "cannot be used, pixels are read as sRGB" in caplog.text

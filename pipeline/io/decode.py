@@ -9,11 +9,15 @@ here applies `max_pixels` instead. Failures raise `ValueError` with a reason rea
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import re
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -22,6 +26,20 @@ Image.MAX_IMAGE_PIXELS = None  # replaced by the explicit max_pixels check in _o
 # Modes a class-id map may be stored in, and the dtype the ids come out as.
 # Formats whose 16-bit grey files Pillow opens as mode I (values 0..65535) rather than I;16.
 _SIXTEEN_BIT_AS_I = ("PNG", "PPM")
+
+# The modes an ICC transform takes, for each mode an image may be in; others are not colour-managed.
+_ICC_SOURCE_MODES = {
+    "RGB": "RGB",
+    "RGBA": "RGB",
+    "RGBX": "RGB",
+    "P": "RGB",
+    "PA": "RGB",
+    "L": "L",
+    "LA": "L",
+    "CMYK": "CMYK",
+}
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_COLORANT_TOLERANCE = 2e-3  # XYZ units: profiles that round sRGB's primaries differently are still sRGB
 
 _LABEL_MODES = {"L": np.uint8, "P": np.uint8, "1": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.uint16}
 
@@ -34,7 +52,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return them by default (OpenCV's `imread` rotates; README, "Inputs as they come"). Every
     8-bit mode goes through Pillow's conversion: alpha is dropped (the stored colour is kept),
     palette, 1-bit and grey images are expanded to RGB, CMYK, YCbCr and CIELAB are converted,
-    animated images give their first frame. 16-bit grey (modes `I;16*`, and mode `I` as PNG and
+    animated images give their first frame. An embedded ICC profile of another colour space than
+    sRGB (Display P3 from phones, Adobe RGB, a CMYK press profile) is honoured: the pixels are
+    converted to sRGB with LittleCMS (Pillow's `ImageCms`), as browsers show them and as CLIP's
+    training images were seen. A profile that cannot be read leaves the pixels as stored, with one
+    warning per profile. 16-bit grey (modes `I;16*`, and mode `I` as PNG and
     PGM decode 16-bit files) is scaled by 255/65535 with rounding; Pillow's own conversion would
     clip every value above 255 to white. 32-bit integer (`I`, other formats) and float (`F`)
     pixels have no defined white level, so they are refused rather than guessed.
@@ -52,9 +74,51 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             "store it as 8- or 16-bit"
         )
     try:
-        return _grey16_to_rgb(image) if sixteen_bit else np.array(image.convert("RGB"), dtype=np.uint8)
+        return _grey16_to_rgb(image) if sixteen_bit else np.array(_as_srgb(image), dtype=np.uint8)
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for malformed data or modes
         raise ValueError(f"cannot decode {image.format} image (mode {image.mode}): {_describe(exc)}") from None
+
+
+def _as_srgb(image: Image.Image) -> Image.Image:
+    """The image in mode RGB, its pixels converted to sRGB when it embeds another colour space's profile."""
+    icc, source = image.info.get("icc_profile"), _ICC_SOURCE_MODES.get(image.mode)
+    transform = _srgb_transform(icc, source) if icc and source else None
+    if transform is None:
+        return image.convert("RGB")
+    return ImageCms.applyTransform(image if image.mode == source else image.convert(source), transform)
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from the profile `icc` (of images in `mode`) to sRGB RGB; None for a profile that
+    is sRGB already (its primaries and white are sRGB's) or that cannot be used."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if _is_srgb(profile):
+            return None
+        return ImageCms.buildTransform(profile, _SRGB, mode, "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
+        logger.warning("an embedded ICC profile (%d bytes) cannot be used, pixels are read as sRGB: %s", len(icc), exc)
+        return None
+
+
+def _is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
+    def colorants(p: ImageCms.ImageCmsProfile) -> list:
+        values = [
+            p.profile.red_colorant,
+            p.profile.green_colorant,
+            p.profile.blue_colorant,
+            p.profile.media_white_point,
+        ]
+        return [v[0] if v else None for v in values]
+
+    if profile.profile.xcolor_space.strip() != "RGB":
+        return False
+    ours, reference = colorants(profile), colorants(_SRGB)
+    return all(
+        a is not None and all(abs(x - y) <= _COLORANT_TOLERANCE for x, y in zip(a, b, strict=True))
+        for a, b in zip(ours, reference, strict=True)
+    )
 
 
 def _grey16_to_rgb(image: Image.Image) -> np.ndarray:
