@@ -34,6 +34,13 @@ def test_an_existing_folder_with_special_characters_gives_its_shards(odd, folder
     assert _names(expand_shards(fs.join(root, folder), options), root) == [inside]
 
 
+def test_a_glob_below_an_existing_folder_with_glob_characters_stays_in_that_folder(odd):
+    root, options = odd
+    assert _names(expand_shards(fs.join(root, "set[2]/*.tar"), options), root) == ["set[2]/s-0.tar"]
+    assert _names(expand_shards(fs.join(root, "set[2]/s-?.tar"), options), root) == ["set[2]/s-0.tar"]
+    assert _names(expand_shards(fs.join(root, "set[0-9]/*.tar"), options), root) == ["set2/s-9.tar"]  # no such folder
+
+
 def test_patterns_still_expand_when_no_such_name_exists(odd):
     root, options = odd
     assert _names(expand_shards(fs.join(root, "star-*.tar"), options), root) == ["star-2.tar"]

@@ -5,7 +5,8 @@ padding kept; `{train,val}` alternatives; several and nested groups), a glob (`s
 or a folder (its shards: `*.tar`, and the compressed forms of `schema.SHARD_SUFFIXES`). Brace
 expansion comes first, so `s3://bkt/{a,b}/*.tar` works. A path that exists always means itself,
 even when it holds `*`, `?`, `[` or braces (`photos[2019].tar`, `{raw}/`): a spec and each name its
-braces spell out are looked up as written first, and only expanded or globbed when missing.
+braces spell out are looked up as written first, and only expanded or globbed when missing. The same
+holds for the folders of a glob: in `set[2]/*.tar`, an existing folder `set[2]` is that folder.
 
 Rules, chosen so a typo fails before any compute is spent:
 - Every string spec (each list element) must match at least one shard, or ValueError names it.
@@ -21,6 +22,7 @@ Existence is checked with one listing per folder (not one request per shard), so
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 from collections import defaultdict
@@ -82,7 +84,7 @@ def _expand_one(spec: str, storage_options: dict | None) -> list[str]:
     for pattern in patterns:
         path = filesystem._strip_protocol(pattern)
         if kinds[path] is None and _is_glob(pattern):
-            found = filesystem.glob(path, detail=True)
+            found = filesystem.glob(_escape_existing_folder(filesystem, path), detail=True)
             paths.extend(sorted(p for p, info in found.items() if info["type"] == "file" and not fs.is_temp_name(p)))
         elif kinds[path] == "directory":
             paths.extend(_folder_shards(filesystem, path))
@@ -118,6 +120,18 @@ def _kind(filesystem: AbstractFileSystem, path: str) -> str | None:
         return filesystem.info(path)["type"]
     except FileNotFoundError:
         return None
+
+
+def _escape_existing_folder(filesystem: AbstractFileSystem, path: str) -> str:
+    """The glob `path` with its deepest folder that exists as written, when that folder's own path
+    holds glob characters (`photos[2019]/*.tar` where `photos[2019]` exists), escaped: an existing
+    path means itself, so the glob matches below that folder only (one lookup per such folder)."""
+    parts = path.split("/")
+    for end in range(len(parts) - 1, 0, -1):
+        folder = "/".join(parts[:end])
+        if _is_glob(folder) and _kind(filesystem, folder) == "directory":
+            return "/".join([glob.escape(folder), *parts[end:]])
+    return path
 
 
 def _loose_images_hint(spec: str, storage_options: dict | None) -> str:
