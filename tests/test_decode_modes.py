@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline.io.decode import decode_image
+from pipeline.io.decode import _srgb_transform, decode_image
 
 RAMP = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit value once
 
@@ -121,14 +121,28 @@ def test_colour_spaces_of_tiff_files_convert_to_their_rgb(mode, stored, rgb):
     assert np.abs(out.astype(int) - rgb).max() <= 12, out[0, 0]
 
 
+def _srgb_profile() -> tuple[bytearray, dict[bytes, int]]:
+    """LittleCMS's sRGB profile, and where each tag's table entry (its offset and size) is."""
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", data[128:132])[0]
+    return data, {bytes(data[132 + 12 * i : 136 + 12 * i]): 136 + 12 * i for i in range(count)}
+
+
 def _profile_with_red_and_blue_swapped() -> bytes:
     """sRGB's own ICC profile with its red and blue primaries exchanged (their tag table entries): a
     valid RGB profile of another colour space, in which stored red is sRGB's blue and back."""
-    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
-    count = struct.unpack(">I", data[128:132])[0]
-    entries = {bytes(data[132 + 12 * i : 136 + 12 * i]): 136 + 12 * i for i in range(count)}
+    data, entries = _srgb_profile()
     red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
     data[red : red + 8], data[blue : blue + 8] = data[blue : blue + 8], data[red : red + 8]
+    return bytes(data)
+
+
+def _srgb_profile_with_d65_white() -> bytes:
+    """sRGB as the common v2 "sRGB IEC61966-2.1" profile writes it: its media white point is D65
+    (0.9505, 1, 1.0891), not the D50 that LittleCMS's own profile records."""
+    data, entries = _srgb_profile()
+    offset = struct.unpack(">I", data[entries[b"wtpt"] : entries[b"wtpt"] + 4])[0]
+    data[offset + 8 : offset + 20] = struct.pack(">3i", *(round(v * 65536) for v in (0.9505, 1.0, 1.0891)))
     return bytes(data)
 
 
@@ -151,8 +165,11 @@ def test_an_embedded_profile_of_another_colour_space_is_converted_to_srgb(mode):
 
 
 def test_an_srgb_profile_or_one_that_cannot_be_read_leaves_the_pixels_as_stored(caplog):
-    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    assert np.array_equal(decode_image(_png_with_profile(COLOURS, srgb)), COLOURS)
+    _srgb_transform.cache_clear()  # the warning is logged once per profile and process
+    for srgb in (bytes(_srgb_profile()[0]), _srgb_profile_with_d65_white()):
+        assert _srgb_transform(srgb, "RGB") is None  # no conversion to pay for
+        assert np.array_equal(decode_image(_png_with_profile(COLOURS, srgb)), COLOURS)
+    assert _srgb_transform(_profile_with_red_and_blue_swapped(), "RGB") is not None
     with caplog.at_level(logging.WARNING, logger="pipeline.io.decode"):
         assert np.array_equal(decode_image(_png_with_profile(COLOURS, b"not an ICC profile" * 20)), COLOURS)
     assert "cannot be used, pixels are read as sRGB" in caplog.text

@@ -39,7 +39,18 @@ _ICC_SOURCE_MODES = {
     "CMYK": "CMYK",
 }
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-_COLORANT_TOLERANCE = 2e-3  # XYZ units: profiles that round sRGB's primaries differently are still sRGB
+_LEVELS = np.arange(0, 256, 15, dtype=np.uint8)  # 18 levels of each channel, 0 and 255 included
+_PROBES = {  # pixels that tell a transform to sRGB from none: a grey ramp, and a colour grid for RGB
+    "L": Image.fromarray(np.arange(256, dtype=np.uint8)[None]),
+    "RGB": Image.fromarray(
+        np.concatenate(
+            [
+                np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(256, 3),
+                np.stack(np.meshgrid(_LEVELS, _LEVELS, _LEVELS, indexing="ij"), axis=-1).reshape(-1, 3),
+            ]
+        )[None]
+    ),
+}
 
 _LABEL_MODES = {"L": np.uint8, "P": np.uint8, "1": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.uint16}
 
@@ -56,7 +67,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     sRGB (Display P3 from phones, Adobe RGB, a CMYK press profile) is honoured: the pixels are
     converted to sRGB with LittleCMS (Pillow's `ImageCms`), as browsers show them and as CLIP's
     training images were seen. A profile that cannot be read leaves the pixels as stored, with one
-    warning per profile. 16-bit grey (modes `I;16*`, and mode `I` as PNG and
+    warning per profile; 16-bit grey images are scaled without theirs. 16-bit grey (modes `I;16*`, and mode `I` as PNG and
     PGM decode 16-bit files) is scaled by 255/65535 with rounding; Pillow's own conversion would
     clip every value above 255 to white. 32-bit integer (`I`, other formats) and float (`F`)
     pixels have no defined white level, so they are refused rather than guessed.
@@ -91,34 +102,19 @@ def _as_srgb(image: Image.Image) -> Image.Image:
 @functools.lru_cache(maxsize=32)
 def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
     """The transform from the profile `icc` (of images in `mode`) to sRGB RGB; None for a profile that
-    is sRGB already (its primaries and white are sRGB's) or that cannot be used."""
+    cannot be used, or that is sRGB already: its transform gives back every level of a probe (grey
+    ramp and colour grid) within one, whatever the profile's version, white point or tables say."""
     try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if _is_srgb(profile):
-            return None
-        return ImageCms.buildTransform(profile, _SRGB, mode, "RGB")
+        transform = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, mode, "RGB")
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         logger.warning("an embedded ICC profile (%d bytes) cannot be used, pixels are read as sRGB: %s", len(icc), exc)
         return None
-
-
-def _is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
-    def colorants(p: ImageCms.ImageCmsProfile) -> list:
-        values = [
-            p.profile.red_colorant,
-            p.profile.green_colorant,
-            p.profile.blue_colorant,
-            p.profile.media_white_point,
-        ]
-        return [v[0] if v else None for v in values]
-
-    if profile.profile.xcolor_space.strip() != "RGB":
-        return False
-    ours, reference = colorants(profile), colorants(_SRGB)
-    return all(
-        a is not None and all(abs(x - y) <= _COLORANT_TOLERANCE for x, y in zip(a, b, strict=True))
-        for a, b in zip(ours, reference, strict=True)
-    )
+    probe = _PROBES.get(mode)
+    if probe is not None:
+        back = np.asarray(ImageCms.applyTransform(probe, transform), dtype=np.int16)
+        if np.abs(back - np.asarray(probe.convert("RGB"), dtype=np.int16)).max() <= 1:
+            return None
+    return transform
 
 
 def _grey16_to_rgb(image: Image.Image) -> np.ndarray:
