@@ -39,6 +39,8 @@ def test_a_glob_below_an_existing_folder_with_glob_characters_stays_in_that_fold
     assert _names(expand_shards(fs.join(root, "set[2]/*.tar"), options), root) == ["set[2]/s-0.tar"]
     assert _names(expand_shards(fs.join(root, "set[2]/s-?.tar"), options), root) == ["set[2]/s-0.tar"]
     assert _names(expand_shards(fs.join(root, "set[0-9]/*.tar"), options), root) == ["set2/s-9.tar"]  # no such folder
+    with pytest.raises(ValueError, match=r"matches no shard"):  # a file's name is no folder
+        expand_shards(fs.join(root, "what?.tar/*.tar"), options)
 
 
 def test_patterns_still_expand_when_no_such_name_exists(odd):

@@ -5,8 +5,9 @@ padding kept; `{train,val}` alternatives; several and nested groups), a glob (`s
 or a folder (its shards: `*.tar`, and the compressed forms of `schema.SHARD_SUFFIXES`). Brace
 expansion comes first, so `s3://bkt/{a,b}/*.tar` works. A path that exists always means itself,
 even when it holds `*`, `?`, `[` or braces (`photos[2019].tar`, `{raw}/`): a spec and each name its
-braces spell out are looked up as written first, and only expanded or globbed when missing. The same
-holds for the folders of a glob: in `set[2]/*.tar`, an existing folder `set[2]` is that folder.
+braces spell out are looked up as written first, and only expanded or globbed when missing. So is a
+folder of a glob whose name holds glob characters: in `set[2]/*.tar`, an existing folder `set[2]`
+is that folder (braces in a glob's folders are still expanded).
 
 Rules, chosen so a typo fails before any compute is spent:
 - Every string spec (each list element) must match at least one shard, or ValueError names it.
@@ -118,7 +119,7 @@ def _kinds(filesystem: AbstractFileSystem, paths: list[str]) -> dict[str, str | 
 def _kind(filesystem: AbstractFileSystem, path: str) -> str | None:
     try:
         return filesystem.info(path)["type"]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a file's name used as a folder
         return None
 
 
