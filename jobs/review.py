@@ -3,10 +3,11 @@
 The report holds a gallery of `--n` samples (image, class overlay with legend, confidence map,
 figures) that sorts and filters in the page, plots of the whole run from its Parquet rows and commit
 markers, the failed samples grouped by reason, and the run's config and summary. For a fine-tune's
-output it adds the loss and mIoU curves and the teacher's labels beside the student's. It is written
+output it adds the loss and mIoU curves and the teacher's labels beside the student's, on its first
+label run or on the one `--label-run N` names. It is written
 to `OUT/review/` (or `--out DIR`) and opens from disk without a server.
 
-    clipdense review OUT [--config FILE] [storage_options.KEY=VALUE ...]
+    clipdense review OUT [--label-run N] [--config FILE] [storage_options.KEY=VALUE ...]
 
 The store is reached with the `storage_options` of `--config` (the labeling or fine-tune config)
 and `k=v` overrides, then those recorded in `OUT/_run/config.yaml` for the keys not given: only
@@ -35,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compare", type=int, default=8, help="images labelled again by a fine-tune's student (default 8)"
     )
+    parser.add_argument(
+        "--label-run", type=int, default=1, metavar="N", help="a fine-tune's label run the gallery shows (default 1)"
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="report folder (default OUT/review)")
     parser.add_argument(
         "--config", default=None, help="the labeling or fine-tune config OUT was written with (its storage_options)"
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         compare=args.compare,
         storage_options=_storage_options(args.config, args.overrides),
+        label_run=args.label_run,
     )
     print(f"report: {index}")
     return 0

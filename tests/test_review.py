@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from jobs_fixtures import (
     corrupt_image,
     job_config,
@@ -229,6 +230,24 @@ def test_a_local_finetune_of_a_run_on_s3_is_reviewed_with_its_recorded_endpoint(
     assert main(["review", str(ft), "--n", "2", "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report/index.html").read_text()
     assert len(_Page(page).cards) == 2 and f"Fine-tune {ft} on {run.url}" in page
+
+
+def test_the_review_of_a_finetune_shows_the_label_run_asked_for(run, tmp_path, capsys):
+    """A fine-tune of two label runs: the first by default, the second with --label-run 2, none past them."""
+    second = job_config(shapes(str(tmp_path / "in"), 1, 3), str(tmp_path / "second"), tiny_model(tmp_path / "m"))
+    assert run_label_job(second)["shards"]["committed"] == 1
+    ft = tmp_path / "ft"
+    (ft / "_run").mkdir(parents=True)
+    (ft / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    (ft / "_run/config.yaml").write_text(yaml.safe_dump({"labels": [run.url, second.output]}))
+    options = ["--n", "6", "--compare", "0", *(f"storage_options.{k}={v}" for k, v in run.options.items())]
+    for number, cards in ((1, N), (2, 3)):
+        out = tmp_path / f"report-{number}"
+        assert main(["review", str(ft), "--label-run", str(number), "--out", str(out), *options]) == 0
+        page = (out / "index.html").read_text()
+        assert len(_Page(page).cards) == cards and f"The gallery shows label run {number} of 2" in page
+    assert main(["review", str(ft), "--label-run", "3", *options]) == 2
+    assert "--label-run 3: the fine-tune has 2 label runs (1..2)" in capsys.readouterr().err
 
 
 def test_finetune_metrics_are_read_by_kind_and_a_line_cut_mid_write_is_skipped(tmp_path):

@@ -49,29 +49,36 @@ def write_report(
     seed: int = 0,
     compare: int = 8,
     storage_options: dict | None = None,
+    label_run: int = 1,
 ) -> str:
     """Write the report of the labeling run or fine-tune at `target` and return its index.html URL.
 
     Args:
-        target: a labeling run's output, or a fine-tune's (then the gallery shows its first label run,
-            and up to `compare` of the shown images are labelled again by its student model).
+        target: a labeling run's output, or a fine-tune's (then the gallery shows its label run number
+            `label_run`, and up to `compare` of the shown images are labelled again by its student model).
         out: report folder; default `target/review`.
         n: samples in the gallery (labelled ones, chosen by `sort`).
         sort: lowest-confidence | highest-confidence | class:NAME | random (seeded by `seed`).
         compare: images of the gallery shown teacher against student (fine-tunes only).
         storage_options: fsspec options for `target`, its run, its inputs and `out`; those recorded in
             `target`'s `_run/config.yaml` fill in the keys not given.
+        label_run: which of a fine-tune's label runs the gallery shows, from 1 (its `labels` order).
 
     Raises:
         FileNotFoundError: `target` is neither a labeling run nor a fine-tune.
-        ValueError: a bad `sort` or `n`.
+        ValueError: a bad `sort` or `n`, or a `label_run` the fine-tune does not have (or other than 1
+            for a labeling run).
     """
     if n < 1:
         raise ValueError(f"--n {n}: show at least one sample")
     target = target.rstrip("/")
     storage_options = recorded_storage_options(target, storage_options)
     finetune = open_finetune(target, storage_options) if is_finetune(target, storage_options) else None
-    run = open_run(finetune.labels[0] if finetune else target, storage_options)
+    runs = finetune.labels if finetune else [target]
+    if not 1 <= label_run <= len(runs):
+        what = f"the fine-tune has {len(runs)} label runs" if finetune else "a labeling run is its only run"
+        raise ValueError(f"--label-run {label_run}: {what} (1..{len(runs)})")
+    run = open_run(runs[label_run - 1], storage_options)
     parse_sort(sort, run.vocab)  # a bad order fails before any work
     out = (out or fs.join(target, "review")).rstrip("/")
     ok = run.rows.filter(pc.equal(run.rows.column("status"), "ok"))
@@ -98,7 +105,7 @@ def write_report(
     sections.append(("plots", "The whole run", _plots(run, ok, put)))
     sections.append(("failed", "Failed samples", _failed(run)))
     if finetune:
-        sections.append(("finetune", "Fine-tune", _finetune_section(finetune, cards, put)))
+        sections.append(("finetune", "Fine-tune", _finetune_section(finetune, label_run, cards, put)))
     sections.append(("config", "Config and summary", _config(run, finetune)))
     title = f"clipdense review: {target}"
     put("index.html", page.page(title, sections).encode())
@@ -236,8 +243,14 @@ def _failed(run: RunOutput) -> str:
     return html
 
 
-def _finetune_section(finetune: FineTune, cards: list[page.Card], put: Put) -> str:
+def _finetune_section(finetune: FineTune, label_run: int, cards: list[page.Card], put: Put) -> str:
     html = f"<p>Fine-tune {finetune.url} on {', '.join(finetune.labels)}.</p>"
+    if len(finetune.labels) > 1:
+        html += (
+            f"<p>The gallery shows label run {label_run} of {len(finetune.labels)} "
+            f"({escape(finetune.labels[label_run - 1])}); <code>clipdense review {escape(finetune.url)} "
+            "--label-run N</code> shows run N.</p>"
+        )
     for name, (kind, value, label) in {
         "loss": ("train", "loss", "training loss"),
         "miou": ("eval", "mIoU", "mIoU"),
