@@ -4,8 +4,8 @@ The report holds a gallery of `--n` samples (image, class overlay with legend, c
 figures) that sorts and filters in the page, plots of the whole run from its Parquet rows and commit
 markers, the failed samples grouped by reason, and the run's config and summary. For a fine-tune's
 output it adds the loss and mIoU curves and the teacher's labels beside the student's, on its first
-label run or on the one `--label-run N` names. It is written
-to `OUT/review/` (or `--out DIR`) and opens from disk without a server.
+label run or on the one `--label-run N` names. It is written to `OUT/review/` (or `--out DIR`) and
+opens from disk without a server.
 
     clipdense review OUT [--label-run N] [--config FILE] [storage_options.KEY=VALUE ...]
 

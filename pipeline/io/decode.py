@@ -67,8 +67,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     sRGB (Display P3 from phones, Adobe RGB, a CMYK press profile) is honoured: the pixels are
     converted to sRGB with LittleCMS (Pillow's `ImageCms`), as browsers show them and as CLIP's
     training images were seen. A profile that cannot be read leaves the pixels as stored, with one
-    warning per profile; 16-bit grey images are scaled without theirs. 16-bit grey (modes `I;16*`, and mode `I` as PNG and
-    PGM decode 16-bit files) is scaled by 255/65535 with rounding; Pillow's own conversion would
+    warning per profile. 16-bit grey (modes `I;16*`, and mode `I` as PNG and PGM decode 16-bit
+    files) is scaled by 255/65535 with rounding, without its profile; Pillow's own conversion would
     clip every value above 255 to white. 32-bit integer (`I`, other formats) and float (`F`)
     pixels have no defined white level, so they are refused rather than guessed.
 
