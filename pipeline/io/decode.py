@@ -39,18 +39,6 @@ _ICC_SOURCE_MODES = {
     "CMYK": "CMYK",
 }
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-_LEVELS = np.arange(0, 256, 15, dtype=np.uint8)  # 18 levels of each channel, 0 and 255 included
-_PROBES = {  # pixels that tell a transform to sRGB from none: a grey ramp, and a colour grid for RGB
-    "L": Image.fromarray(np.arange(256, dtype=np.uint8)[None]),
-    "RGB": Image.fromarray(
-        np.concatenate(
-            [
-                np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(256, 3),
-                np.stack(np.meshgrid(_LEVELS, _LEVELS, _LEVELS, indexing="ij"), axis=-1).reshape(-1, 3),
-            ]
-        )[None]
-    ),
-}
 
 _LABEL_MODES = {"L": np.uint8, "P": np.uint8, "1": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.uint16}
 
@@ -109,12 +97,26 @@ def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
         logger.warning("an embedded ICC profile (%d bytes) cannot be used, pixels are read as sRGB: %s", len(icc), exc)
         return None
-    probe = _PROBES.get(mode)
+    probe = _probe(mode)
     if probe is not None:
         back = np.asarray(ImageCms.applyTransform(probe, transform), dtype=np.int16)
         if np.abs(back - np.asarray(probe.convert("RGB"), dtype=np.int16)).max() <= 1:
             return None
     return transform
+
+
+@functools.cache
+def _probe(mode: str) -> Image.Image | None:
+    """Pixels that tell a transform to sRGB from none: a grey ramp, and for RGB also a grid of 18 levels
+    of each channel; None for modes no transform leaves as they are (CMYK)."""
+    ramp = np.arange(256, dtype=np.uint8)
+    if mode == "L":
+        return Image.fromarray(ramp[None])
+    if mode != "RGB":
+        return None
+    levels = np.arange(0, 256, 15, dtype=np.uint8)  # 0 and 255 included
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    return Image.fromarray(np.concatenate([np.repeat(ramp, 3).reshape(256, 3), grid])[None])
 
 
 def _grey16_to_rgb(image: Image.Image) -> np.ndarray:
