@@ -197,10 +197,12 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
                 seconds = train_seconds + progress.train_seconds
                 checkpoint.save(cfg.output, done, _state(model, optimizer, done, seconds), so)
                 _write_metrics(cfg, metrics)
-            if evaluate and rank == 0:
-                metrics.append(_evaluate(cfg, model, backbone, vocab, done))
-                _stop_if_asked(stop, cfg.output, f"after the evaluation at step {done}")  # it takes a while
-                _write_metrics(cfg, metrics)
+            if evaluate:  # rank 0 evaluates, which takes a while: then every rank hears whether to stop
+                if rank == 0:
+                    metrics.append(_evaluate(cfg, model, backbone, vocab, done))
+                _stop_if_asked(stop, cfg.output, f"after the evaluation at step {done}", rank, world, device)
+                if rank == 0:
+                    _write_metrics(cfg, metrics)
     train_seconds += progress.train_seconds
     skipped = _gather_counts(counts, world)
     if rank != 0:
