@@ -22,12 +22,14 @@ import json
 import os
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
 StorageOptions = dict[str, Any]
+T = TypeVar("T")
 
 
 def url_to_fs(url: str, storage_options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
@@ -151,19 +153,16 @@ def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None 
     """
     fs, path = url_to_fs(url, storage_options)
     if not is_local(fs):
-        for attempt in range(_CONFLICT_RETRIES):
+
+        def create() -> bool:
             try:
                 with fs.open(path, "xb") as f:
                     f.write(data)
                 return True
             except FileExistsError:
                 return False
-            except OSError as exc:
-                # S3 answers 409 ConditionalRequestConflict while another conditional write of the same
-                # key is in flight, and asks for a retry; the retry then wins or sees the name taken.
-                if exc.errno != errno.EBUSY or attempt == _CONFLICT_RETRIES - 1:
-                    raise
-                time.sleep(0.1 * 2**attempt)
+
+        return _retrying_conflicts(create)
     tmp = temp_name(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(tmp, "wb") as f:
@@ -197,17 +196,17 @@ def replace_if(url: str, data: bytes, expected: bytes | None, storage_options: S
             put_atomic(url, data)
             return True
     try:
-        etag = fs.info(path).get("ETag")
-        current = read_bytes(url, storage_options)
+        with fs.open(path, "rb") as f:  # the ETag of the object opened, and its bytes
+            etag, current = getattr(f, "details", {}).get("ETag"), f.read()
     except FileNotFoundError:
         return False
     if current != expected:
         return False
-    if "s3" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if "s3" not in _protocols(fs):
         put_atomic(url, data, storage_options)
         return True
-    try:
-        fs.pipe_file(path, data, IfMatch=etag)  # one PUT: readers see the old or the new object
+    try:  # one PUT: readers see the old or the new object
+        _retrying_conflicts(lambda: fs.pipe_file(path, data, IfMatch=etag))
     except OSError:
         fs.invalidate_cache(path)
         if fs.info(path).get("ETag") == etag:
@@ -224,8 +223,24 @@ def remove(url: str, storage_options: StorageOptions | None = None) -> None:
 
 def is_local(fs: AbstractFileSystem) -> bool:
     """True for the local filesystem, where paths are plain absolute paths and renames are atomic."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return _protocols(fs)[0] in ("file", "local")
+
+
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _retrying_conflicts(write: Callable[[], T]) -> T:
+    """`write()`, retried with backoff while S3 answers 409 ConditionalRequestConflict: another
+    conditional write of the same key is in flight, and the retry then wins or sees its result."""
+    for attempt in range(_CONFLICT_RETRIES - 1):
+        try:
+            return write()
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            time.sleep(0.1 * 2**attempt)
+    return write()  # the last attempt's error is the caller's
 
 
 def credentials_problem(exc: BaseException) -> str | None:
