@@ -83,11 +83,12 @@ def publish(
         return name, True  # a rerun of a step killed after it moved `latest`
     pointer = fs.json_bytes({"version": name, "key": key, "published_at": _utc_now()})
     # Compare-and-swap: a step for another key that moved `latest` since this read makes it fail.
-    if live != expected or not fs.replace_if(url, pointer, raw, storage_options):
-        now = live_version(models, storage_options)
-        logger.warning("not moving latest to %s: it moved from %s to %s meanwhile", name, expected, now)
-        return name, False
-    return name, True
+    if live == expected:
+        if fs.replace_if(url, pointer, raw, storage_options):
+            return name, True
+        live = live_version(models, storage_options)  # moved between the read and the swap
+    logger.warning("not moving latest to %s: it moved from %s to %s meanwhile", name, expected, live)
+    return name, False
 
 
 def live_version(models: str, storage_options: dict | None = None) -> str | None:
