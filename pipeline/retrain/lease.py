@@ -36,9 +36,13 @@ class Taken:
     generation: int
     storage_options: dict | None = None
 
+    def newer(self) -> bool:
+        """True once a newer generation exists; the store's errors reach the caller."""
+        return latest_generation(self.folder, self.storage_options) != self.generation
+
     def __call__(self) -> bool:
         try:
-            return latest_generation(self.folder, self.storage_options) != self.generation
+            return self.newer()
         except Exception as exc:  # a store that fails to list now (OSError, botocore...) says nothing of the lease
             logger.warning("could not list %s to check the lease: %s", self.folder, exc)
             return False
@@ -88,7 +92,7 @@ class Lease:
 
     def still_held(self) -> bool:
         """False once another step took a newer generation (this one was taken for dead); lists now."""
-        return latest_generation(self.folder, self.storage_options) == self.generation
+        return not self.taken.newer()
 
     def release(self) -> None:
         self._stop.set()

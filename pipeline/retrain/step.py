@@ -121,8 +121,9 @@ def _repair_record(folder: str, published: dict[str, Any] | None, storage_option
 
 
 def _taken_over(held: lease.Lease) -> bool:
-    """True once another step took this step's key (its renewals saw it, or a listing does now)."""
-    return held.lost or not held.still_held()
+    """True once another step took this step's key (its renewals saw it, or a listing does now); a
+    listing that fails says no, so a fine-tune's own error is the one raised."""
+    return held.lost or held.taken()
 
 
 def _drop_training_state(folder: str, storage_options: dict | None) -> None:
