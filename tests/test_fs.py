@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import socket
 import tarfile
+import threading
+import time
 
 import pytest
+from faultproxy import Fault, FaultProxy
 
 from pipeline.io import fs
 from pipeline.io.tarwrite import TarShardWriter
@@ -143,3 +146,37 @@ def test_s3_endpoint_from_aws_endpoint_url(s3, s3_root, monkeypatch):
 def test_loopback_guard_refuses_other_addresses(s3_root):
     with socket.socket() as sock, pytest.raises(AssertionError, match="only 127.0.0.1"):
         sock.connect(("192.0.2.1", 9))  # TEST-NET-1: never routable
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("op", ["read", "swap"])
+def test_a_file_replaced_between_its_open_and_its_read(s3, s3_root, op):
+    """s3fs opens with a HEAD and reads with a GET bound to the ETag seen then; a writer in between
+    (here while the proxy holds the GET back) makes that GET fail, as a lease renewal did to a step
+    checking whether the lease's holder was alive. A read then returns the newer file, and a swap
+    from the older content loses to the writer."""
+    url = f"{s3_root}/lease.json"
+    fs.put_atomic(url, b"old", s3.storage_options)
+    outcome: dict[str, object] = {}
+
+    def race(options: dict) -> None:
+        try:
+            outcome["value"] = (
+                fs.read_bytes(url, options) if op == "read" else fs.replace_if(url, b"mine", b"old", options)
+            )
+        except Exception as exc:  # noqa: BLE001 - the thread's error is the test's failure
+            outcome["error"] = exc
+
+    with FaultProxy(s3.endpoint_url) as proxy:
+        proxy.add(Fault("delay", method="GET", path=r"/lease\.json$", times=1, delay_s=1.5))
+        racer = threading.Thread(target=race, args=({**s3.storage_options, "endpoint_url": proxy.url},))
+        racer.start()
+        deadline = time.monotonic() + 10
+        while ("GET", "/" + url.split("://", 1)[1]) not in proxy.requests:
+            assert time.monotonic() < deadline, "the read never reached the store"
+            time.sleep(0.02)
+        fs.put_atomic(url, b"new", s3.storage_options)
+        racer.join(timeout=30)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["value"] == (b"new" if op == "read" else False)
+    assert fs.read_bytes(url, s3.storage_options) == b"new"

@@ -64,10 +64,17 @@ def fresh(url: str, storage_options: StorageOptions | None = None) -> tuple[Abst
 
 
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
-    fs, path = fresh(url, storage_options)  # a cached size from a listing would cut a rewritten file
-    try:
+    """The whole file at `url`, one version of it. A file replaced between the open and the read (on
+    S3 the read then fails with EBUSY, s3fs's FileExpired) is read again, so a reader racing a
+    writer gets the newer version instead of an error. Raises FileNotFoundError naming `url`."""
+
+    def read() -> bytes:
+        fs, path = fresh(url, storage_options)  # a cached size from a listing would cut a rewritten file
         with fs.open(path, "rb") as f:
             return f.read()
+
+    try:
+        return _retrying_busy(read)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {url}") from None
 
@@ -141,7 +148,7 @@ def put_json(url: str, obj: Any, storage_options: StorageOptions | None = None) 
     put_atomic(url, json_bytes(obj), storage_options)
 
 
-_CONFLICT_RETRIES = 5
+_BUSY_RETRIES = 5
 
 
 def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None = None) -> bool:
@@ -162,7 +169,7 @@ def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None 
             except FileExistsError:
                 return False
 
-        return _retrying_conflicts(create)
+        return _retrying_busy(create)
     tmp = temp_name(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(tmp, "wb") as f:
@@ -200,13 +207,17 @@ def replace_if(url: str, data: bytes, expected: bytes | None, storage_options: S
             etag, current = getattr(f, "details", {}).get("ETag"), f.read()
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        return False  # replaced between the open and the read: another writer won
     if current != expected:
         return False
     if "s3" not in _protocols(fs):
         put_atomic(url, data, storage_options)
         return True
     try:  # one PUT: readers see the old or the new object
-        _retrying_conflicts(lambda: fs.pipe_file(path, data, IfMatch=etag))
+        _retrying_busy(lambda: fs.pipe_file(path, data, IfMatch=etag))
     except OSError:
         fs.invalidate_cache(path)
         if fs.info(path).get("ETag") == etag:
@@ -230,17 +241,18 @@ def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
-def _retrying_conflicts(write: Callable[[], T]) -> T:
-    """`write()`, retried with backoff while S3 answers 409 ConditionalRequestConflict: another
-    conditional write of the same key is in flight, and the retry then wins or sees its result."""
-    for attempt in range(_CONFLICT_RETRIES - 1):
+def _retrying_busy(call: Callable[[], T]) -> T:
+    """`call()`, retried with backoff while the store answers EBUSY: for a conditional write, S3's
+    409 ConditionalRequestConflict (another conditional write of the same key is in flight, and the
+    retry then wins or sees its result); for a read, an object replaced since it was opened."""
+    for attempt in range(_BUSY_RETRIES - 1):
         try:
-            return write()
+            return call()
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
             time.sleep(0.1 * 2**attempt)
-    return write()  # the last attempt's error is the caller's
+    return call()  # the last attempt's error is the caller's
 
 
 def credentials_problem(exc: BaseException) -> str | None:
