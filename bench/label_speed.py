@@ -7,6 +7,11 @@ On the same images, model, batch size and resolution, it measures in one process
   must run per image;
 - `end_to_end`: `ShardLabeler` on the shards (reader thread, model, writer thread, commit), in-process.
 
+`side_cpu_ms_per_image` is what the reader and the writer cost, run alone: CPU ms per image of `read`
+and `write` (`encode`: its two PNGs); `extra_ms_per_image_end_to_end`, the job's wall ms per image
+beyond the labeler's. When the extra time exceeds the side CPU spread over the cores, the side work
+costs the model more than its own length (it takes a core from the model's parallel operations).
+
 Each is timed `--repeats` times, interleaved, and the best is kept (the machine may be shared). The
 target is end_to_end / labeler >= 0.9: reading and writing overlap the model and cost it little.
 `model_idle_fraction` is the share of the shards' wall time the model thread spent waiting for the
@@ -69,8 +74,12 @@ def in_process(cfg, urls: list[str], repeats: int) -> dict:
             stats = [json.loads(marker.read_text())["stats"] for marker in markers]
     rates = {k: len(images) / v for k, v in best.items()}
     waited = sum(s["wait_s"] + s["backpressure_s"] for s in stats)
+    side = side_cpu_ms(worker, urls, batches, Path(cfg.output).parent / "side")
     return {
         "images": len(images),
+        "side_cpu_ms_per_image": side,
+        # the job's wall time per image beyond the labeler's, against the reader's and writer's CPU
+        "extra_ms_per_image_end_to_end": round(1e3 * (best["end_to_end"] - best["labeler"]) / len(images), 3),
         "model_idle_fraction": round(waited / sum(s["wall_s"] for s in stats), 3),  # waiting on read or write
         # the labeler's own seconds inside the job against alone: > 1 when the reader and writer threads
         # slow the model down by sharing its cores (and the interpreter) rather than by making it wait
@@ -79,6 +88,30 @@ def in_process(cfg, urls: list[str], repeats: int) -> dict:
         "end_to_end_over_labeler": round(rates["end_to_end"] / rates["labeler"], 3),
         "end_to_end_over_forward": round(rates["end_to_end"] / rates["forward"], 3),
     }
+
+
+def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> dict:
+    """CPU milliseconds per image of the work the job adds to the labeler, each part run alone on this
+    thread: `read` (tar parsing and image decoding, `iter_samples`) and `write` (`LabelShardSink.add`:
+    two PNG encodings, row statistics, tar members), with `encode` (the two PNGs) shown apart."""
+    from pipeline.stages.write import LabelShardSink, encode_confidence, encode_labels
+
+    start = time.process_time()
+    samples = [s for url in urls for s in iter_samples(url) if isinstance(s, Sample)]
+    read = time.process_time() - start
+    results = [r for batch in batches for r in worker.labeler(batch)]
+    sink = LabelShardSink(str(scratch), "side", len(worker.vocab), worker.context)
+    start = time.process_time()
+    for index, (sample, result) in enumerate(zip(samples, results, strict=True)):
+        sink.add(index, sample.key, result.labels, result.confidence)
+    write = time.process_time() - start
+    sink.abort()
+    start = time.process_time()
+    for result in results:
+        encode_labels(result.labels, len(worker.vocab))
+        encode_confidence(result.confidence)
+    encode = time.process_time() - start
+    return {k: round(1e3 * v / len(samples), 3) for k, v in (("read", read), ("write", write), ("encode", encode))}
 
 
 def on_ray(cfg, actors: list[int], out: Path) -> dict:
