@@ -98,6 +98,18 @@ def test_stitch_of_tiled_and_shifted_windows_is_the_average_of_their_upsampled_s
         win.stitch(scores[1:], windows, size, (height, width))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_window_score_that_is_not_finite_stays_in_its_window(bad):
+    """A model that overflows in one window must not spoil the pixels only other windows cover."""
+    size, windows = win.plan(70, 130, 32, 16, multiple=8, shifts=1)
+    scores = torch.randn(len(windows), 3, size[0] // 8, size[1] // 8, generator=torch.Generator().manual_seed(2))
+    scores[1, 0, 1, 2] = bad
+    expected = _stitch_reference(scores, windows, size, (70, 130))
+    out = win.stitch(scores, windows, size, (70, 130)).double()
+    assert torch.equal(out.isfinite(), expected.isfinite()) and expected.isfinite().float().mean() > 0.9
+    assert torch.allclose(out[out.isfinite()], expected[expected.isfinite()], atol=1e-5)
+
+
 def test_first_argmax_is_max_with_indices_ties_included():
     scores = torch.randn(40, 9, 11, generator=torch.Generator().manual_seed(0))
     scores[7, :3] = scores[3, :3] = scores[30, :3] = 9.0  # ties: the first class wins, as in max(dim=0)

@@ -106,7 +106,9 @@ def stitch(
     h, w = scores.shape[2:]
     canvas = scores.new_zeros((scores.shape[1], *out_size))
     count = scores.new_zeros(out_size)
-    if max(h, w) <= _PRODUCT_MAX_SIDE and (h, w) != tuple(size):
+    # A product mixes every window of a row span: a non-finite score (0 * inf is NaN) would spread
+    # to all of them, where the loop keeps it in its own window.
+    if max(h, w) <= _PRODUCT_MAX_SIDE and (h, w) != tuple(size) and bool(scores.isfinite().all()):
         _add_by_products(canvas, count, scores, windows, size)
         return canvas / count
     for score, win in zip(scores, windows, strict=True):
