@@ -3,6 +3,7 @@ the shipped shapes-clip: training, checkpoints and resume, evaluation, export, l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,10 +25,12 @@ from pipeline.config import ModelCfg, RunCfg
 from pipeline.data.shapeworld_shards import write_dataset
 from pipeline.io import fs
 from pipeline.models.heads.denseclip import DenseCLIPHead
+from pipeline.models.student import read_student_state, student_state
 from pipeline.retrain.lease import Taken
 from pipeline.stages.infer import DenseLabeler
 from pipeline.train import finetune
 from pipeline.train.job import OutputConflict, Stopped
+from pipeline.train.student import build
 from pipeline.vocab import load_vocabulary
 from tests.finetune_fixtures import FINETUNE_FAST, finetune_config, label_in_process
 
@@ -93,6 +96,25 @@ def test_student_folder_labels_with_its_own_head(trained, labelled):
     image[10:30, 10:30] = (220, 30, 30)
     (result,) = labeler([image])
     assert result.labels.shape == (40, 56) and int(result.labels.max()) < len(vocab)
+
+
+def test_a_second_round_continues_the_student_that_labelled_it(trained, labelled):
+    """Fine-tuning from an exported student (its relabelled data) starts the student's own parts from
+    its weights; other student options are refused, named, unless they only shape training;
+    `warm_start=false` starts them afresh."""
+    folder = f"{trained['out']}/model"
+    exported = read_student_state(folder)
+    cfg = finetune_config([labelled["labels"]], "unused", f"model.name={folder}")
+    continued = student_state(build(cfg)[0])
+    assert continued.keys() == exported.keys() and all(torch.equal(v, exported[k]) for k, v in continued.items())
+    fresh = student_state(build(dataclasses.replace(cfg, warm_start=False))[0])
+    assert not all(torch.equal(v, exported[k]) for k, v in fresh.items())
+    with pytest.raises(ValueError, match=r"student.fpn_width=16 there, 32 here.*warm_start=false"):
+        build(finetune_config([labelled["labels"]], "unused", f"model.name={folder}", "student.fpn_width=32"))
+    regularised = student_state(
+        build(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, dropout=0.3)))[0]
+    )
+    assert all(torch.equal(v, exported[k]) for k, v in regularised.items())
 
 
 def test_same_config_again_returns_the_finished_run_and_another_is_refused(trained):

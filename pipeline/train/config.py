@@ -91,6 +91,9 @@ class FinetuneCfg:
     eval: EvalCfg = field(default_factory=EvalCfg)
     distribute: TrainDistributeCfg = field(default_factory=TrainDistributeCfg)
     seed: int = 0  # model init, data order and augmentation
+    # when the model is an exported student (a second self-training round), its own parts (contexts,
+    # context decoder, FPN) start from its weights, not afresh; its student options must equal `student`
+    warm_start: bool = True
     checkpoint_every: int = 200  # steps between checkpoints (and always at the end)
     log_every: int = 20  # steps between progress lines
 

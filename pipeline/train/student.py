@@ -18,18 +18,38 @@ import torch.nn.functional as F
 
 from pipeline.config import ModelCfg
 from pipeline.models.backbone import Backbone, load_backbone
-from pipeline.models.student import DenseCLIP
+from pipeline.models.heads.denseclip import HEAD_NAME as DENSECLIP_HEAD
+from pipeline.models.student import DenseCLIP, load_student_state, read_student_state
 from pipeline.train.config import DataCfg, FinetuneCfg
 
 _MAX_LOGIT_SCALE = math.log(100)
+# Student options a warm start may change: they start or regularise training, the weights' meaning stays.
+_TRAINING_ONLY = ("context_init", "gamma_init", "dropout", "tau")
 
 
 def build(cfg: FinetuneCfg) -> tuple[DenseCLIP, Backbone]:
-    """The fp32 student (train mode) around the teacher's CLIP, its new parts initialised from `cfg.seed`."""
+    """The fp32 student (train mode) around the teacher's CLIP, its own parts initialised from `cfg.seed`,
+    or, when the teacher is an exported student and `cfg.warm_start`, from that student's weights.
+
+    Raises ValueError when a warm start's student options differ from `cfg.student` (naming them)."""
     backbone = load_backbone(dataclasses.replace(cfg.model, precision="fp32"), cfg.storage_options or None)
+    options = dataclasses.asdict(cfg.student)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = DenseCLIP(backbone.model, backbone.tokenizer, **dataclasses.asdict(cfg.student))
+        model = DenseCLIP(backbone.model, backbone.tokenizer, **options)
+    if cfg.warm_start and backbone.meta.get("head") == DENSECLIP_HEAD:
+        trained = backbone.meta.get("student", {})
+        differ = [
+            f"student.{k}={trained.get(k)!r} there, {v!r} here"
+            for k, v in options.items()
+            if k not in _TRAINING_ONLY and trained.get(k) != v
+        ]
+        if differ:
+            raise ValueError(
+                f"model {cfg.model.name} is a student with other options ({'; '.join(differ)}): set the same "
+                "student options to continue it, or warm_start=false to start its own parts afresh"
+            )
+        load_student_state(model, read_student_state(backbone.folder, backbone.storage_options))
     return model.train(), backbone
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from safetensors.torch import load as load_safetensors
 
-from pipeline.io import fs
 from pipeline.models.backbone import Backbone
 from pipeline.models.heads._base import DenseHead
 from pipeline.models.heads._registry import register_head
@@ -42,7 +40,7 @@ class DenseCLIPHead(DenseHead):
 
     def _student(self, backbone: Backbone) -> tuple[torch.nn.Module, dict]:
         # Imported here: the student's encoder builds on the heads' ViT internals (this package).
-        from pipeline.models.student import STUDENT_FILE, DenseCLIP, load_student_state
+        from pipeline.models.student import DenseCLIP, load_student_state, read_student_state
 
         if backbone not in self._students:
             meta = backbone.meta
@@ -52,8 +50,7 @@ class DenseCLIPHead(DenseHead):
                     "use a folder exported by clipdense finetune, or another head"
                 )
             model = DenseCLIP(backbone.model, backbone.tokenizer, **meta.get("student", {}))
-            state = load_safetensors(fs.read_bytes(fs.join(backbone.folder, STUDENT_FILE), backbone.storage_options))
-            load_student_state(model, state)
+            load_student_state(model, read_student_state(backbone.folder, backbone.storage_options))
             model = model.to(device=backbone.device, dtype=backbone.dtype).eval().requires_grad_(False)
             self._students[backbone] = (model, {})
         return self._students[backbone]

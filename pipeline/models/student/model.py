@@ -27,8 +27,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from pipeline.io import fs
 from pipeline.models.prompts import reduce_names
 from pipeline.models.student.decoder import SemanticFPN
 from pipeline.models.student.encoder import ImageEncoder, resize_like
@@ -167,3 +169,8 @@ def load_student_state(model: DenseCLIP, state: dict[str, torch.Tensor]) -> None
             f"student weights do not fit: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
     model.load_state_dict(state, strict=False)
+
+
+def read_student_state(folder: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """The student weights of an exported model folder (`STUDENT_FILE`), as `load_student_state` takes them."""
+    return load_safetensors(fs.read_bytes(fs.join(folder, STUDENT_FILE), storage_options))
