@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -232,6 +233,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads exponents without a dot, 1e-4, as text
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -26,6 +26,18 @@ def test_ints_widen_to_floats_but_not_the_reverse():
         load_config(None, ["infer.batch_size=1.5"])
 
 
+def test_numbers_in_exponent_form_read_as_numbers(tmp_path):
+    """PyYAML takes `1e-4` (no dot) for text; a float key still reads it as the number it is."""
+    path = tmp_path / "run.yaml"
+    path.write_text("infer:\n  conf_threshold: 5e-1\n")
+    cfg = load_config(str(path), ["infer.logit_scale=1E2"])
+    assert cfg.infer.conf_threshold == 0.5 and cfg.infer.logit_scale == 100.0
+    with pytest.raises(ConfigError, match="infer.logit_scale: expected a finite number, got 'nan'"):
+        load_config(None, ["infer.logit_scale=nan"])
+    with pytest.raises(ConfigError, match="infer.logit_scale: expected a number, got '1e-4x'"):
+        load_config(None, ["infer.logit_scale=1e-4x"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
