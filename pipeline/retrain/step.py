@@ -6,8 +6,9 @@ its config that decides the result. It does, in order:
    version was trained on, or this key already finished (published or not), stop: exit 0, nothing
    written;
 2. take the key's lease (`lease`); a live step holding it means stop;
-3. fine-tune from the live version (the labeler's own CLIP for the first) into `_steps/<key>/train`;
-   a rerun resumes that fine-tune from its checkpoint;
+3. fine-tune from the live version (the labeler's own CLIP for the first) into `_steps/<key>/train`,
+   continuing its student too unless the fine-tune sets `warm_start: false`; a rerun resumes that
+   fine-tune from its checkpoint;
 4. score the live version (the labeler's own CLIP for the first) and the candidate on the truth set;
 5. publish `vNNNN/` and move `latest` only if the candidate wins (`versions.publish`); the first
    version is published whatever its score unless `gate_first` (there is no live version to beat);
