@@ -180,3 +180,29 @@ def test_a_file_replaced_between_its_open_and_its_read(s3, s3_root, op):
     assert "error" not in outcome, outcome.get("error")
     assert outcome["value"] == (b"new" if op == "read" else False)
     assert fs.read_bytes(url, s3.storage_options) == b"new"
+
+
+@pytest.mark.s3
+def test_a_store_that_stays_busy_is_an_error_not_a_lost_race(s3, s3_root):
+    """s3fs raises the same errno for a 503 it has given up on as for a replaced file: the swap must
+    not report another writer's win when nobody wrote, and a read must fail without retrying more."""
+    url = f"{s3_root}/latest.json"
+    fs.put_atomic(url, b"old", s3.storage_options)
+    with FaultProxy(s3.endpoint_url) as proxy:
+        proxy.add(Fault("503", method="GET", path=r"/latest\.json$"))
+        options = {
+            **s3.storage_options,
+            "endpoint_url": proxy.url,
+            "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
+        }
+        with pytest.raises(OSError):
+            fs.replace_if(url, b"mine", b"old", options)
+        swap_gets = _gets(proxy, "/latest.json")  # s3fs's own retries of one read
+        with pytest.raises(OSError):
+            fs.read_bytes(url, options)
+    assert swap_gets > 0 and _gets(proxy, "/latest.json") == 2 * swap_gets  # no retries of ours on top
+    assert fs.read_bytes(url, s3.storage_options) == b"old"
+
+
+def _gets(proxy: FaultProxy, suffix: str) -> int:
+    return sum(1 for method, path in proxy.requests if method == "GET" and path.endswith(suffix))

@@ -65,8 +65,8 @@ def fresh(url: str, storage_options: StorageOptions | None = None) -> tuple[Abst
 
 def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes:
     """The whole file at `url`, one version of it. A file replaced between the open and the read (on
-    S3 the read then fails with EBUSY, s3fs's FileExpired) is read again, so a reader racing a
-    writer gets the newer version instead of an error. Raises FileNotFoundError naming `url`."""
+    S3 the read then fails with s3fs's FileExpired) is read again, so a reader racing a writer gets
+    the newer version instead of an error. Raises FileNotFoundError naming `url`."""
 
     def read() -> bytes:
         fs, path = fresh(url, storage_options)  # a cached size from a listing would cut a rewritten file
@@ -74,7 +74,7 @@ def read_bytes(url: str, storage_options: StorageOptions | None = None) -> bytes
             return f.read()
 
     try:
-        return _retrying_busy(read)
+        return _retrying(read, _replaced_while_read)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {url}") from None
 
@@ -148,7 +148,7 @@ def put_json(url: str, obj: Any, storage_options: StorageOptions | None = None) 
     put_atomic(url, json_bytes(obj), storage_options)
 
 
-_BUSY_RETRIES = 5
+_RETRIES = 5
 
 
 def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None = None) -> bool:
@@ -169,7 +169,7 @@ def put_exclusive(url: str, data: bytes, storage_options: StorageOptions | None 
             except FileExistsError:
                 return False
 
-        return _retrying_busy(create)
+        return _retrying(create, _is_conflict)
     tmp = temp_name(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(tmp, "wb") as f:
@@ -208,16 +208,16 @@ def replace_if(url: str, data: bytes, expected: bytes | None, storage_options: S
     except FileNotFoundError:
         return False
     except OSError as exc:
-        if exc.errno != errno.EBUSY:
+        if not _replaced_while_read(exc):
             raise
-        return False  # replaced between the open and the read: another writer won
+        return False  # another writer won
     if current != expected:
         return False
     if "s3" not in _protocols(fs):
         put_atomic(url, data, storage_options)
         return True
     try:  # one PUT: readers see the old or the new object
-        _retrying_busy(lambda: fs.pipe_file(path, data, IfMatch=etag))
+        _retrying(lambda: fs.pipe_file(path, data, IfMatch=etag), _is_conflict)
     except OSError:
         fs.invalidate_cache(path)
         if fs.info(path).get("ETag") == etag:
@@ -241,18 +241,32 @@ def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
-def _retrying_busy(call: Callable[[], T]) -> T:
-    """`call()`, retried with backoff while the store answers EBUSY: for a conditional write, S3's
-    409 ConditionalRequestConflict (another conditional write of the same key is in flight, and the
-    retry then wins or sees its result); for a read, an object replaced since it was opened."""
-    for attempt in range(_BUSY_RETRIES - 1):
+def _retrying(call: Callable[[], T], transient: Callable[[OSError], bool]) -> T:
+    """`call()`, retried with backoff while it fails with an error that `transient` accepts."""
+    for attempt in range(_RETRIES - 1):
         try:
             return call()
         except OSError as exc:
-            if exc.errno != errno.EBUSY:
+            if not transient(exc):
                 raise
             time.sleep(0.1 * 2**attempt)
     return call()  # the last attempt's error is the caller's
+
+
+def _is_conflict(exc: OSError) -> bool:
+    """S3's 409 ConditionalRequestConflict (s3fs: EBUSY): another conditional write of the key is in
+    flight, and a retry then wins or sees its result."""
+    return exc.errno == errno.EBUSY
+
+
+def _replaced_while_read(exc: OSError) -> bool:
+    """s3fs's FileExpired: the object changed between the open (its ETag) and the read. Not any EBUSY:
+    s3fs also raises that for a store that stays busy (503, SlowDown) once its own retries are spent."""
+    try:
+        from s3fs.utils import FileExpired  # s3fs is optional: without it nothing raises this
+    except ImportError:
+        return False
+    return isinstance(exc, FileExpired)
 
 
 def credentials_problem(exc: BaseException) -> str | None:
