@@ -233,17 +233,17 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 (PyYAML) reads exponents without a dot, 1e-4, as text
             try:
                 number = float(value)
             except ValueError:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-            if not math.isfinite(number):
-                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-            return number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # YAML's .nan / .inf too: no key means anything by them
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(number)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected a whole number, got {value!r}")

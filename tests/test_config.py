@@ -32,8 +32,9 @@ def test_numbers_in_exponent_form_read_as_numbers(tmp_path):
     path.write_text("infer:\n  conf_threshold: 5e-1\n")
     cfg = load_config(str(path), ["infer.logit_scale=1E2"])
     assert cfg.infer.conf_threshold == 0.5 and cfg.infer.logit_scale == 100.0
-    with pytest.raises(ConfigError, match="infer.logit_scale: expected a finite number, got 'nan'"):
-        load_config(None, ["infer.logit_scale=nan"])
+    for text, shown in (("nan", "'nan'"), (".nan", "nan"), ("-.inf", "-inf")):  # text, and YAML's own floats
+        with pytest.raises(ConfigError, match=f"infer.logit_scale: expected a finite number, got {shown}"):
+            load_config(None, [f"infer.logit_scale={text}"])
     with pytest.raises(ConfigError, match="infer.logit_scale: expected a number, got '1e-4x'"):
         load_config(None, ["infer.logit_scale=1e-4x"])
 

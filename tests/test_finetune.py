@@ -98,23 +98,35 @@ def test_student_folder_labels_with_its_own_head(trained, labelled):
     assert result.labels.shape == (40, 56) and int(result.labels.max()) < len(vocab)
 
 
-def test_a_second_round_continues_the_student_that_labelled_it(trained, labelled):
+def test_a_second_round_continues_the_student_that_labelled_it(trained, labelled, tmp_path):
     """Fine-tuning from an exported student (its relabelled data) starts the student's own parts from
-    its weights; other student options are refused, named, unless they only shape training;
-    `warm_start=false` starts them afresh."""
+    its weights; options that change what they mean are refused, named, before any worker starts
+    (here two Ray Train workers that never start); `warm_start=false` starts them afresh."""
     folder = f"{trained['out']}/model"
     exported = read_student_state(folder)
-    cfg = finetune_config([labelled["labels"]], "unused", f"model.name={folder}")
+    cfg = finetune_config([labelled["labels"]], str(tmp_path / "r2"), f"model.name={folder}")
     continued = student_state(build(cfg)[0])
     assert continued.keys() == exported.keys() and all(torch.equal(v, exported[k]) for k, v in continued.items())
     fresh = student_state(build(dataclasses.replace(cfg, warm_start=False))[0])
     assert not all(torch.equal(v, exported[k]) for k, v in fresh.items())
-    with pytest.raises(ValueError, match=r"student.fpn_width=16 there, 32 here.*warm_start=false"):
-        build(finetune_config([labelled["labels"]], "unused", f"model.name={folder}", "student.fpn_width=32"))
-    regularised = student_state(
-        build(dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, dropout=0.3)))[0]
+    regularised = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, dropout=0.3, gamma_init=0.5))
+    assert all(torch.equal(v, exported[k]) for k, v in student_state(build(regularised)[0]).items())
+    for option, message in (("fpn_width=32", "student.fpn_width=16 there, 32 here"), ("tau=0.5", "student.tau=0.07")):
+        other = finetune_config(
+            [labelled["labels"]], str(tmp_path / "r2"), f"model.name={folder}", f"student.{option}",
+            "distribute.num_workers=2",
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=rf"{message}.*warm_start=false"):
+            finetune(other)
+    older = tmp_path / "older"  # exported before `dense`, `patch_stride` and `residual` existed
+    shutil.copytree(folder, older)
+    meta = json.loads((older / "meta.json").read_text())
+    meta["student"] = {k: v for k, v in meta["student"].items() if k not in ("dense", "patch_stride", "residual")}
+    (older / "meta.json").write_text(json.dumps(meta))
+    from_older = student_state(
+        build(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(older))))[0]
     )
-    assert all(torch.equal(v, exported[k]) for k, v in regularised.items())
+    assert all(torch.equal(v, exported[k]) for k, v in from_older.items())
 
 
 def test_same_config_again_returns_the_finished_run_and_another_is_refused(trained):

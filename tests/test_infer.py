@@ -105,9 +105,10 @@ def test_a_window_score_that_is_not_finite_stays_in_its_window(bad):
     scores = torch.randn(len(windows), 3, size[0] // 8, size[1] // 8, generator=torch.Generator().manual_seed(2))
     scores[1, 0, 1, 2] = bad
     expected = _stitch_reference(scores, windows, size, (70, 130))
-    out = win.stitch(scores, windows, size, (70, 130)).double()
-    assert torch.equal(out.isfinite(), expected.isfinite()) and expected.isfinite().float().mean() > 0.9
-    assert torch.allclose(out[out.isfinite()], expected[expected.isfinite()], atol=1e-5)
+    for finite in (None, False):  # checked here, or told by the caller (the engine checks per batch)
+        out = win.stitch(scores, windows, size, (70, 130), finite=finite).double()
+        assert torch.equal(out.isfinite(), expected.isfinite()) and expected.isfinite().float().mean() > 0.9
+        assert torch.allclose(out[out.isfinite()], expected[expected.isfinite()], atol=1e-5)
 
 
 def test_first_argmax_is_max_with_indices_ties_included():

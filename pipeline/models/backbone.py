@@ -146,6 +146,17 @@ class _Source:
     builtin: bool = False  # an open_clip architecture name (pretrained tags apply)
 
 
+def model_meta(name: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """The `meta.json` of the model folder `name` names (shipped or a path/URL), without building the
+    model; {} for other models. Raises ValueError for a name that is no model (as `load_backbone`)."""
+    return _folder_meta(_resolve_source(name, storage_options).folder, storage_options)
+
+
+def _folder_meta(folder: str, storage_options: dict | None) -> dict[str, Any]:
+    url = fs.join(folder, "meta.json") if folder else ""
+    return dict(fs.read_json(url, storage_options)) if url and fs.exists(url, storage_options) else {}
+
+
 def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbone:
     """Build the model named by `cfg`, load its weights, move and cast it (see module docstring)."""
     source = _resolve_source(cfg.name, storage_options)  # a bad name fails before the precision probe runs
@@ -167,8 +178,7 @@ def load_backbone(cfg: ModelCfg, storage_options: dict | None = None) -> Backbon
         weights = cfg.pretrained or (fs.join(source.folder, "weights.safetensors") if source.folder else "")
         if weights == RANDOM_INIT_WEIGHTS:
             weights = ""
-        if source.folder and fs.exists(fs.join(source.folder, "meta.json"), storage_options):
-            meta = dict(fs.read_json(fs.join(source.folder, "meta.json"), storage_options))
+        meta = _folder_meta(source.folder, storage_options)
         if weights:
             preprocess = _load_weights(model, source, weights, storage_options)
         else:

@@ -19,7 +19,7 @@ from pipeline.retrain.step import Trainer
 def finetune_trainer(settings: dict[str, Any]) -> Trainer:
     """A Trainer running `pipeline.train.finetune` with `settings` (FinetuneCfg keys) plus the step's
     labels, start model and output. From a published version the fine-tune loads the version's CLIP
-    weights (its model folder) and builds the student's new parts afresh, as for any starting CLIP."""
+    weights (its model folder) and continues its student (`warm_start`, unless `settings` turn it off)."""
 
     def train(
         start: ModelCfg, runs: list[str], output: str, storage_options: dict | None, stop: Callable[[], bool]

@@ -39,6 +39,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -238,8 +239,12 @@ class DenseLabeler:
             batch = torch.cat([win.cut((images[i] - self._mean) / self._std, plans[i][1], size) for i in members])
             scores = self.head(self.backbone, self.text, batch)  # (n_windows, K, h, w)
             logger.debug("head %s: %d windows of %s from %d images", self.head_name, len(batch), size, len(members))
-            for i, part in zip(members, scores.split([len(plans[i][1]) for i in members]), strict=True):
-                maps[i] = win.stitch(part, plans[i][1], size, tuple(images[i].shape[1:]))
+            counts = [len(plans[i][1]) for i in members]
+            flags = scores.flatten(1).isfinite().all(1).tolist()  # per window; one device sync per batch
+            starts = list(accumulate(counts, initial=0))
+            finite = [all(flags[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+            for i, part, ok in zip(members, scores.split(counts), finite, strict=True):
+                maps[i] = win.stitch(part, plans[i][1], size, tuple(images[i].shape[1:]), finite=ok)
                 if self.vocab.background is not None and self.background_offset:
                     maps[i][self.vocab.background] += self.background_offset
         if self.infer.pamr_steps > 0:

@@ -98,17 +98,25 @@ def resize_matrix(src: int, dst: int, dtype: torch.dtype, device: torch.device) 
 
 
 def stitch(
-    scores: torch.Tensor, windows: list[Window], size: tuple[int, int], out_size: tuple[int, int]
+    scores: torch.Tensor,
+    windows: list[Window],
+    size: tuple[int, int],
+    out_size: tuple[int, int],
+    finite: bool | None = None,
 ) -> torch.Tensor:
-    """Average of window scores (n, K, h, w), each upsampled to `size`, over an image of `out_size`: (K, H, W)."""
+    """Average of window scores (n, K, h, w), each upsampled to `size`, over an image of `out_size`: (K, H, W).
+
+    `finite`: whether every score is finite, when the caller knows it (one check per batch instead of
+    a device sync per image); None: checked here."""
     if len(scores) != len(windows):
         raise ValueError(f"{len(scores)} window scores for {len(windows)} windows")
     h, w = scores.shape[2:]
     canvas = scores.new_zeros((scores.shape[1], *out_size))
     count = scores.new_zeros(out_size)
+    products = max(h, w) <= _PRODUCT_MAX_SIDE and (h, w) != tuple(size)
     # A product mixes every window of a row span: a non-finite score (0 * inf is NaN) would spread
     # to all of them, where the loop keeps it in its own window.
-    if max(h, w) <= _PRODUCT_MAX_SIDE and (h, w) != tuple(size) and bool(scores.isfinite().all()):
+    if products and (finite if finite is not None else bool(scores.isfinite().all())):
         _add_by_products(canvas, count, scores, windows, size)
         return canvas / count
     for score, win in zip(scores, windows, strict=True):

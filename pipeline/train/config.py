@@ -34,7 +34,7 @@ class StudentCfg:
     fpn_width: int = 256  # semantic FPN neck channels
     fpn_head_width: int = 128  # semantic FPN head channels
     dropout: float = 0.1
-    tau: float = 0.07  # temperature of the auxiliary score-map loss
+    tau: float = 0.07  # temperature of the score map: its auxiliary loss, and its mix of text embeddings into the FPN
 
 
 @dataclass(frozen=True, slots=True)

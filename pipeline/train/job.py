@@ -30,7 +30,7 @@ import yaml
 from pipeline import schema
 from pipeline.config import diff_keys, dump_yaml, from_dict
 from pipeline.io import fs
-from pipeline.models.backbone import model_config
+from pipeline.models.backbone import model_config, model_meta
 from pipeline.models.precision import resolve_device, resolve_dtype
 from pipeline.outputs import public_config
 from pipeline.train import checkpoint
@@ -40,7 +40,7 @@ from pipeline.train.evaluate import evaluate_folder
 from pipeline.train.export import export
 from pipeline.train.loop import TRIM_EVERY, MasterCopy, Progress, attention_kernel, release_freed_memory, warmup_poly
 from pipeline.train.runs import committed_units, open_runs
-from pipeline.train.student import build, loss, teacher_model, trainable_groups
+from pipeline.train.student import build, continues_student, loss, teacher_model, trainable_groups
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
     if fs.exists(summary_url, so):
         logger.info("%s is finished: returning its summary", cfg.output)
         return fs.read_json(summary_url, so)
+    if continues_student(cfg, model_meta(cfg.model.name, so)):  # refused options fail here, not in a worker
+        logger.info("the student's own parts start from %s's (warm_start)", cfg.model.name)
     if cfg.distribute.num_workers > 0:
         from pipeline.distribute.train import run_train_workers  # Ray stays out of in-process runs
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,37 +21,49 @@ from pipeline.config import ModelCfg
 from pipeline.models.backbone import Backbone, load_backbone
 from pipeline.models.heads.denseclip import HEAD_NAME as DENSECLIP_HEAD
 from pipeline.models.student import DenseCLIP, load_student_state, read_student_state
-from pipeline.train.config import DataCfg, FinetuneCfg
+from pipeline.train.config import DataCfg, FinetuneCfg, StudentCfg
 
 _MAX_LOGIT_SCALE = math.log(100)
-# Student options a warm start may change: they start or regularise training, the weights' meaning stays.
-_TRAINING_ONLY = ("context_init", "gamma_init", "dropout", "tau")
+# Student options a warm start may change: they set initial values (which the loaded weights replace)
+# or regularise training; every other option decides what the weights mean.
+_INIT_OR_TRAINING = ("context_init", "gamma_init", "dropout")
 
 
 def build(cfg: FinetuneCfg) -> tuple[DenseCLIP, Backbone]:
     """The fp32 student (train mode) around the teacher's CLIP, its own parts initialised from `cfg.seed`,
-    or, when the teacher is an exported student and `cfg.warm_start`, from that student's weights.
+    or, when `continues_student` says so, from the teacher's own student weights.
 
-    Raises ValueError when a warm start's student options differ from `cfg.student` (naming them)."""
+    Raises ValueError as `continues_student` does."""
     backbone = load_backbone(dataclasses.replace(cfg.model, precision="fp32"), cfg.storage_options or None)
-    options = dataclasses.asdict(cfg.student)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = DenseCLIP(backbone.model, backbone.tokenizer, **options)
-    if cfg.warm_start and backbone.meta.get("head") == DENSECLIP_HEAD:
-        trained = backbone.meta.get("student", {})
-        differ = [
-            f"student.{k}={trained.get(k)!r} there, {v!r} here"
-            for k, v in options.items()
-            if k not in _TRAINING_ONLY and trained.get(k) != v
-        ]
-        if differ:
-            raise ValueError(
-                f"model {cfg.model.name} is a student with other options ({'; '.join(differ)}): set the same "
-                "student options to continue it, or warm_start=false to start its own parts afresh"
-            )
+        model = DenseCLIP(backbone.model, backbone.tokenizer, **dataclasses.asdict(cfg.student))
+    if continues_student(cfg, backbone.meta):
         load_student_state(model, read_student_state(backbone.folder, backbone.storage_options))
     return model.train(), backbone
+
+
+def continues_student(cfg: FinetuneCfg, meta: dict[str, Any]) -> bool:
+    """True when the fine-tune starts its student's own parts from the teacher's: `cfg.warm_start` and a
+    teacher that is an exported student (`meta`: its meta.json, `model_meta`). An option such a student
+    was exported without has its default (older exports).
+
+    Raises ValueError naming each option that differs from the student's and changes what its weights
+    mean (all but `_INIT_OR_TRAINING`)."""
+    if not cfg.warm_start or meta.get("head") != DENSECLIP_HEAD:
+        return False
+    trained = {**dataclasses.asdict(StudentCfg()), **meta.get("student", {})}
+    differ = [
+        f"student.{k}={trained[k]!r} there, {v!r} here"
+        for k, v in dataclasses.asdict(cfg.student).items()
+        if k not in _INIT_OR_TRAINING and trained[k] != v
+    ]
+    if differ:
+        raise ValueError(
+            f"model {cfg.model.name} is a student with other options ({'; '.join(differ)}): set the same "
+            "student options to continue it, or warm_start=false to start its own parts afresh"
+        )
+    return True
 
 
 def teacher_model(run_model: ModelCfg, wanted: ModelCfg) -> ModelCfg:
