@@ -4,6 +4,7 @@ the shipped shapes-clip: training, checkpoints and resume, evaluation, export, l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -23,13 +24,14 @@ from safetensors.torch import load_file
 from jobs.cli import main as cli
 from pipeline.config import ModelCfg, RunCfg
 from pipeline.data.shapeworld_shards import write_dataset
+from pipeline.distribute.train import run_train_workers
 from pipeline.io import fs
 from pipeline.models.heads.denseclip import DenseCLIPHead
 from pipeline.models.student import read_student_state, student_state
 from pipeline.retrain.lease import Taken
 from pipeline.stages.infer import DenseLabeler
 from pipeline.train import finetune
-from pipeline.train.job import OutputConflict, Stopped
+from pipeline.train.job import OutputConflict, Stopped, train_worker
 from pipeline.train.student import build
 from pipeline.vocab import load_vocabulary
 from tests.finetune_fixtures import FINETUNE_FAST, finetune_config, label_in_process
@@ -301,16 +303,32 @@ def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_pat
     assert not any(p.name.startswith("clipdense-train-") for p in scratch.iterdir())  # Ray Train's scratch is gone
 
 
-def test_ray_train_workers_stop_together_when_the_lease_is_taken(labelled, tmp_path):
-    lease = tmp_path / "lease"
-    lease.mkdir()
-    (lease / "lease-000000.json").write_text("{}")
-    (lease / "lease-000001.json").write_text("{}")  # another step took the key: generation 0 is stale
-    out = tmp_path / "ray-stopped"
-    cfg = finetune_config([labelled["labels"]], str(out), "optim.steps=2", "distribute.num_workers=2")
-    with pytest.raises(Stopped, match="asked to stop"):
-        finetune(cfg, Taken(str(lease), 0))
-    assert not (out / "checkpoints").exists() and not (out / "_run/summary.json").exists()
+def test_ray_train_workers_stop_together_after_an_evaluation(labelled, tmp_path):
+    """Rank 0 evaluates alone; the stop check after it must still reach every rank, or the others would
+    wait for rank 0 in the next step until Ray Train killed them. The stop turns True once that
+    evaluation exported the model; each rank leaves a mark when it stops."""
+    out, marks = tmp_path / "ray-stopped", tmp_path / "stopped"
+    marks.mkdir()
+    cfg = finetune_config(
+        [labelled["labels"]], str(out), "optim.steps=4", "distribute.num_workers=2",
+        f"eval.truth={labelled['shapes']}", "eval.every=2", "model.name=shapes-clip",  # the labels' model
+    )  # fmt: skip
+    stop = functools.partial(os.path.exists, str(out / "model" / "meta.json"))
+
+    def worker(cfg, rank: int, world: int) -> dict:
+        try:
+            return train_worker(cfg, rank, world, stop=stop)
+        except Stopped as exc:
+            (marks / f"rank-{rank}").write_text(str(exc))
+            raise
+
+    with pytest.raises(RuntimeError, match="fine-tune workers failed"):
+        run_train_workers(cfg, worker)
+    said = {p.name: p.read_text() for p in marks.iterdir()}
+    assert sorted(said) == ["rank-0", "rank-1"]
+    assert all("asked to stop after the evaluation at step 2" in text for text in said.values())
+    assert json.loads((out / "checkpoints/latest.json").read_text())["step"] == 2
+    assert not (out / "checkpoints/step-00000004.pt").exists() and not (out / "_run/summary.json").exists()
 
 
 def test_example_config_resolves_and_config_show_prints_the_finetune_keys(capsys):
