@@ -303,6 +303,19 @@ def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_pat
     assert not any(p.name.startswith("clipdense-train-") for p in scratch.iterdir())  # Ray Train's scratch is gone
 
 
+def test_a_ray_train_run_whose_lease_is_taken_stops(labelled, tmp_path):
+    """Through `finetune`: Ray Train reports the workers' Stopped as its own error; the run says Stopped."""
+    lease = tmp_path / "lease"
+    lease.mkdir()
+    (lease / "lease-000000.json").write_text("{}")
+    (lease / "lease-000001.json").write_text("{}")  # another step took the key: generation 0 is stale
+    out = tmp_path / "ray-stopped"
+    cfg = finetune_config([labelled["labels"]], str(out), "optim.steps=2", "distribute.num_workers=2")
+    with pytest.raises(Stopped, match="asked to stop"):
+        finetune(cfg, Taken(str(lease), 0))
+    assert not (out / "checkpoints").exists() and not (out / "_run/summary.json").exists()
+
+
 def test_ray_train_workers_stop_together_after_an_evaluation(labelled, tmp_path):
     """Rank 0 evaluates alone; the stop check after it must still reach every rank, or the others would
     wait for rank 0 in the next step until Ray Train killed them. The stop turns True once that

@@ -98,6 +98,16 @@ def test_stitch_of_tiled_and_shifted_windows_is_the_average_of_their_upsampled_s
         win.stitch(scores[1:], windows, size, (height, width))
 
 
+def test_finiteness_is_told_per_image_from_one_batch_of_windows():
+    """The engine stitches each image of a batch with its own windows' finiteness."""
+    scores = torch.zeros(9, 2, 3, 3)  # three images of 2, 4 and 3 windows
+    scores[5, 1, 2, 0] = float("inf")  # the second image's last window
+    assert win.finite_by_image(scores, [2, 4, 3]) == [True, False, True]
+    scores[6, 0, 0, 0] = float("nan")  # the third image's first window
+    assert win.finite_by_image(scores, [2, 4, 3]) == [True, False, False]
+    assert win.finite_by_image(scores, [6, 3]) == [False, False] and win.finite_by_image(scores[:5], [5]) == [True]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_window_score_that_is_not_finite_stays_in_its_window(bad):
     """A model that overflows in one window must not spoil the pixels only other windows cover."""

@@ -254,8 +254,9 @@ def _retrying(call: Callable[[], T], transient: Callable[[OSError], bool]) -> T:
 
 
 def _is_conflict(exc: OSError) -> bool:
-    """S3's 409 ConditionalRequestConflict (s3fs: EBUSY): another conditional write of the key is in
-    flight, and a retry then wins or sees its result."""
+    """EBUSY from s3fs: for a conditional write mostly S3's 409 ConditionalRequestConflict (another
+    conditional write of the key is in flight; a retry then wins or sees its result), but also a store
+    that stays busy (503, SlowDown) after s3fs's own retries; retried too, and raised if it lasts."""
     return exc.errno == errno.EBUSY
 
 

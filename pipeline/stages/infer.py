@@ -39,7 +39,6 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -240,9 +239,8 @@ class DenseLabeler:
             scores = self.head(self.backbone, self.text, batch)  # (n_windows, K, h, w)
             logger.debug("head %s: %d windows of %s from %d images", self.head_name, len(batch), size, len(members))
             counts = [len(plans[i][1]) for i in members]
-            flags = scores.flatten(1).isfinite().all(1).tolist()  # per window; one device sync per batch
-            starts = list(accumulate(counts, initial=0))
-            finite = [all(flags[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+            products = win.uses_products(tuple(scores.shape[2:]), size)
+            finite = win.finite_by_image(scores, counts) if products else [None] * len(members)
             for i, part, ok in zip(members, scores.split(counts), finite, strict=True):
                 maps[i] = win.stitch(part, plans[i][1], size, tuple(images[i].shape[1:]), finite=ok)
                 if self.vocab.background is not None and self.background_offset:

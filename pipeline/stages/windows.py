@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +114,9 @@ def stitch(
     h, w = scores.shape[2:]
     canvas = scores.new_zeros((scores.shape[1], *out_size))
     count = scores.new_zeros(out_size)
-    products = max(h, w) <= _PRODUCT_MAX_SIDE and (h, w) != tuple(size)
     # A product mixes every window of a row span: a non-finite score (0 * inf is NaN) would spread
     # to all of them, where the loop keeps it in its own window.
-    if products and (finite if finite is not None else bool(scores.isfinite().all())):
+    if uses_products((h, w), size) and (finite if finite is not None else bool(scores.isfinite().all())):
         _add_by_products(canvas, count, scores, windows, size)
         return canvas / count
     for score, win in zip(scores, windows, strict=True):
@@ -128,6 +128,20 @@ def stitch(
         canvas[:, y0 : win.y1, x0 : win.x1] += up[:, y0 - win.y0 : win.y1 - win.y0, x0 - win.x0 : win.x1 - win.x0]
         count[y0 : win.y1, x0 : win.x1] += 1
     return canvas / count
+
+
+def uses_products(grid: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether `stitch` upsamples window scores on a (h, w) grid to `size` by matrix products (small
+    patch grids), which need every score finite, rather than window by window."""
+    return max(grid) <= _PRODUCT_MAX_SIDE and tuple(grid) != tuple(size)
+
+
+def finite_by_image(scores: torch.Tensor, counts: list[int]) -> list[bool]:
+    """Whether each image's window scores are all finite, for scores (n, K, h, w) of consecutive
+    images with `counts` windows each: one device sync for the whole batch."""
+    flags = scores.flatten(1).isfinite().all(1).tolist()
+    starts = list(accumulate(counts, initial=0))
+    return [all(flags[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def _add_by_products(

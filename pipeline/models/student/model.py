@@ -50,7 +50,8 @@ class DenseCLIP(nn.Module):
     dense embedding and starts at zero (False: it replaces it, as the reference);
     decoder_width/layers/heads: context decoder (256/3/4);
     gamma_init: initial gamma (1e-4); fpn_width/fpn_head_width: FPN neck and head channels (256/128);
-    dropout: context decoder and FPN head dropout (0.1); tau: temperature of the auxiliary score map (0.07).
+    dropout: context decoder and FPN head dropout (0.1); tau: temperature of the score map
+    (0.07): its auxiliary loss, its mix of text embeddings into the FPN, and the initial logit scale (1/tau).
     """
 
     def __init__(
