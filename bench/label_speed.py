@@ -92,8 +92,10 @@ def in_process(cfg, urls: list[str], repeats: int) -> dict:
 
 def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> dict:
     """CPU milliseconds per image of the work the job adds to the labeler, each part run alone on this
-    thread: `read` (tar parsing and image decoding, `iter_samples`) and `write` (`LabelShardSink.add`:
-    two PNG encodings, row statistics, tar members), with `encode` (the two PNGs) shown apart."""
+    thread: `read` (tar parsing and image decoding, `iter_samples`) and `write` (the job's own writer
+    call: two PNG encodings, row statistics, the sample's JSON, tar members), with `encode` (the two
+    PNGs) shown apart."""
+    from pipeline.stages.shard import _Item
     from pipeline.stages.write import LabelShardSink, encode_confidence, encode_labels
 
     start = time.thread_time()
@@ -102,8 +104,10 @@ def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> 
     results = [r for batch in batches for r in worker.labeler(batch)]
     sink = LabelShardSink(str(scratch), "side", len(worker.vocab), worker.context)
     start = time.thread_time()
-    for index, (sample, result) in enumerate(zip(samples, results, strict=True)):
-        sink.add(index, sample.key, result.labels, result.confidence)
+    worker._write(
+        [(_Item(i, sample, 0.0), result, 0.0) for i, (sample, result) in enumerate(zip(samples, results, strict=True))],
+        sink,
+    )
     write = time.thread_time() - start
     sink.abort()
     start = time.thread_time()
