@@ -77,7 +77,6 @@ def in_process(cfg, urls: list[str], repeats: int) -> dict:
     side = side_cpu_ms(worker, urls, batches, Path(cfg.output).parent / "side")
     return {
         "images": len(images),
-        "overlap": stats[0]["overlap"],  # distribute.overlap, as `auto` resolved it
         "side_cpu_ms_per_image": side,
         # the job's wall time per image beyond the labeler's, against the reader's and writer's CPU
         "extra_ms_per_image_end_to_end": round(1e3 * (best["end_to_end"] - best["labeler"]) / len(images), 3),

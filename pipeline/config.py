@@ -97,10 +97,7 @@ class DistributeCfg:
     max_retries: int = 2  # attempts after the first before a shard is recorded as failed
     read_retry_s: float = 60.0  # seconds a failing read of an input shard is resumed before the attempt fails
     max_pixels: int = 100_000_000  # images with more pixels are recorded as failed, never decoded
-    prefetch: int = 2  # batches each actor decodes ahead of the model (and may write behind it) when overlapped
-    # reading and writing beside the model on their own threads, or on its thread between batches;
-    # auto = inline when the model runs on the CPU with a thread on every core (pipeline.stages.shard)
-    overlap: Literal["auto", "threads", "inline"] = "auto"
+    prefetch: int = 2  # batches each actor decodes ahead of the model (and may write behind it)
     log_interval: float = 30.0  # seconds between progress log lines when the output is not a terminal
 
 

@@ -42,7 +42,6 @@ from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, ShardReadError, iter_samples
 from pipeline.outputs import committed_shards, prepare_output
 from pipeline.retrain.lease import Taken
-from pipeline.stages.shard import ShardLabeler
 from pipeline.stages.write import LabelShardSink, RowContext, read_commit
 from pipeline.vocab import Vocabulary
 
@@ -102,23 +101,6 @@ def test_s3_failing_longer_than_the_retry_window_raises_and_yields_no_failed_row
     with pytest.raises(ShardReadError, match=r"failed at byte \d+ for 1s: OSError: .*Internal Server Error"):
         records.extend(iter_samples(url, through(proxy, s3), retry_s=1))
     assert records and all(isinstance(r, Sample) for r in records) and len(records) < 12
-
-
-@pytest.mark.parametrize("overlap", ["threads", "inline"])
-def test_a_shard_whose_store_keeps_failing_mid_read_fails_its_attempt_and_commits_nothing(
-    tmp_path, s3, s3_root, proxy, model, overlap
-):
-    """Either way a worker reads (on its own thread or on the model's), a read that fails past its
-    retry window fails the attempt with the store's error: no marker, no label tar, no partial shard."""
-    url = fs.join(s3_root, "in/shard-000000.tar")
-    noisy_shard(url, 12, s3.storage_options)
-    proxy.add(Fault("500", method="GET", min_offset=BLOCK, seconds=60))
-    overrides = ("distribute.read_retry_s=1", "infer.batch_size=2", f"distribute.overlap={overlap}")
-    cfg = job_config(url, str(tmp_path / "out"), model, *overrides, storage_options=through(proxy, s3))
-    with pytest.raises(ShardReadError, match=r"failed at byte \d+ for 1s: OSError: .*Internal Server Error"):
-        ShardLabeler(cfg, Vocabulary.from_entries(["background", "red circle"], background=0))(url)
-    assert not (tmp_path / "out" / schema.commit_path("shard-000000")).exists()
-    assert not list((tmp_path / "out" / "labels").iterdir())
 
 
 @pytest.mark.parametrize("kind", ["500", "reset"])

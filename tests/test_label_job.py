@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import torch
 import yaml
 from jobs_fixtures import (
     corrupt_image,
@@ -37,7 +35,7 @@ from pipeline.distribute.driver import ACTOR_PREFIX, actor_resources
 from pipeline.distribute.progress import Progress
 from pipeline.io import fs
 from pipeline.io.read import Sample, SampleError, iter_samples
-from pipeline.stages.shard import ShardLabeler, ShardReadError, runs_inline
+from pipeline.stages.shard import ShardLabeler, ShardReadError
 from pipeline.vocab import Vocabulary, load_vocabulary
 
 
@@ -62,12 +60,11 @@ def _input_samples(url: str, storage_options: dict | None = None) -> list[Sample
 # --- the per-shard worker, no Ray ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlap", ["threads", "inline"])
-def test_shard_worker_writes_one_row_per_sample_in_order_at_original_sizes(tmp_path, model, overlap):
+def test_shard_worker_writes_one_row_per_sample_in_order_at_original_sizes(tmp_path, model):
     (url,) = shapes(str(tmp_path / "in"), 1, 7)
     replace_image(url, "000000_000002", (40, 56))
     corrupt_image(url, "000000_000004")
-    cfg = job_config(url, str(tmp_path / "out"), model, "infer.batch_size=3", f"distribute.overlap={overlap}")
+    cfg = job_config(url, str(tmp_path / "out"), model, "infer.batch_size=3")
     vocab = load_vocabulary(str(tmp_path / "in/vocabulary.json"))
     marker = ShardLabeler(cfg, vocab)(url)
 
@@ -90,44 +87,6 @@ def test_shard_worker_writes_one_row_per_sample_in_order_at_original_sizes(tmp_p
     assert rows[2]["width"] == 56 and rows[2]["height"] == 40
     assert (marker["ok"], marker["failed"]) == (6, 1)
     assert marker["stats"]["attempt"] == 1 and marker["stats"]["infer_s"] > 0
-    assert marker["stats"]["overlap"] == overlap
-
-
-def test_reading_and_writing_on_the_model_thread_write_the_labels_and_rows_of_overlapped_ones(tmp_path, model):
-    (url,) = shapes(str(tmp_path / "in"), 1, 9)
-    corrupt_image(url, "000000_000005")
-    vocab = load_vocabulary(str(tmp_path / "in/vocabulary.json"))
-    written = {}
-    for overlap in ("threads", "inline"):
-        out = str(tmp_path / overlap)
-        ShardLabeler(job_config(url, out, model, "infer.batch_size=4", f"distribute.overlap={overlap}"), vocab)(url)
-        members = read_labels(out, "shapes-000000")
-        meta = {k: json.loads(v) for k, v in members.items() if k.endswith(".json")}
-        timings = {k: m.pop("timings") for k, m in meta.items()}
-        assert all(t["infer_s"] > 0 and t["write_s"] > 0 for t in timings.values())
-        rows = [{k: v for k, v in r.items() if k != "seconds"} for r in read_rows(out, "shapes-000000")]
-        written[overlap] = ({k: v for k, v in members.items() if k.endswith(".png")}, meta, rows)
-    maps, meta, rows = written["inline"]
-    assert len(maps) == 2 * 8 and [r["status"] for r in rows].count("failed") == 1
-    assert written["threads"] == written["inline"]
-
-
-def test_auto_overlap_is_inline_only_for_a_local_shard_and_a_cpu_model_with_a_thread_per_core():
-    cores = len(os.sched_getaffinity(0))
-    threads = torch.get_num_threads()
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    try:
-        torch.set_num_threads(cores)
-        assert runs_inline("auto", cpu, local_input=True)
-        assert not runs_inline("auto", cpu, local_input=False)  # a reader thread hides the store's waits
-        assert not runs_inline("auto", gpu, local_input=True)  # the CPU is free for the reader and writer
-        assert not runs_inline("threads", cpu, local_input=True)
-        assert runs_inline("inline", gpu, local_input=False)
-        if cores > 1:
-            torch.set_num_threads(cores - 1)  # a core is left for them (a Ray actor given fewer CPUs)
-            assert not runs_inline("auto", cpu, local_input=True)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_shard_worker_refuses_an_unreadable_shard_and_leaves_no_output(tmp_path, model):

@@ -7,14 +7,6 @@ actor run the same `ShardLabeler`. Three threads share the work so the model nev
     caller thread   batches of `infer.batch_size` images → DenseLabeler (the only model user)
     writer thread   PNG encoding + tar/Parquet writes, at most `prefetch` batches behind
 
-Overlap pays when the model leaves CPU cores free (a GPU, or fewer torch threads than cores). When
-the model runs on the CPU with a thread on every core this worker has, the reader and writer can
-only take cores from it, and each time one of them does, the model's parallel operations wait for
-their slowest thread: the side work then costs the model more than its own length. So by default
-(`distribute.overlap: auto`) such a worker reads and writes a shard on local disk on the model's
-thread, between batches (`inline`); `threads` and `inline` force either way. The labels and rows
-are the same either way; the marker's `stats.overlap` says which ran.
-
 A corrupt sample becomes a failed row with the reader's reason, never a crashed shard. A shard the
 reader cannot open, or whose store keeps failing (`pipeline.io.read`), raises `ShardReadError`,
 which the driver retries; it is never committed with part of its samples. The commit marker's
@@ -37,11 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from pipeline import schema
 from pipeline.config import RunCfg, config_hash
-from pipeline.io import fs
 from pipeline.io.read import ReadStats, Sample, SampleError, ShardReadError, iter_samples
 from pipeline.stages.infer import DenseLabeler
 from pipeline.stages.write import LabelShardSink, RowContext
@@ -53,7 +42,7 @@ logger = logging.getLogger(__name__)
 _END = object()
 
 
-__all__ = ["ShardLabeler", "ShardReadError", "peak_rss_mb", "runs_inline"]
+__all__ = ["ShardLabeler", "ShardReadError", "peak_rss_mb"]
 
 
 @dataclass
@@ -89,13 +78,8 @@ class ShardLabeler:
         name = schema.shard_name(url)
         timer = _Timer()
         sink = LabelShardSink(self.cfg.output, name, len(self.vocab), self.context, self.cfg.storage_options)
-        inline = runs_inline(self.cfg.distribute.overlap, self.dense.device, _on_local_disk(url, self.cfg))
-        reader: _ReadInline | _ReadAhead
-        if inline:
-            reader, writer = _ReadInline(url, self.cfg, timer), None
-        else:
-            reader = _ReadAhead(url, self.cfg, maxsize=self.prefetch * self.cfg.infer.batch_size, timer=timer)
-            writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{name}")
+        reader = _ReadAhead(url, self.cfg, maxsize=self.prefetch * self.cfg.infer.batch_size, timer=timer)
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{name}")
         pending: deque[Future] = deque()
         try:
             batch: list[_Item] = []
@@ -114,15 +98,12 @@ class ShardLabeler:
             _drain(pending, timer, keep=0)
         except BaseException:
             reader.close()
-            if writer is not None:
-                writer.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True, cancel_futures=True)
             sink.abort()
             raise
-        if writer is not None:
-            writer.shutdown(wait=True)
+        writer.shutdown(wait=True)
         stats = {k: round(v, 4) for k, v in vars(timer).items()} | {"wall_s": round(time.perf_counter() - started, 4)}
         stats |= {"peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "committed_at": round(time.time(), 3)}
-        stats["overlap"] = "inline" if inline else "threads"
         if sink.n_ok + sink.n_failed != reader.count:  # the promise of a committed shard: one row per sample
             sink.abort()
             raise RuntimeError(f"shard {url}: {reader.count} samples read but {sink.n_ok + sink.n_failed} rows")
@@ -132,17 +113,8 @@ class ShardLabeler:
         return marker
 
     def _submit(
-        self,
-        writer: ThreadPoolExecutor | None,
-        pending: deque[Future],
-        timer: _Timer,
-        fn: Callable[..., float],
-        *args: Any,
+        self, writer: ThreadPoolExecutor, pending: deque[Future], timer: _Timer, fn: Callable[..., float], *args: Any
     ) -> None:
-        """Run a write on the writer thread, at most `prefetch` behind, or here when there is none."""
-        if writer is None:
-            timer.write_s += fn(*args)
-            return
         _drain(pending, timer, keep=self.prefetch)
         pending.append(writer.submit(fn, *args))
 
@@ -203,71 +175,6 @@ def _drain(pending: deque[Future], timer: _Timer, keep: int) -> None:
     timer.backpressure_s += time.perf_counter() - t0
 
 
-def runs_inline(overlap: str, device: torch.device, local_input: bool) -> bool:
-    """Whether a worker reads and writes a shard on the model's thread (`distribute.overlap`):
-    `inline`, `threads`, or `auto` = inline when the model runs on the CPU with at least as many torch
-    threads as this process may use cores (there, a reader or writer thread takes a core from the
-    model's parallel operations, which all wait for it) and the shard is on a local disk (a reader
-    thread hides the waits of a remote store, which would idle the model)."""
-    if overlap != "auto":
-        return overlap == "inline"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return local_input and device.type == "cpu" and torch.get_num_threads() >= cores
-
-
-def _on_local_disk(url: str, cfg: RunCfg) -> bool:
-    try:
-        return fs.is_local(fs.url_to_fs(url, cfg.storage_options)[0])
-    except Exception:  # an unknown protocol or bad options: the reader reports it as the shard's error
-        return False
-
-
-def _items(url: str, cfg: RunCfg, stats: ReadStats, timer: _Timer) -> Iterator[_Item]:
-    """The shard's samples in order, each with the seconds its reading took (added to `timer.read_s`)."""
-    dist = cfg.distribute
-    samples = iter_samples(url, cfg.storage_options, dist.max_pixels, dist.read_retry_s, stats)
-    t0 = time.perf_counter()
-    for index, sample in enumerate(samples):
-        read_s = time.perf_counter() - t0
-        timer.read_s += read_s
-        yield _Item(index, sample, read_s)
-        t0 = time.perf_counter()
-
-
-def _read_failed(exc: BaseException) -> ShardReadError:
-    """The attempt's error for an exception the reader did not turn into a `ShardReadError` itself."""
-    return ShardReadError(f"reading failed: {type(exc).__name__}: {exc}")
-
-
-class _ReadInline:
-    """Iterates a shard's samples on the caller's thread; the time it reads is time the model waits."""
-
-    def __init__(self, url: str, cfg: RunCfg, timer: _Timer) -> None:
-        self._timer = timer
-        self.stats = ReadStats()
-        self.count = 0  # samples and failed samples handed out
-        self._items = _items(url, cfg, self.stats, timer)
-
-    def __iter__(self) -> Iterator[_Item]:
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(self._items)
-            except StopIteration:
-                return
-            except ShardReadError:
-                raise
-            except Exception as exc:
-                raise _read_failed(exc) from exc
-            finally:
-                self._timer.wait_s += time.perf_counter() - t0
-            self.count += 1
-            yield item
-
-    def close(self) -> None:
-        self._items.close()
-
-
 class _ReadAhead:
     """Iterates a shard's samples, decoded on a background thread into a bounded queue."""
 
@@ -282,9 +189,17 @@ class _ReadAhead:
 
     def _run(self, url: str, cfg: RunCfg) -> None:
         try:
-            for item in _items(url, cfg, self.stats, self._timer):
-                if not self._put(item):
+            dist = cfg.distribute
+            samples = iter_samples(url, cfg.storage_options, dist.max_pixels, dist.read_retry_s, self.stats)
+            index = 0
+            t0 = time.perf_counter()
+            for sample in samples:
+                read_s = time.perf_counter() - t0
+                self._timer.read_s += read_s
+                if not self._put(_Item(index, sample, read_s)):
                     return
+                index += 1
+                t0 = time.perf_counter()
             self._put(_END)
         except BaseException as exc:  # handed to the caller, which raises it
             self._put(exc)
@@ -308,7 +223,7 @@ class _ReadAhead:
             if isinstance(item, ShardReadError):
                 raise item
             if isinstance(item, BaseException):
-                raise _read_failed(item) from item
+                raise ShardReadError(f"reading failed: {type(item).__name__}: {item}") from item
             self.count += 1
             yield item
 
