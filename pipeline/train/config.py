@@ -15,26 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ModelCfg, to_dict
+from pipeline.models.student.model import StudentCfg
 
 # Keys that change how a run executes but never what it computes: a resume may differ in them.
 EXECUTION_KEYS = ("output", "storage_options", "log_every", "checkpoint_every", "eval")
-
-
-@dataclass(frozen=True, slots=True)
-class StudentCfg:
-    n_contexts: int = 8  # learnable context vectors before each class name
-    context_init: str = ""  # a phrase of n_contexts tokens they start from (e.g. "a photo of a"); "" = random
-    dense: str = "attention"  # dense embedding path: attention (DenseCLIP) | value (MaskCLIP's, the teacher's)
-    patch_stride: int = 0  # ViT: pixels between patches; 0 = the patch size, half of it = overlapping patches
-    residual: bool = False  # the FPN's output is added to the dense CLIP embedding (zero at the start)
-    decoder_width: int = 256  # context decoder width
-    decoder_layers: int = 3
-    decoder_heads: int = 4
-    gamma_init: float = 1e-4  # initial scale of the context decoder's text update
-    fpn_width: int = 256  # semantic FPN neck channels
-    fpn_head_width: int = 128  # semantic FPN head channels
-    dropout: float = 0.1
-    tau: float = 0.07  # temperature of the score map: its auxiliary loss, and its mix of text embeddings into the FPN
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,10 @@ student's own parameters (`student_state`: contexts, context decoder, gamma, ada
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,72 +43,59 @@ STUDENT_FILE = "student.safetensors"
 _SHARED = ("clip.", "image.visual.", "text.clip.")  # the CLIP model, reached under three names
 
 
+@dataclass(frozen=True, slots=True)
+class StudentCfg:
+    """The options of a `DenseCLIP` student (the fine-tune's `student` keys, the model folder's meta.json
+    `student`); defaults from the official DenseCLIP recipe, scaled down where they must fit a CPU."""
+
+    n_contexts: int = 8  # learnable context vectors before each class name
+    context_init: str = ""  # a phrase of n_contexts tokens they start from (e.g. "a photo of a"); "" = random
+    dense: str = "attention"  # dense embedding path: attention (DenseCLIP) | value (MaskCLIP's, the teacher's)
+    patch_stride: int = 0  # ViT: pixels between patches; 0 = the patch size, half of it = overlapping patches
+    residual: bool = False  # the FPN's output is added to the dense CLIP embedding (zero at the start)
+    decoder_width: int = 256  # context decoder width
+    decoder_layers: int = 3
+    decoder_heads: int = 4
+    gamma_init: float = 1e-4  # initial scale of the context decoder's text update
+    fpn_width: int = 256  # semantic FPN neck channels
+    fpn_head_width: int = 128  # semantic FPN head channels
+    dropout: float = 0.1
+    tau: float = 0.07  # temperature of the score map: its auxiliary loss, and its mix of text embeddings into the FPN
+
+
 class DenseCLIP(nn.Module):
-    """See the module docstring. Options (all saved in `options`, the model folder's meta.json `student`):
+    """See the module docstring. `options` are `StudentCfg` fields (TypeError for any other), all saved
+    in `options`, the model folder's meta.json `student`: the context vectors and their start phrase
+    (see `text`), the dense embedding path and ViT patch stride (see `encoder`), whether the FPN's
+    output is added to the dense embedding and starts at zero (`residual`; the reference replaces it),
+    the context decoder's size, gamma's start, the FPN's widths, the dropout of the context decoder and
+    FPN head, and tau: the score map's temperature for its auxiliary loss and its mix of text
+    embeddings into the FPN, and the initial logit scale (1/tau)."""
 
-    n_contexts: learnable context vectors (8); context_init: a phrase of n_contexts tokens the contexts
-    start from ("": random, as the reference; see `text`); dense: the path of the dense embedding
-    ("attention" as the reference, or "value", MaskCLIP's; see `encoder`); patch_stride: ViT pixels
-    between patches (0: the patch size; see `encoder`); residual: the FPN's output is added to the
-    dense embedding and starts at zero (False: it replaces it, as the reference);
-    decoder_width/layers/heads: context decoder (256/3/4);
-    gamma_init: initial gamma (1e-4); fpn_width/fpn_head_width: FPN neck and head channels (256/128);
-    dropout: context decoder and FPN head dropout (0.1); tau: temperature of the score map
-    (0.07): its auxiliary loss, its mix of text embeddings into the FPN, and the initial logit scale (1/tau).
-    """
-
-    def __init__(
-        self,
-        clip: nn.Module,
-        tokenizer,
-        n_contexts: int = 8,
-        context_init: str = "",
-        dense: str = "attention",
-        patch_stride: int = 0,
-        residual: bool = False,
-        decoder_width: int = 256,
-        decoder_layers: int = 3,
-        decoder_heads: int = 4,
-        gamma_init: float = 1e-4,
-        fpn_width: int = 256,
-        fpn_head_width: int = 128,
-        dropout: float = 0.1,
-        tau: float = 0.07,
-    ) -> None:
+    def __init__(self, clip: nn.Module, tokenizer: Any, **options: Any) -> None:
         super().__init__()
         if not hasattr(tokenizer, "sot_token_id"):
             raise ValueError("a DenseCLIP student needs a CLIP BPE tokenizer (open_clip SimpleTokenizer)")
-        self.options = {
-            "n_contexts": n_contexts,
-            "context_init": context_init,
-            "dense": dense,
-            "patch_stride": patch_stride,
-            "residual": residual,
-            "decoder_width": decoder_width,
-            "decoder_layers": decoder_layers,
-            "decoder_heads": decoder_heads,
-            "gamma_init": gamma_init,
-            "fpn_width": fpn_width,
-            "fpn_head_width": fpn_head_width,
-            "dropout": dropout,
-            "tau": tau,
-        }
+        cfg = StudentCfg(**options)
+        self.options = dataclasses.asdict(cfg)
         self.clip = clip
-        self.image = ImageEncoder(clip.visual, dense, patch_stride)
-        self.text = PromptText(clip, tokenizer, n_contexts, context_init)
+        self.image = ImageEncoder(clip.visual, cfg.dense, cfg.patch_stride)
+        self.text = PromptText(clip, tokenizer, cfg.n_contexts, cfg.context_init)
         dim = int(clip.text_projection.shape[1])
-        self.context_decoder = ContextDecoder(dim, decoder_width, decoder_layers, decoder_heads, dropout)
-        self.gamma = nn.Parameter(torch.full((dim,), float(gamma_init)))
+        self.context_decoder = ContextDecoder(
+            dim, cfg.decoder_width, cfg.decoder_layers, cfg.decoder_heads, cfg.dropout
+        )
+        self.gamma = nn.Parameter(torch.full((dim,), float(cfg.gamma_init)))
         self.concat_index = 2 if self.image.is_vit else 3
         channels = list(self.image.channels)
         channels[self.concat_index] += dim
-        self.decoder = SemanticFPN(channels, self.image.strides, dim, fpn_width, fpn_head_width, dropout)
-        self.residual = residual
-        if residual:  # the first step's pixel embeddings are the dense CLIP embeddings themselves
+        self.decoder = SemanticFPN(channels, self.image.strides, dim, cfg.fpn_width, cfg.fpn_head_width, cfg.dropout)
+        self.residual = cfg.residual
+        if cfg.residual:  # the first step's pixel embeddings are the dense CLIP embeddings themselves
             nn.init.zeros_(self.decoder.classifier.weight)
             nn.init.zeros_(self.decoder.classifier.bias)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)))  # pixel classifier temperature
-        self.tau = tau
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.tau)))  # pixel classifier temperature
+        self.tau = cfg.tau
         self.clip.requires_grad_(False)  # the text encoder is frozen (reference: lr_mult 0) ...
         self.clip.visual.requires_grad_(True)  # ... the image encoder is fine-tuned
 
