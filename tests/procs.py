@@ -17,6 +17,14 @@ def comm(pid: int) -> str:
         return ""
 
 
+def cmdline(pid: int) -> str:
+    """The process's command line, arguments joined by spaces (a Ray worker's names its actor class), or ""."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     """Running (not gone, not a zombie)."""
     try:
@@ -32,4 +40,4 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
-__all__ = ["alive", "comm", "descendants", "wait_for"]
+__all__ = ["alive", "cmdline", "comm", "descendants", "wait_for"]

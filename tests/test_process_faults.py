@@ -1,5 +1,6 @@
 """Process faults of the labeling command, run as an operator runs it (`python -m jobs.cli label` in
-its own process): a signal while Ray starts, and a driver killed outright while its actors label."""
+its own process): a signal while Ray starts, and a driver killed outright while its actors label,
+on its embedded Ray instance or on a cluster it joined (`--address`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from jobs_fixtures import read_rows, shapes, tiny_model
-from procs import alive, comm, descendants, wait_for
+from procs import alive, cmdline, comm, descendants, wait_for
+from ray_head import ray_head  # noqa: F401 - module fixture
 
 from pipeline import schema
 from pipeline.io import fs
@@ -28,10 +30,24 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tiny_model(tmp_path_factory.mktemp("model"))
 
 
-def _start(tmp_path: Path, model: str, *overrides: str) -> subprocess.Popen:
+def _start(tmp_path: Path, model: str, *overrides: str, address: str | None = None) -> subprocess.Popen:
     args = [f"model.name={model}", "prompts.templates=single", "distribute.num_actors=1", "distribute.num_cpus=1"]
-    command = [sys.executable, "-m", "jobs.cli", "label", f"input={tmp_path}/in", f"output={tmp_path}/out", *args]
+    command = [sys.executable, "-m", "jobs.cli", "label", *(["--address", address] if address else [])]
+    command += [f"input={tmp_path}/in", f"output={tmp_path}/out", *args]
     return subprocess.Popen([*command, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rerun_completes(tmp_path: Path, model: str, urls: list[str], committed: set[str], address: str | None) -> None:
+    """The same command again labels the shards left over, every sample once, and leaves no temporary file."""
+    rerun = _start(tmp_path, model, "infer.batch_size=1", address=address)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    summary = json.loads((tmp_path / "out" / schema.SUMMARY_FILE).read_text())
+    assert summary["shards"] | {"committed": len(urls), "skipped": len(committed)} == summary["shards"]
+    for url in urls:
+        rows = read_rows(str(tmp_path / "out"), schema.shard_name(url))
+        assert [r["key"] for r in rows] == [f"{schema.shard_name(url)[-6:]}_{i:06d}" for i in range(24)]
+    assert not any(p.name.startswith(fs.TEMP_PREFIX) for p in (tmp_path / "out").rglob("*"))
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -65,12 +81,31 @@ def test_a_killed_driver_takes_its_embedded_ray_instance_with_it_and_a_rerun_com
     assert committed_shards(str(tmp_path / "out")) == committed  # nothing labels on after the driver
     assert gone_after_s < 10 and len(committed) < 6
 
-    rerun = _start(tmp_path, model, "infer.batch_size=1")
-    out, err = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, err
-    summary = json.loads((tmp_path / "out" / schema.SUMMARY_FILE).read_text())
-    assert summary["shards"] | {"committed": 6, "skipped": len(committed)} == summary["shards"]
-    for url in urls:
-        rows = read_rows(str(tmp_path / "out"), schema.shard_name(url))
-        assert [r["key"] for r in rows] == [f"{schema.shard_name(url)[-6:]}_{i:06d}" for i in range(24)]
-    assert not any(p.name.startswith(fs.TEMP_PREFIX) for p in (tmp_path / "out").rglob("*"))
+    _rerun_completes(tmp_path, model, urls, committed, address=None)
+
+
+def test_a_killed_driver_on_a_cluster_has_its_actors_ended_by_the_cluster_and_a_rerun_completes(
+    tmp_path,
+    model,
+    ray_head,  # noqa: F811
+):
+    """With `--address` there is no reaper: the cluster itself ends the actors of a driver that is gone
+    (they are not detached), and it lives on for the rerun."""
+    urls = shapes(str(tmp_path / "in"), 6, 24)
+    commits = tmp_path / "out" / schema.COMMITS_DIR
+    driver = _start(tmp_path, model, "infer.batch_size=1", address=ray_head.address)
+    wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
+    actors = [p for p in descendants(ray_head.pid) if "ray::LabelActor" in cmdline(p)]
+    assert actors and not any(comm(p) == "raylet" for p in descendants(driver.pid))  # it started no Ray
+    driver.kill()
+    driver.wait(timeout=30)
+    killed_at = time.monotonic()
+    wait_for(lambda: not any(map(alive, actors)), 30, "the cluster to end the driver's actors")
+    gone_after_s = time.monotonic() - killed_at
+    committed = committed_shards(str(tmp_path / "out"))
+    time.sleep(2)
+    assert committed_shards(str(tmp_path / "out")) == committed  # nothing labels on after the driver
+    assert gone_after_s < 10 and len(committed) < 6
+    assert alive(ray_head.pid) and any(comm(p) == "gcs_server" for p in descendants(ray_head.pid))
+
+    _rerun_completes(tmp_path, model, urls, committed, address=ray_head.address)
