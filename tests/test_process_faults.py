@@ -37,6 +37,21 @@ def _start(tmp_path: Path, model: str, *overrides: str, address: str | None = No
     return subprocess.Popen([*command, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _kill_mid_run(driver: subprocess.Popen, processes: list[int] | set[int], output: Path) -> set[str]:
+    """SIGKILL the driver of a run of 6 shards: `processes` end within 10 s and no shard commits after
+    them, with some left to label. Returns the committed shards."""
+    driver.kill()
+    driver.wait(timeout=30)
+    killed_at = time.monotonic()
+    wait_for(lambda: not any(map(alive, processes)), 30, "the driver's Ray processes to end")
+    gone_after_s = time.monotonic() - killed_at
+    committed = committed_shards(str(output))
+    time.sleep(2)
+    assert committed_shards(str(output)) == committed  # nothing labels on after the driver
+    assert gone_after_s < 10 and len(committed) < 6
+    return committed
+
+
 def _rerun_completes(tmp_path: Path, model: str, urls: list[str], committed: set[str], address: str | None) -> None:
     """The same command again labels the shards left over, every sample once, and leaves no temporary file."""
     rerun = _start(tmp_path, model, "infer.batch_size=1", address=address)
@@ -71,16 +86,7 @@ def test_a_killed_driver_takes_its_embedded_ray_instance_with_it_and_a_rerun_com
     wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
     ray_processes = set(descendants(driver.pid))
     assert any(comm(p) == "raylet" for p in ray_processes)
-    driver.kill()
-    driver.wait(timeout=30)
-    killed_at = time.monotonic()
-    wait_for(lambda: not any(map(alive, ray_processes)), 20, "Ray's processes to end")
-    gone_after_s = time.monotonic() - killed_at
-    committed = committed_shards(str(tmp_path / "out"))
-    time.sleep(2)
-    assert committed_shards(str(tmp_path / "out")) == committed  # nothing labels on after the driver
-    assert gone_after_s < 10 and len(committed) < 6
-
+    committed = _kill_mid_run(driver, ray_processes, tmp_path / "out")
     _rerun_completes(tmp_path, model, urls, committed, address=None)
 
 
@@ -97,15 +103,7 @@ def test_a_killed_driver_on_a_cluster_has_its_actors_ended_by_the_cluster_and_a_
     wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
     actors = [p for p in descendants(ray_head.pid) if "ray::LabelActor" in cmdline(p)]
     assert actors and not any(comm(p) == "raylet" for p in descendants(driver.pid))  # it started no Ray
-    driver.kill()
-    driver.wait(timeout=30)
-    killed_at = time.monotonic()
-    wait_for(lambda: not any(map(alive, actors)), 30, "the cluster to end the driver's actors")
-    gone_after_s = time.monotonic() - killed_at
-    committed = committed_shards(str(tmp_path / "out"))
-    time.sleep(2)
-    assert committed_shards(str(tmp_path / "out")) == committed  # nothing labels on after the driver
-    assert gone_after_s < 10 and len(committed) < 6
+    committed = _kill_mid_run(driver, actors, tmp_path / "out")
     assert alive(ray_head.pid) and any(comm(p) == "gcs_server" for p in descendants(ray_head.pid))
 
     _rerun_completes(tmp_path, model, urls, committed, address=ray_head.address)
