@@ -40,6 +40,27 @@ class ModelCfg:
 
 
 @dataclass(frozen=True, slots=True)
+class StudentCfg:
+    """The options of a DenseCLIP student (`pipeline.models.student`): the fine-tune's `student` keys,
+    saved in its exported folder's meta.json `student`. Defaults from the official DenseCLIP recipe,
+    scaled down where they must fit a CPU. Here, not beside the model, so that configs load without torch."""
+
+    n_contexts: int = 8  # learnable context vectors before each class name
+    context_init: str = ""  # a phrase of n_contexts tokens they start from (e.g. "a photo of a"); "" = random
+    dense: str = "attention"  # dense embedding path: attention (DenseCLIP) | value (MaskCLIP's, the teacher's)
+    patch_stride: int = 0  # ViT: pixels between patches; 0 = the patch size, half of it = overlapping patches
+    residual: bool = False  # the FPN's output is added to the dense CLIP embedding (zero at the start)
+    decoder_width: int = 256  # context decoder width
+    decoder_layers: int = 3
+    decoder_heads: int = 4
+    gamma_init: float = 1e-4  # initial scale of the context decoder's text update
+    fpn_width: int = 256  # semantic FPN neck channels
+    fpn_head_width: int = 128  # semantic FPN head channels
+    dropout: float = 0.1
+    tau: float = 0.07  # temperature of the score map: its auxiliary loss, and its mix of text embeddings into the FPN
+
+
+@dataclass(frozen=True, slots=True)
 class HeadCfg:
     name: str = "maskclip"  # a name from pipeline.models.heads.list_heads()
     options: dict[str, Any] = field(default_factory=dict)  # keyword options of that head (e.g. ks_thresh)

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -129,6 +130,16 @@ def test_a_second_round_continues_the_student_that_labelled_it(trained, labelled
         build(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(older))))[0]
     )
     assert all(torch.equal(v, exported[k]) for k, v in from_older.items())
+    newer = tmp_path / "newer"  # exported by a version with an option this one does not know
+    shutil.copytree(folder, newer)
+    meta["student"] = {**meta["student"], "fpn_levels": 5}
+    (newer / "meta.json").write_text(json.dumps(meta))
+    unknown = re.escape(f"unknown config key '{newer}: meta.json student.fpn_levels'")
+    with pytest.raises(ValueError, match=unknown):
+        build(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(newer))))
+    vocab = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")
+    with pytest.raises(ValueError, match=unknown):
+        DenseLabeler(RunCfg(model=ModelCfg(name=str(newer))), vocab)([np.zeros((32, 32, 3), np.uint8)])
 
 
 def test_same_config_again_returns_the_finished_run_and_another_is_refused(trained):

@@ -14,8 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import ModelCfg, to_dict
-from pipeline.models.student.model import StudentCfg
+from pipeline.config import ModelCfg, StudentCfg, to_dict
 
 # Keys that change how a run executes but never what it computes: a resume may differ in them.
 EXECUTION_KEYS = ("output", "storage_options", "log_every", "checkpoint_every", "eval")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from pipeline.config import ModelCfg
 from pipeline.models.backbone import Backbone, load_backbone
 from pipeline.models.heads.denseclip import HEAD_NAME as DENSECLIP_HEAD
-from pipeline.models.student import DenseCLIP, load_student_state, read_student_state
-from pipeline.train.config import DataCfg, FinetuneCfg, StudentCfg
+from pipeline.models.student import DenseCLIP, exported_options, load_student_state, read_student_state
+from pipeline.train.config import DataCfg, FinetuneCfg
 
 _MAX_LOGIT_SCALE = math.log(100)
 # Student options a warm start may change: they set initial values (which the loaded weights replace)
@@ -52,7 +52,7 @@ def continues_student(cfg: FinetuneCfg, meta: dict[str, Any]) -> bool:
     mean (all but `_INIT_OR_TRAINING`)."""
     if not cfg.warm_start or meta.get("head") != DENSECLIP_HEAD:
         return False
-    trained = {**dataclasses.asdict(StudentCfg()), **meta.get("student", {})}
+    trained = dataclasses.asdict(exported_options(meta, cfg.model.name))
     differ = [
         f"student.{k}={trained[k]!r} there, {v!r} here"
         for k, v in dataclasses.asdict(cfg.student).items()

@@ -11,6 +11,7 @@ engine upsamples like any head's.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import torch
@@ -40,7 +41,7 @@ class DenseCLIPHead(DenseHead):
 
     def _student(self, backbone: Backbone) -> tuple[torch.nn.Module, dict]:
         # Imported here: the student's encoder builds on the heads' ViT internals (this package).
-        from pipeline.models.student import DenseCLIP, load_student_state, read_student_state
+        from pipeline.models.student import DenseCLIP, exported_options, load_student_state, read_student_state
 
         if backbone not in self._students:
             meta = backbone.meta
@@ -49,7 +50,8 @@ class DenseCLIPHead(DenseHead):
                     f"model {backbone.name!r} is not a DenseCLIP student (its meta.json names no denseclip head); "
                     "use a folder exported by clipdense finetune, or another head"
                 )
-            model = DenseCLIP(backbone.model, backbone.tokenizer, **meta.get("student", {}))
+            options = dataclasses.asdict(exported_options(meta, backbone.folder))
+            model = DenseCLIP(backbone.model, backbone.tokenizer, **options)
             load_student_state(model, read_student_state(backbone.folder, backbone.storage_options))
             model = model.to(device=backbone.device, dtype=backbone.dtype).eval().requires_grad_(False)
             self._students[backbone] = (model, {})

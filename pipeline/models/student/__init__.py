@@ -4,9 +4,18 @@ from pipeline.models.student.model import (
     STUDENT_FILE,
     DenseCLIP,
     clip_state,
+    exported_options,
     load_student_state,
     read_student_state,
     student_state,
 )
 
-__all__ = ["STUDENT_FILE", "DenseCLIP", "clip_state", "load_student_state", "read_student_state", "student_state"]
+__all__ = [
+    "STUDENT_FILE",
+    "DenseCLIP",
+    "clip_state",
+    "exported_options",
+    "load_student_state",
+    "read_student_state",
+    "student_state",
+]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from pipeline.config import StudentCfg, from_dict
 from pipeline.io import fs
 from pipeline.models.prompts import reduce_names
 from pipeline.models.student.decoder import SemanticFPN
@@ -43,24 +43,14 @@ STUDENT_FILE = "student.safetensors"
 _SHARED = ("clip.", "image.visual.", "text.clip.")  # the CLIP model, reached under three names
 
 
-@dataclass(frozen=True, slots=True)
-class StudentCfg:
-    """The options of a `DenseCLIP` student (the fine-tune's `student` keys, the model folder's meta.json
-    `student`); defaults from the official DenseCLIP recipe, scaled down where they must fit a CPU."""
+def exported_options(meta: dict[str, Any], name: str) -> StudentCfg:
+    """The student options of an exported model folder's meta.json (`name`: the folder, for errors);
+    an option an older export lacks has its default.
 
-    n_contexts: int = 8  # learnable context vectors before each class name
-    context_init: str = ""  # a phrase of n_contexts tokens they start from (e.g. "a photo of a"); "" = random
-    dense: str = "attention"  # dense embedding path: attention (DenseCLIP) | value (MaskCLIP's, the teacher's)
-    patch_stride: int = 0  # ViT: pixels between patches; 0 = the patch size, half of it = overlapping patches
-    residual: bool = False  # the FPN's output is added to the dense CLIP embedding (zero at the start)
-    decoder_width: int = 256  # context decoder width
-    decoder_layers: int = 3
-    decoder_heads: int = 4
-    gamma_init: float = 1e-4  # initial scale of the context decoder's text update
-    fpn_width: int = 256  # semantic FPN neck channels
-    fpn_head_width: int = 128  # semantic FPN head channels
-    dropout: float = 0.1
-    tau: float = 0.07  # temperature of the score map: its auxiliary loss, and its mix of text embeddings into the FPN
+    Raises:
+        ConfigError: an option this version does not know, or a value of the wrong type.
+    """
+    return from_dict(StudentCfg, meta.get("student") or {}, f"{name}: meta.json student")
 
 
 class DenseCLIP(nn.Module):
