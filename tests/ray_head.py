@@ -7,6 +7,7 @@ that one process: it takes down exactly the processes it started, never another 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,3 +82,4 @@ def ray_head() -> Iterator[RayHead]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)  # the head's own session: only what it started
             head.wait(timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)

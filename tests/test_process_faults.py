@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,21 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tiny_model(tmp_path_factory.mktemp("model"))
 
 
-def _start(tmp_path: Path, model: str, *overrides: str, address: str | None = None) -> subprocess.Popen:
+def _start(
+    tmp_path: Path, model: str, *overrides: str, address: str | None = None, log: Path | None = None
+) -> subprocess.Popen:
+    """The label command in its own process; its output to pipes (for `communicate`), or to `log` for a
+    driver that is killed instead (a full pipe nobody reads would block it)."""
     args = [f"model.name={model}", "prompts.templates=single", "distribute.num_actors=1", "distribute.num_cpus=1"]
     command = [sys.executable, "-m", "jobs.cli", "label", *(["--address", address] if address else [])]
-    command += [f"input={tmp_path}/in", f"output={tmp_path}/out", *args]
-    return subprocess.Popen([*command, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command += [f"input={tmp_path}/in", f"output={tmp_path}/out", *args, *overrides]
+    if log is None:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _kill_mid_run(driver: subprocess.Popen, processes: list[int] | set[int], output: Path) -> set[str]:
+def _kill_mid_run(driver: subprocess.Popen, processes: Collection[int], output: Path) -> set[str]:
     """SIGKILL the driver of a run of 6 shards: `processes` end within 10 s and no shard commits after
     them, with some left to label. Returns the committed shards."""
     driver.kill()
@@ -82,7 +90,7 @@ def test_a_signal_while_ray_starts_gives_the_documented_exit_code_and_one_messag
 def test_a_killed_driver_takes_its_embedded_ray_instance_with_it_and_a_rerun_completes(tmp_path, model):
     urls = shapes(str(tmp_path / "in"), 6, 24)
     commits = tmp_path / "out" / schema.COMMITS_DIR
-    driver = _start(tmp_path, model, "infer.batch_size=1")
+    driver = _start(tmp_path, model, "infer.batch_size=1", log=tmp_path / "driver.log")
     wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
     ray_processes = set(descendants(driver.pid))
     assert any(comm(p) == "raylet" for p in ray_processes)
@@ -99,10 +107,11 @@ def test_a_killed_driver_on_a_cluster_has_its_actors_ended_by_the_cluster_and_a_
     (they are not detached), and it lives on for the rerun."""
     urls = shapes(str(tmp_path / "in"), 6, 24)
     commits = tmp_path / "out" / schema.COMMITS_DIR
-    driver = _start(tmp_path, model, "infer.batch_size=1", address=ray_head.address)
+    driver = _start(tmp_path, model, "infer.batch_size=1", address=ray_head.address, log=tmp_path / "driver.log")
     wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
     actors = [p for p in descendants(ray_head.pid) if "ray::LabelActor" in cmdline(p)]
-    assert actors and not any(comm(p) == "raylet" for p in descendants(driver.pid))  # it started no Ray
+    assert actors, f"no label actor among the cluster's processes: {[cmdline(p) for p in descendants(ray_head.pid)]}"
+    assert not any(comm(p) == "raylet" for p in descendants(driver.pid))  # it joined; it started no Ray
     committed = _kill_mid_run(driver, actors, tmp_path / "out")
     assert alive(ray_head.pid) and any(comm(p) == "gcs_server" for p in descendants(ray_head.pid))
 
