@@ -44,6 +44,9 @@ class RayHead:
     dashboard: str  # URL of the dashboard and its Jobs API (`clipdense submit --address`)
     address: str  # host:port of its GCS (`clipdense label --address`)
     pid: int  # the `ray start --block` process: the cluster's processes descend from it
+    # what a process that joins it needs in its environment: a process that ran `ray.init` before
+    # (as the test process may have) holds RAY_AUTH_MODE=token, and its children inherit it
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +62,17 @@ def ray_head() -> Iterator[RayHead]:
         "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
         "--num-cpus", "2", "--temp-dir", temp, "--disable-usage-stats",
     ]  # fmt: skip
-    env = os.environ | {
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once on SIGTERM (no drain wait)
-        "RAY_AUTH_MODE": "disabled",  # a loopback test cluster; else Ray turns token auth on if ~/.ray has a token
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this one
-    }
+    client = {
+        "RAY_AUTH_MODE": "disabled"
+    }  # a loopback test cluster; else Ray turns token auth on if ~/.ray has a token
+    env = (
+        os.environ
+        | client
+        | {
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once on SIGTERM (no drain wait)
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this one
+        }
+    )
     log_path = Path(temp) / "head.log"
     with log_path.open("w") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -74,7 +83,7 @@ def ray_head() -> Iterator[RayHead]:
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.skip(f"the Ray dashboard could not start here: {log_path.read_text()[-1500:]}")
             time.sleep(0.5)
-        yield RayHead(url, f"127.0.0.1:{port}", head.pid)
+        yield RayHead(url, f"127.0.0.1:{port}", head.pid, client)
     finally:
         head.send_signal(signal.SIGTERM)
         try:

@@ -5,6 +5,7 @@ on its embedded Ray instance or on a cluster it joined (`--address`)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from jobs_fixtures import read_rows, shapes, tiny_model
 from procs import alive, cmdline, comm, descendants, wait_for
-from ray_head import ray_head  # noqa: F401 - module fixture
+from ray_head import RayHead, ray_head  # noqa: F401 - module fixture
 
 from pipeline import schema
 from pipeline.io import fs
@@ -32,17 +33,19 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _start(
-    tmp_path: Path, model: str, *overrides: str, address: str | None = None, log: Path | None = None
+    tmp_path: Path, model: str, *overrides: str, cluster: RayHead | None = None, log: Path | None = None
 ) -> subprocess.Popen:
-    """The label command in its own process; its output to pipes (for `communicate`), or to `log` for a
-    driver that is killed instead (a full pipe nobody reads would block it)."""
+    """The label command in its own process, joining `cluster` with `--address` when given; its output
+    to pipes (for `communicate`), or to `log` for a driver that is killed instead (a full pipe nobody
+    reads would block it)."""
     args = [f"model.name={model}", "prompts.templates=single", "distribute.num_actors=1", "distribute.num_cpus=1"]
-    command = [sys.executable, "-m", "jobs.cli", "label", *(["--address", address] if address else [])]
+    command = [sys.executable, "-m", "jobs.cli", "label", *(["--address", cluster.address] if cluster else [])]
     command += [f"input={tmp_path}/in", f"output={tmp_path}/out", *args, *overrides]
+    env = os.environ | (cluster.env if cluster else {})
     if log is None:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with log.open("w") as out:
-        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _kill_mid_run(driver: subprocess.Popen, processes: Collection[int], output: Path) -> set[str]:
@@ -60,9 +63,9 @@ def _kill_mid_run(driver: subprocess.Popen, processes: Collection[int], output: 
     return committed
 
 
-def _rerun_completes(tmp_path: Path, model: str, urls: list[str], committed: set[str], address: str | None) -> None:
+def _rerun_completes(tmp_path: Path, model: str, urls: list[str], committed: set[str], cluster: RayHead | None) -> None:
     """The same command again labels the shards left over, every sample once, and leaves no temporary file."""
-    rerun = _start(tmp_path, model, "infer.batch_size=1", address=address)
+    rerun = _start(tmp_path, model, "infer.batch_size=1", cluster=cluster)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     summary = json.loads((tmp_path / "out" / schema.SUMMARY_FILE).read_text())
@@ -95,7 +98,7 @@ def test_a_killed_driver_takes_its_embedded_ray_instance_with_it_and_a_rerun_com
     ray_processes = set(descendants(driver.pid))
     assert any(comm(p) == "raylet" for p in ray_processes)
     committed = _kill_mid_run(driver, ray_processes, tmp_path / "out")
-    _rerun_completes(tmp_path, model, urls, committed, address=None)
+    _rerun_completes(tmp_path, model, urls, committed, cluster=None)
 
 
 def test_a_killed_driver_on_a_cluster_has_its_actors_ended_by_the_cluster_and_a_rerun_completes(
@@ -107,7 +110,7 @@ def test_a_killed_driver_on_a_cluster_has_its_actors_ended_by_the_cluster_and_a_
     (they are not detached), and it lives on for the rerun."""
     urls = shapes(str(tmp_path / "in"), 6, 24)
     commits = tmp_path / "out" / schema.COMMITS_DIR
-    driver = _start(tmp_path, model, "infer.batch_size=1", address=ray_head.address, log=tmp_path / "driver.log")
+    driver = _start(tmp_path, model, "infer.batch_size=1", cluster=ray_head, log=tmp_path / "driver.log")
     wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
     actors = [p for p in descendants(ray_head.pid) if "ray::LabelActor" in cmdline(p)]
     assert actors, f"no label actor among the cluster's processes: {[cmdline(p) for p in descendants(ray_head.pid)]}"
@@ -115,4 +118,4 @@ def test_a_killed_driver_on_a_cluster_has_its_actors_ended_by_the_cluster_and_a_
     committed = _kill_mid_run(driver, actors, tmp_path / "out")
     assert alive(ray_head.pid) and any(comm(p) == "gcs_server" for p in descendants(ray_head.pid))
 
-    _rerun_completes(tmp_path, model, urls, committed, address=ray_head.address)
+    _rerun_completes(tmp_path, model, urls, committed, cluster=ray_head)
