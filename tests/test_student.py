@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import blocky_images, fresh_backbone
 
-from pipeline.config import ModelCfg
+from pipeline.config import ModelCfg, StudentCfg
 from pipeline.models.backbone import Backbone, load_backbone
 from pipeline.models.heads import create_head
 from pipeline.models.student import DenseCLIP
@@ -38,15 +38,15 @@ def test_value_path_dense_embedding_is_the_maskclip_heads(kind):
 def test_contexts_from_a_phrase_give_clips_own_prompt_embeddings():
     bb = _backbone("vit")
     names = ["red circle", "a blue square with a long name"]
-    student = DenseCLIP(bb.model, bb.tokenizer, n_contexts=4, context_init="a photo of a")
+    student = DenseCLIP(bb.model, bb.tokenizer, StudentCfg(n_contexts=4, context_init="a photo of a"))
     with torch.no_grad():
         prompted = student.text(student.text.tokenize(names))
         clip = bb.model.encode_text(bb.tokenizer([f"a photo of a {n}" for n in names])).float()
-        random = DenseCLIP(bb.model, bb.tokenizer, n_contexts=4).text(student.text.tokenize(names))
+        random = DenseCLIP(bb.model, bb.tokenizer, StudentCfg(n_contexts=4)).text(student.text.tokenize(names))
     torch.testing.assert_close(prompted, clip, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(random, clip, atol=1e-2)
     with pytest.raises(ValueError, match=r"'a photo of a' is 4 tokens; set n_contexts to 4 \(it is 8\)"):
-        DenseCLIP(bb.model, bb.tokenizer, n_contexts=8, context_init="a photo of a")
+        DenseCLIP(bb.model, bb.tokenizer, StudentCfg(n_contexts=8, context_init="a photo of a"))
 
 
 def test_overlapping_patches_double_the_output_grid():
@@ -54,8 +54,10 @@ def test_overlapping_patches_double_the_output_grid():
     patch = bb.visual.patch_size[0]
     images = blocky_images(2, 64, seed=4)
     with torch.no_grad():
-        plain = DenseCLIP(bb.model, bb.tokenizer, fpn_width=16, fpn_head_width=16).eval()
-        half = DenseCLIP(bb.model, bb.tokenizer, fpn_width=16, fpn_head_width=16, patch_stride=patch // 2).eval()
+        plain = DenseCLIP(bb.model, bb.tokenizer, StudentCfg(fpn_width=16, fpn_head_width=16)).eval()
+        half = DenseCLIP(
+            bb.model, bb.tokenizer, StudentCfg(fpn_width=16, fpn_head_width=16, patch_stride=patch // 2)
+        ).eval()
         tokens = plain.text.tokenize(["red circle"])
         scores, aux = plain(images, tokens, torch.tensor([0]), 1)
         fine_scores, fine_aux = half(images, tokens, torch.tensor([0]), 1)
@@ -72,7 +74,9 @@ def test_overlapping_patches_double_the_output_grid():
 def test_a_residual_student_starts_as_its_dense_embedding():
     bb = _backbone("vit")
     images = blocky_images(2, 64, seed=5)
-    student = DenseCLIP(bb.model, bb.tokenizer, gamma_init=0.0, dense="value", residual=True, fpn_width=16).eval()
+    student = DenseCLIP(
+        bb.model, bb.tokenizer, StudentCfg(gamma_init=0.0, dense="value", residual=True, fpn_width=16)
+    ).eval()
     with torch.no_grad():
         tokens = student.text.tokenize(["red circle", "blue square"])
         scores, _ = student(images, tokens, torch.tensor([0, 1]), 2)
@@ -81,6 +85,6 @@ def test_a_residual_student_starts_as_its_dense_embedding():
         dense = torch.nn.functional.interpolate(dense, size=scores.shape[-2:], mode="bilinear", align_corners=False)
         expected = torch.einsum("bchw,nc->bnhw", torch.nn.functional.normalize(dense, dim=1), text)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
-    plain = DenseCLIP(bb.model, bb.tokenizer, gamma_init=0.0, dense="value", fpn_width=16).eval()
+    plain = DenseCLIP(bb.model, bb.tokenizer, StudentCfg(gamma_init=0.0, dense="value", fpn_width=16)).eval()
     with torch.no_grad():
         assert not torch.allclose(plain(images, tokens, torch.tensor([0, 1]), 2)[0], expected, atol=1e-2)

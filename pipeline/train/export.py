@@ -11,6 +11,7 @@ normalisation. Files are written atomically, `meta.json` last.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from safetensors.torch import save as save_safetensors
@@ -37,7 +38,7 @@ def export(
     fs.put_json(fs.join(folder, "config.json"), model_config, storage_options)
     meta = {
         "head": HEAD_NAME,
-        "student": model.options,
+        "student": dataclasses.asdict(model.options),
         "vocabulary": vocab.to_json(),
         "infer": {"shifts": 1, "pamr_steps": int((backbone.meta.get("infer") or {}).get("pamr_steps") or 0)},
         "logit_scale": round(float(model.logit_scale.detach().float().exp().clamp(max=100)), 4),

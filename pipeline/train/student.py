@@ -37,7 +37,7 @@ def build(cfg: FinetuneCfg) -> tuple[DenseCLIP, Backbone]:
     backbone = load_backbone(dataclasses.replace(cfg.model, precision="fp32"), cfg.storage_options or None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = DenseCLIP(backbone.model, backbone.tokenizer, **dataclasses.asdict(cfg.student))
+        model = DenseCLIP(backbone.model, backbone.tokenizer, cfg.student)
     if continues_student(cfg, backbone.meta):
         load_student_state(model, read_student_state(backbone.folder, backbone.storage_options))
     return model.train(), backbone

@@ -11,7 +11,6 @@ engine upsamples like any head's.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 
 import torch
@@ -50,8 +49,7 @@ class DenseCLIPHead(DenseHead):
                     f"model {backbone.name!r} is not a DenseCLIP student (its meta.json names no denseclip head); "
                     "use a folder exported by clipdense finetune, or another head"
                 )
-            options = dataclasses.asdict(exported_options(meta, backbone.folder))
-            model = DenseCLIP(backbone.model, backbone.tokenizer, **options)
+            model = DenseCLIP(backbone.model, backbone.tokenizer, exported_options(meta, backbone.folder))
             load_student_state(model, read_student_state(backbone.folder, backbone.storage_options))
             model = model.to(device=backbone.device, dtype=backbone.dtype).eval().requires_grad_(False)
             self._students[backbone] = (model, {})

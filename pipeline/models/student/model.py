@@ -1,6 +1,6 @@
 """DenseCLIP (Rao et al., CVPR'22; official code raoyongming/DenseCLIP) as an open-vocabulary student.
 
-`DenseCLIP(clip, tokenizer, **options)` wraps an open_clip CLIP model (shared, not copied):
+`DenseCLIP(clip, tokenizer, options)` wraps an open_clip CLIP model (shared, not copied):
 
 1. the image encoder (`encoder.ImageEncoder`) gives four FPN feature maps and the CLIP-space global and
    dense embeddings;
@@ -23,7 +23,6 @@ student's own parameters (`student_state`: contexts, context decoder, gamma, ada
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -54,20 +53,19 @@ def exported_options(meta: dict[str, Any], name: str) -> StudentCfg:
 
 
 class DenseCLIP(nn.Module):
-    """See the module docstring. `options` are `StudentCfg` fields (TypeError for any other), all saved
-    in `options`, the model folder's meta.json `student`: the context vectors and their start phrase
+    """See the module docstring. `options` (`StudentCfg`, kept as `self.options` and saved as the model
+    folder's meta.json `student`): the context vectors and their start phrase
     (see `text`), the dense embedding path and ViT patch stride (see `encoder`), whether the FPN's
     output is added to the dense embedding and starts at zero (`residual`; the reference replaces it),
     the context decoder's size, gamma's start, the FPN's widths, the dropout of the context decoder and
     FPN head, and tau: the score map's temperature for its auxiliary loss and its mix of text
     embeddings into the FPN, and the initial logit scale (1/tau)."""
 
-    def __init__(self, clip: nn.Module, tokenizer: Any, **options: Any) -> None:
+    def __init__(self, clip: nn.Module, tokenizer: Any, options: StudentCfg) -> None:
         super().__init__()
         if not hasattr(tokenizer, "sot_token_id"):
             raise ValueError("a DenseCLIP student needs a CLIP BPE tokenizer (open_clip SimpleTokenizer)")
-        cfg = StudentCfg(**options)
-        self.options = dataclasses.asdict(cfg)
+        cfg = self.options = options
         self.clip = clip
         self.image = ImageEncoder(clip.visual, cfg.dense, cfg.patch_stride)
         self.text = PromptText(clip, tokenizer, cfg.n_contexts, cfg.context_init)
