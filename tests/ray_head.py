@@ -62,17 +62,11 @@ def ray_head() -> Iterator[RayHead]:
         "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
         "--num-cpus", "2", "--temp-dir", temp, "--disable-usage-stats",
     ]  # fmt: skip
-    client = {
-        "RAY_AUTH_MODE": "disabled"
-    }  # a loopback test cluster; else Ray turns token auth on if ~/.ray has a token
-    env = (
-        os.environ
-        | client
-        | {
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once on SIGTERM (no drain wait)
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` = this one
-        }
-    )
+    # a loopback test cluster without auth; else Ray turns token auth on if ~/.ray has a token
+    client = {"RAY_AUTH_MODE": "disabled"}
+    env = os.environ | client
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # stop at once on SIGTERM (no drain wait)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # `python` = this one
     log_path = Path(temp) / "head.log"
     with log_path.open("w") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

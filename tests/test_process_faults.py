@@ -48,6 +48,16 @@ def _start(
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _label_until_a_commit(tmp_path: Path, model: str, cluster: RayHead | None) -> tuple[list[str], subprocess.Popen]:
+    """6 shards of 24 scenes, and a driver labelling them one image at a time (its output to a file)
+    once it has committed a first shard."""
+    urls = shapes(str(tmp_path / "in"), 6, 24)
+    commits = tmp_path / "out" / schema.COMMITS_DIR
+    driver = _start(tmp_path, model, "infer.batch_size=1", cluster=cluster, log=tmp_path / "driver.log")
+    wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
+    return urls, driver
+
+
 def _kill_mid_run(driver: subprocess.Popen, processes: Collection[int], output: Path) -> set[str]:
     """SIGKILL the driver of a run of 6 shards: `processes` end within 10 s and no shard commits after
     them, with some left to label. Returns the committed shards."""
@@ -91,10 +101,7 @@ def test_a_signal_while_ray_starts_gives_the_documented_exit_code_and_one_messag
 
 
 def test_a_killed_driver_takes_its_embedded_ray_instance_with_it_and_a_rerun_completes(tmp_path, model):
-    urls = shapes(str(tmp_path / "in"), 6, 24)
-    commits = tmp_path / "out" / schema.COMMITS_DIR
-    driver = _start(tmp_path, model, "infer.batch_size=1", log=tmp_path / "driver.log")
-    wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
+    urls, driver = _label_until_a_commit(tmp_path, model, cluster=None)
     ray_processes = set(descendants(driver.pid))
     assert any(comm(p) == "raylet" for p in ray_processes)
     committed = _kill_mid_run(driver, ray_processes, tmp_path / "out")
@@ -108,10 +115,7 @@ def test_a_killed_driver_on_a_cluster_has_its_actors_ended_by_the_cluster_and_a_
 ):
     """With `--address` there is no reaper: the cluster itself ends the actors of a driver that is gone
     (they are not detached), and it lives on for the rerun."""
-    urls = shapes(str(tmp_path / "in"), 6, 24)
-    commits = tmp_path / "out" / schema.COMMITS_DIR
-    driver = _start(tmp_path, model, "infer.batch_size=1", cluster=ray_head, log=tmp_path / "driver.log")
-    wait_for(lambda: commits.exists() and any(commits.glob("*.json")), 180, "a first commit")
+    urls, driver = _label_until_a_commit(tmp_path, model, cluster=ray_head)
     actors = [p for p in descendants(ray_head.pid) if "ray::LabelActor" in cmdline(p)]
     assert actors, f"no label actor among the cluster's processes: {[cmdline(p) for p in descendants(ray_head.pid)]}"
     assert not any(comm(p) == "raylet" for p in descendants(driver.pid))  # it joined; it started no Ray
