@@ -21,7 +21,10 @@ its best time alone (both from the commit markers of the fastest end-to-end pass
 `--actors 1 2` also runs the whole job on a local Ray instance with 1 and 2 actors of 1 CPU each and
 reports, per pool size, the run summary's img/s (from the first model ready to the end: a late second
 actor lowers it) and the steady rate (per actor, its images over the seconds its shards took, summed
-over the actors: what the pool sustains once every actor is up), and the speed-ups.
+over the actors: what the pool sustains once every actor is up), and the speed-ups. Unless
+`--ray-only`, both are also given over the labeler's rate in the same run (`*_over_labeler`): with
+one actor per core, the default of `clipdense label` on a CPU machine, that is the job's own
+end-to-end figure; the in-process `end_to_end` is the job of one actor that owns every core.
 
     python bench/label_speed.py [--model ViT-B-16] [--size 224] [--batch 8] [--shards 4] [--per-shard 16]
                                 [--repeats 2] [--actors 1 2] [--ray-only] [--dir DIR] [k=v ...]
@@ -118,7 +121,7 @@ def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> 
     return {k: round(1e3 * v / len(samples), 3) for k, v in (("read", read), ("write", write), ("encode", encode))}
 
 
-def on_ray(cfg, actors: list[int], out: Path) -> dict:
+def on_ray(cfg, actors: list[int], out: Path, labeler_img_per_s: float | None) -> dict:
     import ray
 
     from pipeline.distribute import run_label_job
@@ -131,6 +134,9 @@ def on_ray(cfg, actors: list[int], out: Path) -> dict:
             run = dataclasses.replace(cfg, output=str(out / f"ray-{n}"), distribute=distribute)
             summary = run_label_job(run)
             report[n] = {"summary_img_per_s": summary["images_per_s"], "steady_img_per_s": _steady_rate(run.output)}
+            if labeler_img_per_s:
+                for rate in ("summary", "steady"):
+                    report[n][f"{rate}_over_labeler"] = round(report[n][f"{rate}_img_per_s"] / labeler_img_per_s, 3)
     finally:
         ray.shutdown()
     if 1 in report:
@@ -185,7 +191,8 @@ def main() -> int:
         if not args.ray_only:
             report.update(in_process(cfg, urls, args.repeats))
         if args.actors:
-            report["ray"] = on_ray(cfg, args.actors, work)
+            labeler = report["img_per_s"]["labeler"] if "img_per_s" in report else None
+            report["ray"] = on_ray(cfg, args.actors, work, labeler)
         print(json.dumps(report, indent=1))
     finally:
         if args.dir is None:

@@ -34,7 +34,10 @@ class LabelActor:
         self.worker = ShardLabeler(cfg, vocab)
 
     def describe(self) -> dict[str, Any]:
-        """Where this worker runs and what it labels with (the run's `_run/vocabulary.json` extras)."""
+        """Where this worker runs and what it labels with (the run's `_run/vocabulary.json` extras).
+        `torch_threads` is its CPU thread pool: Ray sets an actor's OMP_NUM_THREADS to its CPUs."""
+        import torch
+
         from pipeline.models.precision import describe_precision
 
         dense = self.worker.dense
@@ -43,6 +46,7 @@ class LabelActor:
             "pid": os.getpid(),
             "device": str(dense.device),
             "precision": describe_precision(dense.cfg.model.precision, dense.device, dense.backbone.dtype),
+            "torch_threads": torch.get_num_threads(),
             "templates": list(dense.templates),
             "text_embedding_sha256": text_checksum(dense.text_embeddings),
         }

@@ -10,7 +10,8 @@ The summary describes the whole output for this input, not only this invocation:
 and errors add up the commit markers of every committed input shard, those of earlier runs included,
 so after a resume it still reports the failed rows an earlier run wrote. What this invocation did is
 under `labelled_now`, `retries`, `images_per_s` and `seconds_by_phase`; `precision` per actor (what
-`model.precision` became, and the probe's rates when `auto` chose on a CPU).
+`model.precision` became, and the probe's rates when `auto` chose on a CPU), and under `actors` each
+one's `torch_threads`.
 """
 
 from __future__ import annotations
@@ -144,7 +145,10 @@ def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None
 
 def _vocabulary_writer(cfg: RunCfg, vocab: Vocabulary):
     def on_ready(info: dict[str, Any]) -> None:
-        logger.info("model ready on %s (%s, precision %s)", info["host"], info["device"], info["precision"])
+        logger.info(
+            "model ready on %s (%s, precision %s, %d torch threads)",
+            *(info[k] for k in ("host", "device", "precision", "torch_threads")),
+        )
         write_vocabulary(cfg.output, vocab, info["templates"], info["text_embedding_sha256"], cfg.storage_options)
 
     return on_ready
@@ -213,7 +217,11 @@ def summarize(
         "labelled_now": {"ok": ok, "failed": sum(m["failed"] for m in markers)},
         "cut_shards": incomplete,  # committed, but their input tar ends early or is corrupt (marker `read`)
         "retries": pool.retries,
-        "actors": {"started": pool.actors_started, "ready": len(pool.actor_info)},
+        "actors": {
+            "started": pool.actors_started,
+            "ready": len(pool.actor_info),
+            "torch_threads": {f"{a['host']}:{a['pid']}": a["torch_threads"] for a in pool.actor_info},
+        },
         "precision": {f"{a['host']}:{a['pid']}": a["precision"] for a in pool.actor_info},
         "seconds": round(seconds, 3),
         "images_per_s": round(ok / pool.labelling_s, 3) if ok and pool.labelling_s > 0 else 0.0,
