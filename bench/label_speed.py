@@ -21,10 +21,12 @@ its best time alone (both from the commit markers of the fastest end-to-end pass
 `--actors 1 2` also runs the whole job on a local Ray instance with 1 and 2 actors of 1 CPU each and
 reports, per pool size, the run summary's img/s (from the first model ready to the end: a late second
 actor lowers it) and the steady rate (per actor, its images over the seconds its shards took, summed
-over the actors: what the pool sustains once every actor is up), and the speed-ups. Unless
-`--ray-only`, both are also given over the labeler's rate in the same run (`*_over_labeler`): with
-one actor per core, the default of `clipdense label` on a CPU machine, that is the job's own
-end-to-end figure; the in-process `end_to_end` is the job of one actor that owns every core.
+over the actors: what the pool sustains once every actor is up), and the speed-ups. Against them,
+`labeler_img_per_s`: as many labelers as actors, each a 1-CPU Ray task (one torch thread, as an actor
+gets) timing the labeler alone on the decoded images, all started at once so that they share the
+machine as the actors do; their rates are summed. `*_over_labeler` is the job's rate over that:
+what reading and writing cost a pool of one-thread actors, the default of `clipdense label` on a CPU
+machine (one per core). The in-process figures above are one worker that owns every core.
 
     python bench/label_speed.py [--model ViT-B-16] [--size 224] [--batch 8] [--shards 4] [--per-shard 16]
                                 [--repeats 2] [--actors 1 2] [--ray-only] [--dir DIR] [k=v ...]
@@ -121,7 +123,7 @@ def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> 
     return {k: round(1e3 * v / len(samples), 3) for k, v in (("read", read), ("write", write), ("encode", encode))}
 
 
-def on_ray(cfg, actors: list[int], out: Path, labeler_img_per_s: float | None) -> dict:
+def on_ray(cfg, actors: list[int], out: Path, urls: list[str], repeats: int) -> dict:
     import ray
 
     from pipeline.distribute import run_label_job
@@ -129,14 +131,16 @@ def on_ray(cfg, actors: list[int], out: Path, labeler_img_per_s: float | None) -
     ray.init(address="local", num_cpus=max(actors), include_dashboard=False, log_to_driver=False)
     try:
         report = {}
+        timed = ray.remote(num_cpus=1)(labeler_img_per_s)
         for n in actors:
             distribute = dataclasses.replace(cfg.distribute, num_actors=n, num_cpus=1.0)
             run = dataclasses.replace(cfg, output=str(out / f"ray-{n}"), distribute=distribute)
             summary = run_label_job(run)
             report[n] = {"summary_img_per_s": summary["images_per_s"], "steady_img_per_s": _steady_rate(run.output)}
-            if labeler_img_per_s:
-                for rate in ("summary", "steady"):
-                    report[n][f"{rate}_over_labeler"] = round(report[n][f"{rate}_img_per_s"] / labeler_img_per_s, 3)
+            labeler = sum(ray.get([timed.remote(cfg, urls, repeats) for _ in range(n)]))
+            report[n]["labeler_img_per_s"] = round(labeler, 3)
+            for rate in ("summary", "steady"):
+                report[n][f"{rate}_over_labeler"] = round(report[n][f"{rate}_img_per_s"] / labeler, 3)
     finally:
         ray.shutdown()
     if 1 in report:
@@ -144,6 +148,17 @@ def on_ray(cfg, actors: list[int], out: Path, labeler_img_per_s: float | None) -
             entry["speedup_summary"] = round(entry["summary_img_per_s"] / report[1]["summary_img_per_s"], 2)
             entry["speedup_steady"] = round(entry["steady_img_per_s"] / report[1]["steady_img_per_s"], 2)
     return report
+
+
+def labeler_img_per_s(cfg, urls: list[str], repeats: int) -> float:
+    """The labeler alone on `urls`' images decoded beforehand: img/s of the best of `repeats` passes."""
+    from pipeline.stages.shard import ShardLabeler
+
+    worker = ShardLabeler(cfg, load_vocabulary(str(Path(urls[0]).parent / "vocabulary.json")))
+    images = [s.image for url in urls for s in iter_samples(url) if isinstance(s, Sample)]
+    batches = [images[i : i + cfg.infer.batch_size] for i in range(0, len(images), cfg.infer.batch_size)]
+    worker.labeler(batches[0])  # warm-up
+    return len(images) / min(_timed(lambda: [worker.labeler(b) for b in batches]) for _ in range(repeats))
 
 
 def _steady_rate(output: str) -> float:
@@ -191,8 +206,7 @@ def main() -> int:
         if not args.ray_only:
             report.update(in_process(cfg, urls, args.repeats))
         if args.actors:
-            labeler = report["img_per_s"]["labeler"] if "img_per_s" in report else None
-            report["ray"] = on_ray(cfg, args.actors, work, labeler)
+            report["ray"] = on_ray(cfg, args.actors, work, urls, args.repeats)
         print(json.dumps(report, indent=1))
     finally:
         if args.dir is None:
