@@ -21,10 +21,12 @@ its best time alone (both from the commit markers of the fastest end-to-end pass
 `--actors 1 2` also runs the whole job on a local Ray instance with 1 and 2 actors of 1 CPU each and
 reports, per pool size, the run summary's img/s (from the first model ready to the end: a late second
 actor lowers it) and the steady rate (per actor, its images over the seconds its shards took, summed
-over the actors: what the pool sustains once every actor is up), and the speed-ups. Against them,
+over the actors: what the pool sustains once every actor is up), each the best of `--repeats` runs
+of the job, and the speed-ups. Against them,
 `labeler_img_per_s`: as many labelers as actors, each a 1-CPU Ray task (one torch thread, as an actor
-gets) timing the labeler alone on the decoded images, all started at once so that they share the
-machine as the actors do; their rates are summed. `*_over_labeler` is the job's rate over that:
+gets) timing the labeler alone on the decoded images (best of `--repeats` passes), all started at
+once so that they share the machine as the actors do (their passes overlap but are not
+synchronised); their rates are summed. `*_over_labeler` is the job's rate over that:
 what reading and writing cost a pool of one-thread actors, the default of `clipdense label` on a CPU
 machine (one per core). The in-process figures above are one worker that owns every core.
 
@@ -134,9 +136,14 @@ def on_ray(cfg, actors: list[int], out: Path, urls: list[str], repeats: int) -> 
         timed = ray.remote(num_cpus=1)(labeler_img_per_s)
         for n in actors:
             distribute = dataclasses.replace(cfg.distribute, num_actors=n, num_cpus=1.0)
-            run = dataclasses.replace(cfg, output=str(out / f"ray-{n}"), distribute=distribute)
-            summary = run_label_job(run)
-            report[n] = {"summary_img_per_s": summary["images_per_s"], "steady_img_per_s": _steady_rate(run.output)}
+            report[n] = {"summary_img_per_s": 0.0, "steady_img_per_s": 0.0}
+            for repeat in range(repeats):  # each rate's best, as the labelers' below
+                run = dataclasses.replace(cfg, output=str(out / f"ray-{n}-{repeat}"), distribute=distribute)
+                rates = {
+                    "summary_img_per_s": run_label_job(run)["images_per_s"],
+                    "steady_img_per_s": _steady_rate(run.output),
+                }
+                report[n] = {k: max(v, rates[k]) for k, v in report[n].items()}
             labeler = sum(ray.get([timed.remote(cfg, urls, repeats) for _ in range(n)]))
             report[n]["labeler_img_per_s"] = round(labeler, 3)
             for rate in ("summary", "steady"):

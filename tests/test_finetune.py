@@ -234,6 +234,67 @@ def test_runs_with_different_vocabularies_are_refused(labelled, tmp_path):
         finetune(finetune_config([labelled["labels"], other], str(tmp_path / "out")))
 
 
+def _label_maps(labels: str, shard: str, ext: str = ".seg.png") -> dict[str, np.ndarray]:
+    """Key -> label (or `ext`) map of one committed label shard."""
+    from pipeline.io.decode import decode_label_png
+    from tests.jobs_fixtures import read_labels
+
+    members = read_labels(labels, shard)
+    return {name.split(".")[0]: decode_label_png(data) for name, data in members.items() if name.endswith(ext)}
+
+
+def test_runs_that_must_agree_train_on_the_pixels_they_label_alike(tmp_path, capsys):
+    from pipeline.train.config import DataCfg
+    from pipeline.train.data import LabelStream
+    from pipeline.train.runs import committed_units, open_runs
+    from tests.jobs_fixtures import corrupt_image
+
+    shapes, ours, theirs = str(tmp_path / "shapes"), str(tmp_path / "maskclip"), str(tmp_path / "naclip")
+    write_dataset(shapes, 2, 4, size=64, seed=13)
+    label_in_process(shapes, ours)
+    shard = Path(shapes, "shapes-000000.tar")
+    intact = shard.read_bytes()
+    corrupt_image(str(shard), "000000_000001")
+    label_in_process(shapes, theirs, "head.name=naclip")  # another teacher, whose row 1 failed
+    shard.write_bytes(intact)  # the input itself is fine: only that run has no label for it
+    Path(theirs, "_commits/shapes-000001.json").unlink()  # shard 1 is committed in one run only
+    runs = open_runs([ours, theirs])
+    units, skipped = committed_units(runs, combine="agree")
+    assert [(u.shard, u.runs, u.samples, u.ok) for u in units] == [("shapes-000000", (0, 1), 4, 3)]
+    assert skipped["not_in_every_run"] == 1
+
+    a, b = _label_maps(ours, "shapes-000000"), _label_maps(theirs, "shapes-000000")
+    a_conf, b_conf = _label_maps(ours, "shapes-000000", ".conf.png"), _label_maps(theirs, "shapes-000000", ".conf.png")
+    assert sorted(b) == ["000000_000000", "000000_000002", "000000_000003"]
+    differ = sum(int((a[k] != b[k]).sum()) for k in b)
+    assert 0 < differ < sum(b[k].size for k in b)  # the two teachers agree on some pixels, not all
+    same = DataCfg(scale=[1.0, 1.0], flip=False, jitter=0.0, shuffle_buffer=1)  # samples as labelled, in order
+    stream = iter(LabelStream(runs, units, same, 1, 64, 255, seed=0))
+    for key in sorted(b):
+        batch = next(stream)
+        np.testing.assert_array_equal(batch["labels"][0].numpy(), np.where(a[key] == b[key], a[key], 255))
+        np.testing.assert_array_equal(batch["conf"][0].numpy(), np.minimum(a_conf[key], b_conf[key]))
+    assert batch["skipped"] == {"missing_label": 1} and batch["used"] == 3
+
+    summary = finetune(finetune_config([ours, theirs], str(tmp_path / "out"), "data.combine=agree"))
+    assert summary["skipped"]["not_in_every_run"] == 1
+    assert (summary["n_samples"], summary["failed_rows"], summary["skipped"]["missing_label"]) == (3, 1, 1)
+
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"labels: [{theirs}]\noutput: {tmp_path / 'one'}\n")
+    assert cli(["finetune", str(config), "data.combine=agree"]) == 2
+    assert "error: data.combine=agree needs two or more labeling runs in labels" in capsys.readouterr().err
+    moved = tmp_path / "moved"  # the same shard names, but another input: the runs cannot agree
+    shutil.copytree(shapes, moved)
+    elsewhere = str(tmp_path / "elsewhere")
+    label_in_process(str(moved), elsewhere)
+    with pytest.raises(ValueError, match="shard shapes-000000 of .*elsewhere labels .*moved.* runs that agree"):
+        committed_units(open_runs([ours, elsewhere]), combine="agree")
+    Path(elsewhere, "_commits/shapes-000000.json").unlink()
+    with pytest.raises(ValueError, match="no shard is committed in every run"):
+        committed_units(open_runs([theirs, elsewhere]), combine="agree")
+
+
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory) -> dict[str, str]:
     """A labeling run with a failed row (a corrupt image) in shard 0 and no commit marker for shard 1."""

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -131,9 +132,11 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
     assert (summary["samples"]["ok"], summary["samples"]["failed"]) == (14, 1)
     (reason,) = summary["samples"]["errors"]
     assert reason.startswith("jpg: not a readable image")
-    # One CPU per actor (the default): its torch gets one thread, so its reader and writer overlap the
-    # model on the same core instead of stalling a parallel operation over every core.
-    assert list(summary["actors"]["torch_threads"].values()) == [1] * summary["actors"]["ready"]
+    # One CPU per actor (the default): its torch gets one thread (unless the environment says
+    # otherwise), so its reader and writer take turns with the model instead of stalling a parallel
+    # operation over every core.
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
+    assert list(summary["actors"]["torch_threads"].values()) == [threads] * summary["actors"]["ready"]
     (precision,) = summary["precision"].values()  # model.precision=auto on a CPU: chosen by the probe
     rates = precision["cpu_matmul_gflops"]
     assert precision["dtype"] == ("bfloat16" if rates["bf16"] > 1.05 * rates["fp32"] else "float32")

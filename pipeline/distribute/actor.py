@@ -35,7 +35,8 @@ class LabelActor:
 
     def describe(self) -> dict[str, Any]:
         """Where this worker runs and what it labels with (the run's `_run/vocabulary.json` extras).
-        `torch_threads` is its CPU thread pool: Ray sets an actor's OMP_NUM_THREADS to its CPUs."""
+        `torch_threads` is its CPU thread pool: Ray sets an actor's OMP_NUM_THREADS to its CPUs unless
+        the driver's environment sets it."""
         import torch
 
         from pipeline.models.precision import describe_precision

@@ -18,6 +18,7 @@ from pipeline.config import ModelCfg, StudentCfg, to_dict
 
 # Keys that change how a run executes but never what it computes: a resume may differ in them.
 EXECUTION_KEYS = ("output", "storage_options", "log_every", "checkpoint_every", "eval")
+COMBINE = ("each", "agree")  # data.combine
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,10 @@ class DataCfg:
     loader_workers: int = 1  # processes decoding and augmenting beside training; 0 = in the training process
     conf_threshold: float = 0.0  # pixels whose pseudo-label confidence (conf.png) is below are ignored
     conf_weight: bool = False  # weight each pixel's loss by its pseudo-label confidence
+    # Several label runs: each = every run's labels, each input sample once per run; agree = each
+    # input sample once, pixels the runs label differently ignored (a second round: the student's
+    # labels and its teacher's), its confidence the lowest of theirs.
+    combine: str = "each"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,10 @@ def check(cfg: FinetuneCfg) -> None:
         raise ValueError(f"data.scale must be [low, high] with 0 < low <= high, got {cfg.data.scale}")
     if cfg.checkpoint_every < 1 or cfg.log_every < 1:
         raise ValueError("checkpoint_every and log_every must be positive")
+    if cfg.data.combine not in COMBINE:
+        raise ValueError(f"data.combine must be one of {', '.join(COMBINE)}, got {cfg.data.combine!r}")
+    if cfg.data.combine == "agree" and len(cfg.labels) < 2:
+        raise ValueError("data.combine=agree needs two or more labeling runs in labels")
     workers = max(1, cfg.distribute.num_workers)
     if o.batch_size % workers:
         raise ValueError(f"optim.batch_size {o.batch_size} is not divisible by distribute.num_workers {workers}")

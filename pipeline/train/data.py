@@ -7,10 +7,13 @@ holds a sample, never a shard. Samples go through a shuffle buffer of `data.shuf
 then into batches. A pass over the worker's shards is followed by another, in a new order, for as long
 as training asks.
 
+With `data.combine: agree` a unit joins the same input shard's label tars of several runs, streamed
+side by side too; a sample's pixels that the runs label differently get the ignore value.
+
 Skipped, and counted over the first pass: input samples that failed to decode (`failed`), samples
-without a label (`missing_label`: their row failed in the labeling run), labels whose size differs
-from the image (`size_mismatch`), and label shards whose checksum does not match their commit marker
-(`bad_checksum`, the whole shard, never read).
+without a label (`missing_label`: their row failed in the labeling run, or in one of the runs that
+must agree), labels whose size differs from the image (`size_mismatch`), and label shards whose
+checksum does not match their commit marker (`bad_checksum`, the whole unit, never read).
 
 Augmentation (`torchvision.transforms.v2`, the image and its labels and confidences together, the
 last two as `tv_tensors.Mask` so they are resized with nearest neighbours): random scale of the short
@@ -161,43 +164,52 @@ class _Stream:
         if unit in self.bad:
             return
         if self.epoch == 0:
-            problem = verify(unit, self.owner.runs[unit.run].output, so)
-            if problem:
-                logger.warning("%s; shard skipped", problem)
-                self.bad.add(unit)
-                self.skipped["bad_checksum"] += 1
-                return
-        labels = _label_members(unit.labels, so)
-        pending = next(labels, None)
+            for run, labels in zip(unit.runs, unit.labels, strict=True):
+                problem = verify(labels, self.owner.runs[run].output, unit.shard, so)
+                if problem:
+                    logger.warning("%s; shard skipped", problem)
+                    self.bad.add(unit)
+                    self.skipped["bad_checksum"] += 1
+                    return
+        streams = [_label_members(labels, so) for labels in unit.labels]
+        pending = [next(stream, None) for stream in streams]
         for sample in iter_samples(unit.image, so):
             if isinstance(sample, SampleError):
                 self._count("failed")
                 continue
-            if pending is None or pending[0] != sample.key:
+            # A run without this sample (its row failed there) has its next label further on.
+            found = [p is not None and p[0] == sample.key for p in pending]
+            members = [p[1] for p, hit in zip(pending, found, strict=True) if hit]
+            pending = [next(s, None) if hit else p for s, p, hit in zip(streams, pending, found, strict=True)]
+            if not all(found):
                 self._count("missing_label")
                 continue
-            key, members = pending
-            pending = next(labels, None)
             pair = self._pair(sample, members)
             if pair is not None:
                 if self.epoch == 0:
                     self.used += 1
                 yield pair
 
-    def _pair(self, sample: Sample, members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        if schema.LABEL_EXT not in members:
-            self._count("missing_label")
-            return None
-        label = decode_label_png(members[schema.LABEL_EXT])
-        if label.shape != sample.image.shape[:2]:
-            self._count("size_mismatch")
-            return None
-        conf = members.get(schema.CONF_EXT)
-        conf_map = decode_label_png(conf) if conf is not None else np.full(label.shape, 255, np.uint8)
-        if conf_map.shape != label.shape:
-            self._count("size_mismatch")
-            return None
-        return sample.image, label, conf_map.astype(np.uint8)
+    def _pair(self, sample: Sample, runs: list[dict[str, bytes]]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The image with its label and confidence maps; with several runs' members (`combine: agree`),
+        pixels they label differently get the ignore value and the confidence is the lowest."""
+        label = conf_map = None
+        for members in runs:
+            if schema.LABEL_EXT not in members:
+                self._count("missing_label")
+                return None
+            run_label = decode_label_png(members[schema.LABEL_EXT])
+            conf = members.get(schema.CONF_EXT)
+            run_conf = decode_label_png(conf) if conf is not None else np.full(run_label.shape, 255, np.uint8)
+            if run_label.shape != sample.image.shape[:2] or run_conf.shape != run_label.shape:
+                self._count("size_mismatch")
+                return None
+            if label is None:
+                label, conf_map = run_label, run_conf.astype(np.uint8)
+            else:
+                label = np.where(label == run_label, label, self.owner.ignore).astype(label.dtype)
+                conf_map = np.minimum(conf_map, run_conf.astype(np.uint8))
+        return sample.image, label, conf_map
 
 
 def _label_members(url: str, storage_options: dict | None) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -39,7 +39,7 @@ from pipeline.train.data import LabelStream
 from pipeline.train.evaluate import evaluate_folder
 from pipeline.train.export import export
 from pipeline.train.loop import TRIM_EVERY, MasterCopy, Progress, attention_kernel, release_freed_memory, warmup_poly
-from pipeline.train.runs import committed_units, open_runs
+from pipeline.train.runs import LabelRun, Unit, committed_units, open_runs
 from pipeline.train.student import build, continues_student, loss, teacher_model, trainable_groups
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
     if cfg.distribute.num_workers > 0:
         from pipeline.distribute.train import run_train_workers  # Ray stays out of in-process runs
 
+        training_units(runs, cfg)  # label shards that cannot be used fail here, not in a worker
+
         try:
             run_train_workers(cfg, functools.partial(train_worker, stop=stop))
         except Exception:  # Ray Train reports a worker's Stopped as its own error type
@@ -89,6 +91,14 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
             raise
         return fs.read_json(summary_url, so)
     return train_worker(cfg, stop=stop)
+
+
+def training_units(runs: list[LabelRun], cfg: FinetuneCfg) -> tuple[list[Unit], dict[str, int]]:
+    """`runs.committed_units` by `data.combine`; ValueError when there is none."""
+    units, skipped = committed_units(runs, cfg.storage_options or None, cfg.data.combine)
+    if not units:
+        raise ValueError(f"no committed label shard in {', '.join(cfg.labels)}")
+    return units, skipped
 
 
 def _check_output(cfg: FinetuneCfg) -> None:
@@ -119,9 +129,7 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
     `stop`: see `finetune` (Stopped)."""
     so = cfg.storage_options or None
     runs = open_runs(cfg.labels, so)
-    units, shard_skips = committed_units(runs, so)
-    if not units:
-        raise ValueError(f"no committed label shard in {', '.join(cfg.labels)}")
+    units, shard_skips = training_units(runs, cfg)
     vocab = runs[0].vocab
     model, backbone = build(cfg)
     if rank == 0:

@@ -5,13 +5,18 @@ A run is trusted only through FORMAT.md's contract: a label shard exists when it
 (checked by `verify`, streaming). The input shard a label shard was made from is found by name among
 the run's own input (`_run/config.yaml`). Runs with different vocabularies (class names, order or
 background id, from `_run/vocabulary.json`) are refused: their class ids would mean different things.
+Runs whose labels must agree (`data.combine: agree`) are refused when a shard of the same name labels
+different input shards, or when no shard is committed in all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass
+
+import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import RunCfg
@@ -36,14 +41,16 @@ class LabelRun:
 
 @dataclass(frozen=True, order=True)
 class Unit:
-    """One committed label shard and the input shard it labels: the unit of work given to a worker."""
+    """The label shards of one input shard, one per run it joins, and that input shard: the unit of
+    work given to a worker. `data.combine: each` makes a unit per run's shard; `agree`, one for every
+    run's shard of the same name."""
 
-    run: int  # index into the list of runs
+    runs: tuple[int, ...]  # indices into the list of runs
     shard: str  # shard name
-    labels: str  # label tar URL
+    labels: tuple[str, ...]  # label tar URLs, one per run
     image: str  # input shard URL
-    samples: int  # rows in the shard (ok and failed), from the marker
-    ok: int  # labelled samples, from the marker
+    samples: int  # rows in the shard (ok and failed), from the (first run's) marker
+    ok: int  # labelled samples (with `agree`: labelled in every run, from their Parquet rows)
 
 
 def open_runs(urls: list[str], storage_options: dict | None = None) -> list[LabelRun]:
@@ -81,33 +88,80 @@ def _check_same_vocabulary(a: LabelRun, b: LabelRun) -> None:
             )
 
 
-def committed_units(runs: list[LabelRun], storage_options: dict | None = None) -> tuple[list[Unit], dict[str, int]]:
-    """Every committed label shard of every run, sorted, and counts of shards left out (and why)."""
-    units, skipped = [], {"no_input_shard": 0}
-    for i, run in enumerate(runs):
+def committed_units(
+    runs: list[LabelRun], storage_options: dict | None = None, combine: str = "each"
+) -> tuple[list[Unit], dict[str, int]]:
+    """Every committed label shard of every run as units (`Unit`, by `combine`: each | agree), in run
+    then shard order, and counts of shards left out: label shards whose input shard is not among
+    their run's (`no_input_shard`), and with `agree`, shard names committed in some runs only
+    (`not_in_every_run`, after those).
+
+    Raises:
+        ValueError: with `agree`, a shard of the same name labelling different input shards in two
+            runs, or no shard committed in every run.
+    """
+    skipped = {"no_input_shard": 0}
+    found: list[dict[str, tuple[dict, str]]] = []  # per run: shard -> (commit marker, label tar URL)
+    for run in runs:
+        shards = {}
         for shard in sorted(committed_shards(run.output, storage_options)):
             if shard not in run.inputs:
                 logger.warning("%s: shard %s is not among the run's input shards; skipped", run.output, shard)
                 skipped["no_input_shard"] += 1
                 continue
-            marker = read_commit(run.output, shard, storage_options)
-            labels = fs.join(run.output, schema.labels_path(shard))
-            units.append(Unit(i, shard, labels, run.inputs[shard], int(marker["samples"]), int(marker["ok"])))
+            shards[shard] = (
+                read_commit(run.output, shard, storage_options),
+                fs.join(run.output, schema.labels_path(shard)),
+            )
+        found.append(shards)
+    if combine == "each":
+        units = [
+            Unit((i,), shard, (labels,), runs[i].inputs[shard], int(marker["samples"]), int(marker["ok"]))
+            for i, shards in enumerate(found)
+            for shard, (marker, labels) in shards.items()
+        ]
+        return units, skipped
+    everywhere = set.intersection(*(set(shards) for shards in found))
+    skipped["not_in_every_run"] = len(set.union(*(set(shards) for shards in found)) - everywhere)
+    units = []
+    for shard in sorted(everywhere):
+        image = runs[0].inputs[shard]
+        for run in runs[1:]:
+            if run.inputs[shard] != image:
+                raise ValueError(
+                    f"data.combine=agree: shard {shard} of {run.output} labels {run.inputs[shard]}, that of "
+                    f"{runs[0].output} labels {image}; runs that agree must label the same input"
+                )
+        labels = tuple(shards[shard][1] for shards in found)
+        ok = len(set.intersection(*(_ok_keys(run.output, shard, storage_options) for run in runs)))
+        units.append(Unit(tuple(range(len(runs))), shard, labels, image, int(found[0][shard][0]["samples"]), ok))
+    if not units:
+        committed = ", ".join(f"{len(shards)} in {run.output}" for run, shards in zip(runs, found, strict=True))
+        raise ValueError(f"data.combine=agree: no shard is committed in every run (committed: {committed})")
     return units, skipped
 
 
-def verify(unit: Unit, output: str, storage_options: dict | None = None) -> str | None:
-    """None when the label tar's size and SHA-256 match its commit marker, else the reason (streaming)."""
-    expected = read_commit(output, unit.shard, storage_options)["files"]["labels"]
+def _ok_keys(output: str, shard: str, storage_options: dict | None) -> set[tuple[str, bytes | None]]:
+    """The keys of a committed shard's labelled samples (status ok), from its Parquet rows."""
+    url = fs.join(output, schema.meta_path(shard))
+    table = pq.read_table(io.BytesIO(fs.read_bytes(url, storage_options)), columns=["key", "key_bytes", "status"])
+    rows = zip(*(table.column(name).to_pylist() for name in ("key", "key_bytes", "status")), strict=True)
+    return {(key, raw) for key, raw, status in rows if status == "ok"}
+
+
+def verify(labels: str, output: str, shard: str, storage_options: dict | None = None) -> str | None:
+    """None when the label tar `labels` (shard `shard` of the run at `output`) matches its commit
+    marker's size and SHA-256, else the reason (streaming)."""
+    expected = read_commit(output, shard, storage_options)["files"]["labels"]
     digest, size = hashlib.sha256(), 0
     try:
-        filesystem, path = fs.url_to_fs(unit.labels, storage_options)
+        filesystem, path = fs.url_to_fs(labels, storage_options)
         with filesystem.open(path, "rb") as f:
             while chunk := f.read(_HASH_CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
     except FileNotFoundError:
-        return f"{unit.labels} is missing although its commit marker exists"
+        return f"{labels} is missing although its commit marker exists"
     if size != expected["bytes"] or digest.hexdigest() != expected["sha256"]:
-        return f"{unit.labels}: size or SHA-256 differs from its commit marker"
+        return f"{labels}: size or SHA-256 differs from its commit marker"
     return None
