@@ -126,12 +126,12 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     report = evaluate_labelers(truth, ZoomLabeler(labeler, cfg.zoom), baselines, top_k, cfg.infer.batch_size)
     report["predictions"] = {
-        "head": cfg.head.name,
+        "head": labeler.head_name,  # a student folder's own head unless --head names another
         "model": cfg.model.name,
         "pretrained": cfg.model.pretrained,
         "background_offset": labeler.background_offset,
     }
-    _print_report(report, f"{cfg.head.name} on {cfg.model.name}")
+    _print_report(report, f"{labeler.head_name} on {cfg.model.name}")
     if args.zero_shot:
         from pipeline.eval.zeroshot import zero_shot_accuracy
 

@@ -88,9 +88,15 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
     args = ["eval", "--truth", labelled["shapes"], "--head", "denseclip", "--no-random-baseline"]
     assert cli([*args, "--json", str(report), f"model.name={trained['out']}/model"]) == 0
     assert json.loads(report.read_text())["mIoU"] == pytest.approx(trained["summary"]["mIoU"], abs=1e-6)
+    # The default head (maskclip, no options) leaves a student folder its own head: the report says which labelled.
+    args[args.index("denseclip")] = "maskclip"
+    assert cli([*args, "--json", str(report), f"model.name={trained['out']}/model"]) == 0
+    scored = json.loads(report.read_text())
+    assert scored["predictions"]["head"] == "denseclip"
+    assert scored["mIoU"] == pytest.approx(trained["summary"]["mIoU"], abs=1e-6)
 
 
-def test_student_folder_labels_with_its_own_head(trained, labelled):
+def test_student_folder_labels_with_its_own_head(trained, labelled, tmp_path):
     vocab = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")
     labeler = DenseLabeler(RunCfg(model=ModelCfg(name=f"{trained['out']}/model")), vocab)
     assert isinstance(labeler.head, DenseCLIPHead)  # the config kept the default head: the model's own is used
@@ -99,6 +105,10 @@ def test_student_folder_labels_with_its_own_head(trained, labelled):
     image[10:30, 10:30] = (220, 30, 30)
     (result,) = labeler([image])
     assert result.labels.shape == (40, 56) and int(result.labels.max()) < len(vocab)
+    relabelled = str(tmp_path / "relabelled")  # a second round's labels: the run's config names no head
+    label_in_process(labelled["shapes"], relabelled, f"model.name={trained['out']}/model")
+    summary = finetune(finetune_config([relabelled], str(tmp_path / "r2"), "optim.steps=2", "eval.truth="))
+    assert summary["teacher"]["head"] == "denseclip"  # what labelled it, not the config's default head
 
 
 def test_a_second_round_continues_the_student_that_labelled_it(trained, labelled, tmp_path):

@@ -39,7 +39,7 @@ from pipeline.train.data import LabelStream
 from pipeline.train.evaluate import evaluate_folder
 from pipeline.train.export import export
 from pipeline.train.loop import TRIM_EVERY, MasterCopy, Progress, attention_kernel, release_freed_memory, warmup_poly
-from pipeline.train.runs import LabelRun, Unit, committed_units, open_runs
+from pipeline.train.runs import LabelRun, Unit, committed_units, labelling_head, open_runs
 from pipeline.train.student import build, continues_student, loss, teacher_model, trainable_groups
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metr
         "teacher": {
             "model": runs[0].config.model.name,
             "pretrained": runs[0].config.model.pretrained,
-            "head": runs[0].config.head.name,
+            "head": labelling_head(units[0], runs, so),
         },  # fmt: skip
         "model": fs.join(cfg.output, MODEL_DIR),
     }

@@ -141,12 +141,23 @@ def committed_units(
     return units, skipped
 
 
+def labelling_head(unit: Unit, runs: list[LabelRun], storage_options: dict | None = None) -> str:
+    """The dense head that labelled `unit`'s (first run's) shard, from its Parquet rows: a student
+    folder labels with its own head whatever the run's config names."""
+    heads = _columns(runs[unit.runs[0]].output, unit.shard, ["head"], storage_options)[0]
+    return heads[0] if heads else runs[unit.runs[0]].config.head.name
+
+
 def _ok_keys(output: str, shard: str, storage_options: dict | None) -> set[tuple[str, bytes | None]]:
     """The keys of a committed shard's labelled samples (status ok), from its Parquet rows."""
-    url = fs.join(output, schema.meta_path(shard))
-    table = pq.read_table(io.BytesIO(fs.read_bytes(url, storage_options)), columns=["key", "key_bytes", "status"])
-    rows = zip(*(table.column(name).to_pylist() for name in ("key", "key_bytes", "status")), strict=True)
+    rows = zip(*_columns(output, shard, ["key", "key_bytes", "status"], storage_options), strict=True)
     return {(key, raw) for key, raw, status in rows if status == "ok"}
+
+
+def _columns(output: str, shard: str, names: list[str], storage_options: dict | None) -> list[list]:
+    url = fs.join(output, schema.meta_path(shard))
+    table = pq.read_table(io.BytesIO(fs.read_bytes(url, storage_options)), columns=names)
+    return [table.column(name).to_pylist() for name in names]
 
 
 def verify(labels: str, output: str, shard: str, storage_options: dict | None = None) -> str | None:
