@@ -126,7 +126,7 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     report = evaluate_labelers(truth, ZoomLabeler(labeler, cfg.zoom), baselines, top_k, cfg.infer.batch_size)
     report["predictions"] = {
-        "head": labeler.head_name,  # a student folder's own head unless --head names another
+        "head": labeler.head_name,  # a student folder labels with its own head under the default head
         "model": cfg.model.name,
         "pretrained": cfg.model.pretrained,
         "background_offset": labeler.background_offset,

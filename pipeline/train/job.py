@@ -101,6 +101,16 @@ def training_units(runs: list[LabelRun], cfg: FinetuneCfg) -> tuple[list[Unit], 
     return units, skipped
 
 
+def _teacher(runs: list[LabelRun], units: list[Unit], so: dict | None) -> dict[str, str]:
+    """The model and head that labelled the first unit's (first run's) shard."""
+    config = runs[units[0].runs[0]].config
+    return {
+        "model": config.model.name,
+        "pretrained": config.model.pretrained,
+        "head": labelling_head(units[0], runs, so),
+    }
+
+
 def _check_output(cfg: FinetuneCfg) -> None:
     """OutputConflict when `cfg.output` records a fine-tune whose config differs from `cfg`."""
     so = cfg.storage_options or None
@@ -130,6 +140,7 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
     so = cfg.storage_options or None
     runs = open_runs(cfg.labels, so)
     units, shard_skips = training_units(runs, cfg)
+    teacher = _teacher(runs, units, so)  # read before training: a store error must not fail a trained run
     vocab = runs[0].vocab
     model, backbone = build(cfg)
     if rank == 0:
@@ -217,7 +228,9 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
     skipped = _gather_counts(counts, world)
     if rank != 0:
         return {}
-    return _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds, stop)
+    return _finish(
+        cfg, model, backbone, vocab, runs, units, teacher, shard_skips, skipped, metrics, train_seconds, stop
+    )
 
 
 def _stop_if_asked(
@@ -236,7 +249,9 @@ def _stop_if_asked(
         raise Stopped(f"{output}: asked to stop {when}; its last checkpoint is the one to resume")
 
 
-def _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metrics, train_seconds, stop) -> dict:
+def _finish(
+    cfg, model, backbone, vocab, runs, units, teacher, shard_skips, skipped, metrics, train_seconds, stop
+) -> dict:
     so = cfg.storage_options or None
     final = None
     _stop_if_asked(stop, cfg.output, "after its final checkpoint")
@@ -259,11 +274,7 @@ def _finish(cfg, model, backbone, vocab, runs, units, shard_skips, skipped, metr
         "failed_rows": sum(u.samples - u.ok for u in units),
         "label_shards": len(units),
         "labels": [r.output for r in runs],
-        "teacher": {
-            "model": runs[0].config.model.name,
-            "pretrained": runs[0].config.model.pretrained,
-            "head": labelling_head(units[0], runs, so),
-        },  # fmt: skip
+        "teacher": teacher,
         "model": fs.join(cfg.output, MODEL_DIR),
     }
     fs.put_json(fs.join(cfg.output, schema.SUMMARY_FILE), summary, so)
