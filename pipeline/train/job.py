@@ -140,7 +140,8 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
     so = cfg.storage_options or None
     runs = open_runs(cfg.labels, so)
     units, shard_skips = training_units(runs, cfg)
-    teacher = _teacher(runs, units, so)  # read before training: a store error must not fail a trained run
+    # Rank 0 writes the summary; it reads this before training, so that a store error cannot fail a trained run.
+    teacher = _teacher(runs, units, so) if rank == 0 else {}
     vocab = runs[0].vocab
     model, backbone = build(cfg)
     if rank == 0:
