@@ -115,6 +115,7 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
     vocab = _labeler_vocab(cfg, truth.vocab)
     shifts = _shifts(args.offsets) if args.offsets else DEFAULT_SHIFTS  # checked before the model loads
     labeler = DenseLabeler(cfg, vocab, so)
+    labeler.check_head(args.head)
     if args.calibrate_background:
         report = calibrate_background_offset(labeler, truth, labeler.background_offset, shifts, cfg.infer.batch_size)
         report["model_meta_offset"] = labeler.background_offset - cfg.vocab.background_offset
@@ -126,7 +127,7 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     report = evaluate_labelers(truth, ZoomLabeler(labeler, cfg.zoom), baselines, top_k, cfg.infer.batch_size)
     report["predictions"] = {
-        "head": labeler.head_name,  # a student folder labels with its own head under the default head
+        "head": labeler.head_name,
         "model": cfg.model.name,
         "pretrained": cfg.model.pretrained,
         "background_offset": labeler.background_offset,

@@ -60,6 +60,7 @@ class IntermixedParser(argparse.ArgumentParser):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.models.backbone import model_meta
     from pipeline.review.overlay import overlay
     from pipeline.stages.infer import DenseLabeler
     from pipeline.stages.zoom import ZoomLabeler
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         if not classes:
             raise ValueError('--classes is empty: give comma-separated class names, e.g. --classes "cat, dog"')
         cfg = dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, classes=classes))
-    vocab = resolve_vocabulary(cfg.vocab, storage_options=cfg.storage_options)
+    trained = model_meta(cfg.model.name, cfg.storage_options).get("vocabulary")  # a student's own classes
+    vocab = resolve_vocabulary(cfg.vocab, storage_options=cfg.storage_options, trained=trained)
     paths = list(dict.fromkeys(paths))  # an image named twice is labelled once
     stems = dict(zip(paths, output_stems(paths), strict=True))
     images: dict[str, np.ndarray] = {}
@@ -90,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"clipdense segment: error: {exc}", file=sys.stderr)
     if not images:
         return 2
-    labeler = ZoomLabeler(DenseLabeler(cfg, vocab, cfg.storage_options), cfg.zoom)  # zoom.enabled=true to zoom in
+    dense = DenseLabeler(cfg, vocab, cfg.storage_options)
+    if args.head is not None:
+        dense.check_head(args.head)
+    labeler = ZoomLabeler(dense, cfg.zoom)  # zoom.enabled=true to zoom in
     for (path, image), result in zip(images.items(), labeler(list(images.values())), strict=True):
         stem = stems[path]
         seg_url, overlay_url = fs.join(args.out, f"{stem}.seg.png"), fs.join(args.out, f"{stem}.overlay.png")

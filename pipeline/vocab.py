@@ -117,8 +117,11 @@ def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary
     return Vocabulary.from_entries([line for line in lines if line and not line.startswith("#")])
 
 
-def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: dict | None = None) -> Vocabulary:
-    """The run's vocabulary: inline classes, else `cfg.file`, else `vocabulary.json` beside the input.
+def resolve_vocabulary(
+    cfg: VocabCfg, near: str | None = None, storage_options: dict | None = None, trained: dict | None = None
+) -> Vocabulary:
+    """The run's vocabulary: inline classes, else `cfg.file`, else `vocabulary.json` beside the input,
+    else `trained` (a model folder's meta.json `vocabulary`: the classes a fine-tuned student learnt).
 
     What the user chose is checked here, not in `Vocabulary` (stored files must load as they were
     written): a class listed twice and a one-class vocabulary without background words are refused.
@@ -129,6 +132,8 @@ def resolve_vocabulary(cfg: VocabCfg, near: str | None = None, storage_options: 
         vocab = load_vocabulary(cfg.file, storage_options)
     elif near and fs.exists(fs.join(near, "vocabulary.json"), storage_options):
         vocab = load_vocabulary(fs.join(near, "vocabulary.json"), storage_options)
+    elif trained:
+        vocab = Vocabulary.from_entries([str(c) for c in trained["classes"]], trained.get("background"))
     else:
         raise ValueError(
             "no vocabulary: set vocab.classes (inline) or vocab.file, or put a vocabulary.json beside the input shards"

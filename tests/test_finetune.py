@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from jobs.cli import main as cli
@@ -83,17 +84,34 @@ def test_finetune_writes_checkpoints_metrics_model_and_summary(trained, labelled
     }  # fmt: skip
 
 
-def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_path):
+def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_path, capsys):
     report = tmp_path / "eval.json"
     args = ["eval", "--truth", labelled["shapes"], "--head", "denseclip", "--no-random-baseline"]
     assert cli([*args, "--json", str(report), f"model.name={trained['out']}/model"]) == 0
-    assert json.loads(report.read_text())["mIoU"] == pytest.approx(trained["summary"]["mIoU"], abs=1e-6)
-    # The default head (maskclip, no options) leaves a student folder its own head: the report says which labelled.
-    args[args.index("denseclip")] = "maskclip"
-    assert cli([*args, "--json", str(report), f"model.name={trained['out']}/model"]) == 0
     scored = json.loads(report.read_text())
-    assert scored["predictions"]["head"] == "denseclip"
     assert scored["mIoU"] == pytest.approx(trained["summary"]["mIoU"], abs=1e-6)
+    assert scored["predictions"]["head"] == "denseclip"
+    # The default head (maskclip) named explicitly: a student folder's own head would replace it, so it is refused.
+    args[args.index("denseclip")] = "maskclip"
+    capsys.readouterr()
+    assert cli([*args, f"model.name={trained['out']}/model"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense eval: error:")]
+    assert "labels with its own head 'denseclip'" in line and "'maskclip'" in line
+    image = tmp_path / "one.png"
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(image)
+    assert (
+        cli(["segment", str(image), "--head", "maskclip", "--out", str(tmp_path), f"model.name={trained['out']}/model"])
+        == 2
+    )
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense segment: error:")]
+    assert "labels with its own head 'denseclip'" in line
+    assert not list(tmp_path.glob("one.*.png"))
+    # Without --head and --classes, the student labels with its own head and the classes it learnt.
+    assert cli(["segment", str(image), "--out", str(tmp_path), f"model.name={trained['out']}/model"]) == 0
+    labels = np.asarray(Image.open(tmp_path / "one.seg.png"))
+    assert labels.shape == (24, 24) and int(labels.max()) < len(
+        load_vocabulary(f"{labelled['shapes']}/vocabulary.json")
+    )
 
 
 def test_student_folder_labels_with_its_own_head(trained, labelled, tmp_path):
@@ -107,8 +125,13 @@ def test_student_folder_labels_with_its_own_head(trained, labelled, tmp_path):
     assert result.labels.shape == (40, 56) and int(result.labels.max()) < len(vocab)
     relabelled = str(tmp_path / "relabelled")  # a second round's labels: the run's config names no head
     label_in_process(labelled["shapes"], relabelled, f"model.name={trained['out']}/model")
-    summary = finetune(finetune_config([relabelled], str(tmp_path / "r2"), "optim.steps=2", "eval.truth="))
+    both = [relabelled, labelled["labels"]]
+    summary = finetune(finetune_config(both, str(tmp_path / "r2"), "optim.steps=2", "eval.truth="))
     assert summary["teacher"]["head"] == "denseclip"  # what labelled it, not the config's default head
+    assert [(r["labels"], r["model"], r["head"]) for r in summary["labelled_by"]] == [
+        (relabelled, f"{trained['out']}/model", "denseclip"),
+        (labelled["labels"], "shapes-clip", "maskclip"),
+    ]
 
 
 def test_a_second_round_continues_the_student_that_labelled_it(trained, labelled, tmp_path):

@@ -109,6 +109,16 @@ class DenseLabeler:
         self._mean = torch.tensor(self.backbone.mean, device=device).view(3, 1, 1)
         self._std = torch.tensor(self.backbone.std, device=device).view(3, 1, 1)
 
+    def check_head(self, requested: str) -> None:
+        """Raise ValueError when a head named on the command line (`requested`) is not the one that
+        labels: a model with a head of its own replaces the default head, so naming the default
+        explicitly for such a model would silently be ignored."""
+        if requested != self.head_name:
+            raise ValueError(
+                f"model {self.cfg.model.name!r} labels with its own head {self.head_name!r}, which replaces the "
+                f"default head {requested!r}: name {self.head_name!r} as the head"
+            )
+
     @property
     def n_classes(self) -> int:
         return len(self.vocab)

@@ -164,8 +164,8 @@ class _Stream:
         if unit in self.bad:
             return
         if self.epoch == 0:
-            for run, labels in zip(unit.runs, unit.labels, strict=True):
-                problem = verify(labels, self.owner.runs[run].output, unit.shard, so)
+            for labels, expected in zip(unit.labels, unit.digests, strict=True):
+                problem = verify(labels, expected, so)
                 if problem:
                     logger.warning("%s; shard skipped", problem)
                     self.bad.add(unit)

@@ -78,37 +78,49 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
         return fs.read_json(summary_url, so)
     if continues_student(cfg, model_meta(cfg.model.name, so)):  # refused options fail here, not in a worker
         logger.info("the student's own parts start from %s's (warm_start)", cfg.model.name)
+    labels = label_set(cfg, runs)  # read once here: workers get it, and unusable label shards fail here
     if cfg.distribute.num_workers > 0:
         from pipeline.distribute.train import run_train_workers  # Ray stays out of in-process runs
 
-        training_units(runs, cfg)  # label shards that cannot be used fail here, not in a worker
-
         try:
-            run_train_workers(cfg, functools.partial(train_worker, stop=stop))
+            run_train_workers(cfg, functools.partial(train_worker, stop=stop, labels=labels))
         except Exception:  # Ray Train reports a worker's Stopped as its own error type
             if stop is not None and stop():
                 raise Stopped(f"{cfg.output}: the fine-tune was asked to stop") from None
             raise
         return fs.read_json(summary_url, so)
-    return train_worker(cfg, stop=stop)
+    return train_worker(cfg, stop=stop, labels=labels)
 
 
-def training_units(runs: list[LabelRun], cfg: FinetuneCfg) -> tuple[list[Unit], dict[str, int]]:
-    """`runs.committed_units` by `data.combine`; ValueError when there is none."""
-    units, skipped = committed_units(runs, cfg.storage_options or None, cfg.data.combine)
+@dataclasses.dataclass(frozen=True)
+class LabelSet:
+    """What a fine-tune reads of its labeling runs, read once by `finetune` and handed to every worker:
+    the runs, their committed shards as units (by `data.combine`), the label shards left out, and per
+    run the model and head that labelled it."""
+
+    runs: list[LabelRun]
+    units: list[Unit]
+    skipped: dict[str, int]  # label shards left out, by reason (`runs.committed_units`)
+    labelled_by: list[dict[str, str]]  # per run: labels (its URL), model, pretrained, head
+
+
+def label_set(cfg: FinetuneCfg, runs: list[LabelRun]) -> LabelSet:
+    """The `LabelSet` of `runs` (`open_runs(cfg.labels)`). Raises ValueError when no label shard is usable
+    (`runs.committed_units`'s refusals, or none committed)."""
+    so = cfg.storage_options or None
+    units, skipped = committed_units(runs, so, cfg.data.combine)
     if not units:
         raise ValueError(f"no committed label shard in {', '.join(cfg.labels)}")
-    return units, skipped
-
-
-def _teacher(runs: list[LabelRun], units: list[Unit], so: dict | None) -> dict[str, str]:
-    """The model and head that labelled the first unit's (first run's) shard."""
-    config = runs[units[0].runs[0]].config
-    return {
-        "model": config.model.name,
-        "pretrained": config.model.pretrained,
-        "head": labelling_head(units[0], runs, so),
-    }
+    labelled_by = [
+        {
+            "labels": run.output,
+            "model": run.config.model.name,
+            "pretrained": run.config.model.pretrained,
+            "head": labelling_head(i, units, runs, so),
+        }
+        for i, run in enumerate(runs)
+    ]
+    return LabelSet(runs, units, skipped, labelled_by)
 
 
 def _check_output(cfg: FinetuneCfg) -> None:
@@ -133,15 +145,15 @@ def _record_config(cfg: FinetuneCfg) -> None:
         fs.put_atomic(url, dump_yaml(public_config(cfg)).encode(), so)
 
 
-def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | None = None) -> dict[str, Any]:
-    """Train on this worker's share of the label shards; rank 0 writes checkpoints, metrics, the model
-    and the summary. With `world` > 1 the default torch.distributed process group must be initialised.
-    `stop`: see `finetune` (Stopped)."""
+def train_worker(
+    cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | None = None, labels: LabelSet | None = None
+) -> dict[str, Any]:
+    """Train on this worker's share of the label shards (`labels`, read from `cfg.labels` when not
+    given); rank 0 writes checkpoints, metrics, the model and the summary. With `world` > 1 the default
+    torch.distributed process group must be initialised. `stop`: see `finetune` (Stopped)."""
     so = cfg.storage_options or None
-    runs = open_runs(cfg.labels, so)
-    units, shard_skips = training_units(runs, cfg)
-    # Rank 0 writes the summary; it reads this before training, so that a store error cannot fail a trained run.
-    teacher = _teacher(runs, units, so) if rank == 0 else {}
+    labels = labels or label_set(cfg, open_runs(cfg.labels, so))
+    runs, units = labels.runs, labels.units
     vocab = runs[0].vocab
     model, backbone = build(cfg)
     if rank == 0:
@@ -229,9 +241,7 @@ def train_worker(cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | N
     skipped = _gather_counts(counts, world)
     if rank != 0:
         return {}
-    return _finish(
-        cfg, model, backbone, vocab, runs, units, teacher, shard_skips, skipped, metrics, train_seconds, stop
-    )
+    return _finish(cfg, model, backbone, vocab, labels, skipped, metrics, train_seconds, stop)
 
 
 def _stop_if_asked(
@@ -250,9 +260,7 @@ def _stop_if_asked(
         raise Stopped(f"{output}: asked to stop {when}; its last checkpoint is the one to resume")
 
 
-def _finish(
-    cfg, model, backbone, vocab, runs, units, teacher, shard_skips, skipped, metrics, train_seconds, stop
-) -> dict:
+def _finish(cfg, model, backbone, vocab, labels: LabelSet, skipped, metrics, train_seconds, stop) -> dict:
     so = cfg.storage_options or None
     final = None
     _stop_if_asked(stop, cfg.output, "after its final checkpoint")
@@ -268,14 +276,15 @@ def _finish(
     summary = {
         "final_step": cfg.optim.steps,
         "mIoU": final,
-        "skipped": {**shard_skips, **skipped},
+        "skipped": {**labels.skipped, **skipped},
         "train_seconds": round(train_seconds, 1),
-        "n_samples": sum(u.ok for u in units),
+        "n_samples": sum(u.ok for u in labels.units),
         "samples_read_first_pass": used,
-        "failed_rows": sum(u.samples - u.ok for u in units),
-        "label_shards": len(units),
-        "labels": [r.output for r in runs],
-        "teacher": teacher,
+        "failed_rows": sum(u.samples - u.ok for u in labels.units),
+        "label_shards": len(labels.units),
+        "labels": [r.output for r in labels.runs],
+        "labelled_by": labels.labelled_by,
+        "teacher": {k: v for k, v in labels.labelled_by[0].items() if k != "labels"},  # the first run's
         "model": fs.join(cfg.output, MODEL_DIR),
     }
     fs.put_json(fs.join(cfg.output, schema.SUMMARY_FILE), summary, so)

@@ -51,6 +51,7 @@ class Unit:
     image: str  # input shard URL
     samples: int  # rows in the shard (ok and failed), from the (first run's) marker
     ok: int  # labelled samples (with `agree`: labelled in every run, from their Parquet rows)
+    digests: tuple[tuple[int, str], ...]  # per label tar: the size in bytes and SHA-256 its marker records
 
 
 def open_runs(urls: list[str], storage_options: dict | None = None) -> list[LabelRun]:
@@ -116,7 +117,15 @@ def committed_units(
         found.append(shards)
     if combine == "each":
         units = [
-            Unit((i,), shard, (labels,), runs[i].inputs[shard], int(marker["samples"]), int(marker["ok"]))
+            Unit(
+                (i,),
+                shard,
+                (labels,),
+                runs[i].inputs[shard],
+                int(marker["samples"]),
+                int(marker["ok"]),
+                (_digest(marker),),
+            )
             for i, shards in enumerate(found)
             for shard, (marker, labels) in shards.items()
         ]
@@ -133,19 +142,31 @@ def committed_units(
                     f"{runs[0].output} labels {image}; runs that agree must label the same input"
                 )
         labels = tuple(shards[shard][1] for shards in found)
+        digests = tuple(_digest(shards[shard][0]) for shards in found)
         ok = len(set.intersection(*(_ok_keys(run.output, shard, storage_options) for run in runs)))
-        units.append(Unit(tuple(range(len(runs))), shard, labels, image, int(found[0][shard][0]["samples"]), ok))
+        samples = int(found[0][shard][0]["samples"])
+        units.append(Unit(tuple(range(len(runs))), shard, labels, image, samples, ok, digests))
     if not units:
         committed = ", ".join(f"{len(shards)} in {run.output}" for run, shards in zip(runs, found, strict=True))
         raise ValueError(f"data.combine=agree: no shard is committed in every run (committed: {committed})")
     return units, skipped
 
 
-def labelling_head(unit: Unit, runs: list[LabelRun], storage_options: dict | None = None) -> str:
-    """The dense head that labelled `unit`'s (first run's) shard, from its Parquet rows: a student
-    folder labels with its own head whatever the run's config names."""
-    heads = _columns(runs[unit.runs[0]].output, unit.shard, ["head"], storage_options)[0]
-    return heads[0] if heads else runs[unit.runs[0]].config.head.name
+def _digest(marker: dict) -> tuple[int, str]:
+    labels = marker["files"]["labels"]
+    return int(labels["bytes"]), str(labels["sha256"])
+
+
+def labelling_head(run: int, units: list[Unit], runs: list[LabelRun], storage_options: dict | None = None) -> str:
+    """The dense head that labelled run `run` (an index into `runs`), from the Parquet rows of its first
+    shard among `units` that has rows: a student folder labels with its own head whatever the run's
+    config names. The config's head when no shard has rows."""
+    for unit in units:
+        if run in unit.runs and unit.samples:
+            heads = _columns(runs[run].output, unit.shard, ["head"], storage_options)[0]
+            if heads:
+                return heads[0]
+    return runs[run].config.head.name
 
 
 def _ok_keys(output: str, shard: str, storage_options: dict | None) -> set[tuple[str, bytes | None]]:
@@ -160,10 +181,9 @@ def _columns(output: str, shard: str, names: list[str], storage_options: dict | 
     return [table.column(name).to_pylist() for name in names]
 
 
-def verify(labels: str, output: str, shard: str, storage_options: dict | None = None) -> str | None:
-    """None when the label tar `labels` (shard `shard` of the run at `output`) matches its commit
-    marker's size and SHA-256, else the reason (streaming)."""
-    expected = read_commit(output, shard, storage_options)["files"]["labels"]
+def verify(labels: str, expected: tuple[int, str], storage_options: dict | None = None) -> str | None:
+    """None when the label tar `labels` has the size in bytes and SHA-256 `expected` (`Unit.digests`:
+    its commit marker's), else the reason (streaming)."""
     digest, size = hashlib.sha256(), 0
     try:
         filesystem, path = fs.url_to_fs(labels, storage_options)
@@ -173,6 +193,6 @@ def verify(labels: str, output: str, shard: str, storage_options: dict | None = 
                 size += len(chunk)
     except FileNotFoundError:
         return f"{labels} is missing although its commit marker exists"
-    if size != expected["bytes"] or digest.hexdigest() != expected["sha256"]:
+    if (size, digest.hexdigest()) != expected:
         return f"{labels}: size or SHA-256 differs from its commit marker"
     return None
