@@ -4,6 +4,7 @@ on its embedded Ray instance or on a cluster it joined (`--address`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -123,3 +124,21 @@ def test_a_killed_driver_on_a_cluster_has_its_actors_ended_by_the_cluster_and_a_
     assert alive(ray_head.pid) and any(comm(p) == "gcs_server" for p in descendants(ray_head.pid))
 
     _rerun_completes(tmp_path, model, urls, committed, cluster=ray_head)
+
+
+def test_a_driver_whose_ray_token_authentication_differs_from_the_cluster_is_told_so(
+    tmp_path,
+    model,
+    ray_head,  # noqa: F811
+):
+    """The cluster runs without token authentication; a driver with it has its actors cancelled, which
+    Ray reports without a cause."""
+    shapes(str(tmp_path / "in"), 1, 2)
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0123456789abcdef0123456789abcdef"}
+    driver = _start(tmp_path, model, cluster=dataclasses.replace(ray_head, env=token))
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode == 1, err  # a run that could not start its model, as when the model is too big
+    (line,) = [x for x in err.splitlines() if x.startswith("clipdense label: error:")]
+    assert "cancelled" in line and "token authentication differs" in line and "Traceback" not in err
+    assert "RAY_AUTH_MODE=token here" in line
+    assert committed_shards(str(tmp_path / "out")) == set()

@@ -18,6 +18,7 @@ and are removed by the caller). Either way the pool returns with `interrupted` s
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -182,7 +183,16 @@ class _Pool:
         self.spawn_budget -= 1
         name = f"{ACTOR_PREFIX}{self.run_id}-{self.result.actors_started}"
         options = {"name": name, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0}
-        actor = ray.remote(LabelActor).options(**options).remote(self.cfg, self.vocab)
+        try:
+            actor = ray.remote(LabelActor).options(**options).remote(self.cfg, self.vocab)
+        except RayError as exc:  # the cluster refused to create it
+            reason = _reason(exc)
+            if not self.result.actor_info:
+                raise ModelStartError(
+                    f"the labeling model could not start: the cluster refused its actor: {_with_hint(reason)}"
+                ) from None
+            logger.error("the cluster refused to create an actor: %s", reason)
+            return
         self.starting[actor.describe.remote()] = actor
         self.result.actors_started += 1
 
@@ -203,7 +213,8 @@ class _Pool:
             elif not self.starting:  # the last actor of the start-up budget died too
                 n = self.result.actors_started
                 raise ModelStartError(
-                    f"the labeling model could not start: all {n} actors died while loading it; last: {_reason(exc)}"
+                    f"the labeling model could not start: all {n} actors died while loading it; "
+                    f"last: {_with_hint(_reason(exc))}"
                 ) from None
             return
         if not self.result.actor_info:
@@ -258,6 +269,18 @@ class _Pool:
         self.progress.close()
         if self.result.actor_info:
             self.result.labelling_s = time.monotonic() - self.progress.started
+
+
+def _with_hint(reason: str) -> str:
+    """`reason` with the likely cause of actors that the cluster cancelled, which Ray's message leaves out."""
+    if "cancelled" not in reason.lower():
+        return reason
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    here = f" (RAY_AUTH_MODE={mode} here)" if mode else ""
+    return (
+        f"{reason.rstrip('.')}. A cluster cancels the actors of a driver whose Ray token authentication differs "
+        f"from its own{here}: run the job with the cluster's RAY_AUTH_MODE and token, or submit it (clipdense submit)"
+    )
 
 
 def _reason(exc: BaseException) -> str:
