@@ -71,6 +71,35 @@ def test_overlapping_patches_double_the_output_grid():
         ImageEncoder(fresh_backbone("resnet").visual, patch_stride=2)
 
 
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_three_fpn_levels_leave_out_the_finest_and_decode_at_twice_its_stride(kind):
+    bb = _backbone(kind)
+    images = blocky_images(2, 64, seed=6)
+    encoders = {}
+    for levels in (4, 3):
+        torch.manual_seed(0)  # the kept adapters draw the same initial weights
+        encoders[levels] = ImageEncoder(bb.visual, levels=levels).eval()
+    with torch.no_grad():
+        (all_feats, global4, dense4), (feats, global3, dense3) = (encoders[n](images) for n in (4, 3))
+    assert len(feats) == 3 and encoders[3].strides == encoders[4].strides[1:]
+    for kept, full in zip(feats, all_feats[1:], strict=True):
+        torch.testing.assert_close(kept, full)
+    torch.testing.assert_close((global3, dense3), (global4, dense4))
+    assert encoders[3].output_stride == encoders[4].output_stride
+    options = {"fpn_width": 16, "fpn_head_width": 16}
+    four = DenseCLIP(bb.model, bb.tokenizer, StudentCfg(**options)).eval()
+    three = DenseCLIP(bb.model, bb.tokenizer, StudentCfg(fpn_levels=3, **options)).eval()
+    with torch.no_grad():
+        tokens = four.text.tokenize(["red circle", "blue square"])
+        scores4, _ = four(images, tokens, torch.tensor([0, 1]), 2)
+        scores3, _ = three(images, tokens, torch.tensor([0, 1]), 2)
+    assert three.stride == 2 * four.stride and scores3.shape[-1] * 2 == scores4.shape[-1] == 64 / four.stride
+    assert sum(p.numel() for p in three.parameters()) < sum(p.numel() for p in four.parameters())
+    for bad in (1, 5):
+        with pytest.raises(ValueError, match=f"fpn_levels must be 2, 3 or 4 \\(the reference\\), got {bad}"):
+            ImageEncoder(bb.visual, levels=bad)
+
+
 def test_a_residual_student_starts_as_its_dense_embedding():
     bb = _backbone("vit")
     images = blocky_images(2, 64, seed=5)

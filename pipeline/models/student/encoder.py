@@ -11,6 +11,10 @@ Follows `CLIPVisionTransformer` / `CLIPResNetWithAttention` of the official Dens
 - ResNet: layer1-4 (strides 4-32); the attention pool runs with every position as a query
   (full q-k attention), giving the dense embedding; the mean token gives the global one.
 
+`levels` (a change from the reference, which always has 4) keeps the coarsest `levels` of the four maps:
+3 leaves out the finest (patch/4 or stride 4), whose adapter and decoding at full resolution cost more
+than the whole encoder of a small CLIP.
+
 `dense="value"` (a change from the reference) takes the dense embedding from MaskCLIP's value path
 instead (`pipeline.models.heads.maskclip`: the last attention's query-key mixing dropped, as in the
 official MaskCLIP code; ResNet: `c_proj(v_proj(x))`). DenseCLIP fine-tunes the standard path with
@@ -48,11 +52,14 @@ class ImageEncoder(nn.Module):
     global: (B, E) float32; dense: (B, E, h, w) float32 at the tower's output stride (not normalised).
     """
 
-    def __init__(self, visual: nn.Module, dense: str = "attention", patch_stride: int = 0) -> None:
+    def __init__(self, visual: nn.Module, dense: str = "attention", patch_stride: int = 0, levels: int = 4) -> None:
         super().__init__()
         if dense not in ("attention", "value"):
             raise ValueError(f"dense must be 'attention' (DenseCLIP) or 'value' (MaskCLIP's path), got {dense!r}")
+        if not 2 <= levels <= 4:
+            raise ValueError(f"fpn_levels must be 2, 3 or 4 (the reference), got {levels}")
         self.visual = visual
+        self.levels = levels
         self.dense = dense
         self.is_vit = not isinstance(visual, ModifiedResNet)
         if self.is_vit:
@@ -68,7 +75,7 @@ class ImageEncoder(nn.Module):
                 raise ValueError(
                     f"a DenseCLIP ViT needs at least 4 blocks, this one has {len(visual.transformer.resblocks)}"
                 )
-            self.adapters = nn.ModuleList(
+            adapters = (
                 [
                     nn.Sequential(
                         nn.GroupNorm(1, width),
@@ -81,21 +88,22 @@ class ImageEncoder(nn.Module):
                     nn.Sequential(nn.GroupNorm(1, width)),
                     nn.Sequential(nn.GroupNorm(1, width), nn.MaxPool2d(2)),
                 ]
-            )
-            self.channels = [width] * 4
+            )[4 - levels :]
+            self.adapters = nn.ModuleList(adapters)
+            self.taps = self.taps[4 - levels :]
+            self.channels = [width] * levels
             step = self.patch_stride
-            self.strides = [step / 4, step / 2, step, step * 2]
+            self.strides = [step / 4, step / 2, step, step * 2][4 - levels :]
         else:
             if patch_stride:
                 raise ValueError("patch_stride applies to a ViT; this image encoder is a ResNet")
-            self.channels = [
-                layer[-1].conv3.out_channels for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)
-            ]
-            self.strides = [4, 8, 16, 32]
+            layers = (visual.layer1, visual.layer2, visual.layer3, visual.layer4)
+            self.channels = [layer[-1].conv3.out_channels for layer in layers][4 - levels :]
+            self.strides = [4, 8, 16, 32][4 - levels :]
 
     @property
     def output_stride(self) -> int:
-        return int(self.strides[2]) if self.is_vit else 32
+        return int(self.strides[-2]) if self.is_vit else 32
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         return self._vit(images) if self.is_vit else self._resnet(images)
@@ -136,6 +144,7 @@ class ImageEncoder(nn.Module):
         for layer in (vis.layer1, vis.layer2, vis.layer3, vis.layer4):
             x = layer(x)
             feats.append(x)
+        feats = feats[4 - self.levels :]
         pool = vis.attnpool
         b, _, h, w = x.shape
         patches = x.flatten(2).transpose(1, 2)

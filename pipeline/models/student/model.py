@@ -2,12 +2,12 @@
 
 `DenseCLIP(clip, tokenizer, options)` wraps an open_clip CLIP model (shared, not copied):
 
-1. the image encoder (`encoder.ImageEncoder`) gives four FPN feature maps and the CLIP-space global and
-   dense embeddings;
+1. the image encoder (`encoder.ImageEncoder`) gives four FPN feature maps (`fpn_levels`: the coarsest
+   three or two, a change from the reference) and the CLIP-space global and dense embeddings;
 2. the class names go through the frozen text encoder with learnable context vectors (`text.PromptText`)
    and are refined per image by the context decoder: `t = t + gamma * decoder(t, [global; dense])`;
 3. the pixel-text score map `s = <norm(dense), norm(t)>` (B, K, h, w) feeds the auxiliary loss (on s/tau,
-   tau = 0.07) and is injected into the FPN input at the third level (ViT; the fourth for a ResNet);
+   tau = 0.07) and is injected into the FPN input at the patch-stride level (ViT; stride 32 for a ResNet);
 4. the semantic FPN (`decoder.SemanticFPN`) decodes per-pixel embeddings at the finest stride, which are
    classified by cosine similarity with the refined text embeddings `t`.
 
@@ -55,7 +55,7 @@ def exported_options(meta: dict[str, Any], name: str) -> StudentCfg:
 class DenseCLIP(nn.Module):
     """See the module docstring. `options` (`StudentCfg`, kept as `self.options` and saved as the model
     folder's meta.json `student`): the context vectors and their start phrase
-    (see `text`), the dense embedding path and ViT patch stride (see `encoder`), whether the FPN's
+    (see `text`), the dense embedding path, ViT patch stride and FPN levels (see `encoder`), whether the FPN's
     output is added to the dense embedding and starts at zero (`residual`; the reference replaces it),
     the context decoder's size, gamma's start, the FPN's widths, the dropout of the context decoder and
     FPN head, and tau: the score map's temperature for its auxiliary loss and its mix of text
@@ -67,14 +67,14 @@ class DenseCLIP(nn.Module):
             raise ValueError("a DenseCLIP student needs a CLIP BPE tokenizer (open_clip SimpleTokenizer)")
         cfg = self.options = options
         self.clip = clip
-        self.image = ImageEncoder(clip.visual, cfg.dense, cfg.patch_stride)
+        self.image = ImageEncoder(clip.visual, cfg.dense, cfg.patch_stride, cfg.fpn_levels)
         self.text = PromptText(clip, tokenizer, cfg.n_contexts, cfg.context_init)
         dim = int(clip.text_projection.shape[1])
         self.context_decoder = ContextDecoder(
             dim, cfg.decoder_width, cfg.decoder_layers, cfg.decoder_heads, cfg.dropout
         )
         self.gamma = nn.Parameter(torch.full((dim,), float(cfg.gamma_init)))
-        self.concat_index = 2 if self.image.is_vit else 3
+        self.concat_index = len(self.image.strides) - (2 if self.image.is_vit else 1)  # the patch stride, or 32
         channels = list(self.image.channels)
         channels[self.concat_index] += dim
         self.decoder = SemanticFPN(channels, self.image.strides, dim, cfg.fpn_width, cfg.fpn_head_width, cfg.dropout)
