@@ -5,7 +5,10 @@ all. `clipdense eval` scores the student and the teacher head on the whole vocab
 (the student prompts every name with its learned contexts), and this script splits the per-class IoU
 into the classes the student was trained on and the held-out ones, for both.
 
-    python bench/heldout_classes.py STUDENT_OUT --truth bench-out/quality/heldout-1000 [--teacher maskclip]
+    python bench/heldout_classes.py STUDENT_OUT --truth bench-out/quality/heldout-1000 [--teacher HEAD]
+
+The teacher is the labeling run's model with `--teacher` (default: the head that labelled the run,
+from the fine-tune summary).
 
 STUDENT_OUT is a `clipdense finetune` output (its `model/` is scored and its summary names the
 labeling run). Prints one JSON report.
@@ -28,7 +31,8 @@ def per_class(truth: str, head: str, *overrides: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "eval.json"
         argv = ["eval", "--truth", truth, "--head", head, "--no-random-baseline", "--json", str(report)]
-        clipdense([*argv, *overrides])
+        if clipdense([*argv, *overrides]) != 0:
+            raise SystemExit(f"clipdense {' '.join([*argv, *overrides])} failed (its error is above)")
         return json.loads(report.read_text())["per_class"]
 
 
@@ -36,7 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("student", help="clipdense finetune output folder")
     parser.add_argument("--truth", required=True, help="ShapeWorld truth shards with the whole vocabulary")
-    parser.add_argument("--teacher", default="maskclip", help="teacher head (with the labeling run's model)")
+    parser.add_argument("--teacher", default=None, help="teacher head (default: the one that labelled the run)")
     args = parser.parse_args()
 
     out = Path(args.student)
@@ -45,7 +49,9 @@ def main() -> int:
     trained = set(json.loads((labels / "_run/vocabulary.json").read_text())["classes"])
     scores = {
         "student": per_class(args.truth, "denseclip", f"model.name={out / 'model'}"),
-        "teacher": per_class(args.truth, args.teacher, f"model.name={summary['teacher']['model']}"),
+        "teacher": per_class(
+            args.truth, args.teacher or summary["teacher"]["head"], f"model.name={summary['teacher']['model']}"
+        ),
     }
     held_out = sorted(set(scores["student"]) - trained)
     report: dict = {"held_out": held_out, "trained": len(trained), "steps": summary["final_step"]}

@@ -33,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "NAME.overlay.png. Arguments of the form key=value are config overrides.",
     )
     parser.add_argument("items", nargs="+", metavar="IMG|k=v", help="image paths or URLs, and config overrides")
-    parser.add_argument("--classes", default=None, help='comma-separated class names, e.g. "cat, dog, grass"')
+    parser.add_argument(
+        "--classes",
+        default=None,
+        help='comma-separated class names, e.g. "cat, dog, grass" (default for a fine-tuned student: its classes)',
+    )
     parser.add_argument("--model", default=None, help="model name, model-config JSON or folder (model.name)")
     parser.add_argument("--pretrained", default=None, help="weights: open_clip tag, path or URL (model.pretrained)")
     parser.add_argument("--head", default=None, help="dense head (head.name), e.g. maskclip, sclip, naclip")
@@ -93,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if not images:
         return 2
     dense = DenseLabeler(cfg, vocab, cfg.storage_options)
-    if args.head is not None:
-        dense.check_head(args.head)
+    if args.head is not None or any(o.startswith("head.name=") for o in overrides):
+        dense.check_head(cfg.head.name)
     labeler = ZoomLabeler(dense, cfg.zoom)  # zoom.enabled=true to zoom in
     for (path, image), result in zip(images.items(), labeler(list(images.values())), strict=True):
         stem = stems[path]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import VocabCfg
 from pipeline.io import fs
@@ -60,6 +61,17 @@ class Vocabulary:
     def parse_inline(cls, text: str) -> Vocabulary:
         """`"cat, dog, grass"` from a command line: one class per comma, no synonyms."""
         return cls.from_entries([c for c in (p.strip() for p in text.split(",")) if c])
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Vocabulary:
+        """The vocabulary `to_json` wrote (`source` names where it came from, for the error).
+
+        Raises:
+            ValueError: `data` is not a dict with a 'classes' list.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
+            raise ValueError(f"{source}: a vocabulary JSON needs a 'classes' list")
+        return cls.from_entries([str(c) for c in data["classes"]], data.get("background"))
 
     def to_json(self) -> dict:
         return {"classes": [", ".join(n) for n in self.names], "background": self.background}
@@ -109,10 +121,7 @@ def load_vocabulary(url: str, storage_options: dict | None = None) -> Vocabulary
     if url.endswith(".json"):
         import json
 
-        data = json.loads(text)
-        if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
-            raise ValueError(f"{url}: a vocabulary JSON needs a 'classes' list")
-        return Vocabulary.from_entries([str(c) for c in data["classes"]], data.get("background"))
+        return Vocabulary.from_json(json.loads(text), url)
     lines = [line.strip() for line in text.splitlines()]
     return Vocabulary.from_entries([line for line in lines if line and not line.startswith("#")])
 
@@ -133,7 +142,7 @@ def resolve_vocabulary(
     elif near and fs.exists(fs.join(near, "vocabulary.json"), storage_options):
         vocab = load_vocabulary(fs.join(near, "vocabulary.json"), storage_options)
     elif trained:
-        vocab = Vocabulary.from_entries([str(c) for c in trained["classes"]], trained.get("background"))
+        vocab = Vocabulary.from_json(trained, "the model's meta.json vocabulary")
     else:
         raise ValueError(
             "no vocabulary: set vocab.classes (inline) or vocab.file, or put a vocabulary.json beside the input shards"

@@ -28,6 +28,13 @@ def test_resolution_order(tmp_path):
     assert resolve_vocabulary(VocabCfg(), near=str(tmp_path)).display_names == ["background", "red circle"]
     with pytest.raises(ValueError, match="no vocabulary: set vocab.classes"):
         resolve_vocabulary(VocabCfg(), near=str(tmp_path / "elsewhere"))
+    trained = Vocabulary.from_entries(["background", "blue ring, hoop"], 0).to_json()  # a student's meta.json
+    assert resolve_vocabulary(VocabCfg(), near=str(tmp_path), trained=trained).display_names[1] == "red circle"
+    assert resolve_vocabulary(VocabCfg(classes=["cat", "dog"]), trained=trained).display_names == ["cat", "dog"]
+    vocab = resolve_vocabulary(VocabCfg(), near=str(tmp_path / "elsewhere"), trained=trained)
+    assert vocab.names == (("background",), ("blue ring", "hoop")) and vocab.background == 0
+    with pytest.raises(ValueError, match="the model's meta.json vocabulary: a vocabulary JSON needs a 'classes' list"):
+        resolve_vocabulary(VocabCfg(), trained={"names": ["cat"]})
 
 
 def test_a_class_named_background_is_the_background_when_none_is_declared(tmp_path):

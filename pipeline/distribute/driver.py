@@ -155,9 +155,9 @@ class _Pool:
     def run(self, stop: StopRequest) -> PoolResult:
         shards, actors, cpus, gpus = len(self.queue), self.n_actors, self.num_cpus, self.num_gpus
         logger.info("labelling %d shards on %d actors (%g CPU, %g GPU each)", shards, actors, cpus, gpus)
-        for _ in range(self.n_actors):
-            self._spawn()
         try:
+            for _ in range(self.n_actors):
+                self._spawn()
             while (self.queue or self.running) and stop.count < 2:
                 while self.idle and self.queue and not stop.count:
                     actor, outcome = self.idle.popleft(), self.queue.popleft()
@@ -278,8 +278,9 @@ def _with_hint(reason: str) -> str:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     here = f" (RAY_AUTH_MODE={mode} here)" if mode else ""
     return (
-        f"{reason.rstrip('.')}. A cluster cancels the actors of a driver whose Ray token authentication differs "
-        f"from its own{here}: run the job with the cluster's RAY_AUTH_MODE and token, or submit it (clipdense submit)"
+        f"{reason.rstrip('.')}. The likely cause: a cluster cancels the actors of a driver whose Ray token "
+        f"authentication differs from its own{here}; run the job with the cluster's RAY_AUTH_MODE and token, "
+        "or submit it (clipdense submit)"
     )
 
 

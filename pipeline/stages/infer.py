@@ -116,7 +116,7 @@ class DenseLabeler:
         if requested != self.head_name:
             raise ValueError(
                 f"model {self.cfg.model.name!r} labels with its own head {self.head_name!r}, which replaces the "
-                f"default head {requested!r}: name {self.head_name!r} as the head"
+                f"default head {requested!r}: name its head instead (--head {self.head_name} or head.name={self.head_name})"
             )
 
     @property

@@ -39,7 +39,7 @@ from pipeline.train.data import LabelStream
 from pipeline.train.evaluate import evaluate_folder
 from pipeline.train.export import export
 from pipeline.train.loop import TRIM_EVERY, MasterCopy, Progress, attention_kernel, release_freed_memory, warmup_poly
-from pipeline.train.runs import LabelRun, Unit, committed_units, labelling_head, open_runs
+from pipeline.train.runs import LabelSet, open_runs, read_label_set
 from pipeline.train.student import build, continues_student, loss, teacher_model, trainable_groups
 
 logger = logging.getLogger(__name__)
@@ -78,49 +78,18 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
         return fs.read_json(summary_url, so)
     if continues_student(cfg, model_meta(cfg.model.name, so)):  # refused options fail here, not in a worker
         logger.info("the student's own parts start from %s's (warm_start)", cfg.model.name)
-    labels = label_set(cfg, runs)  # read once here: workers get it, and unusable label shards fail here
+    label_set = read_label_set(runs, so, cfg.data.combine)  # read once: workers get it; unusable shards fail here
     if cfg.distribute.num_workers > 0:
         from pipeline.distribute.train import run_train_workers  # Ray stays out of in-process runs
 
         try:
-            run_train_workers(cfg, functools.partial(train_worker, stop=stop, labels=labels))
+            run_train_workers(cfg, functools.partial(train_worker, stop=stop, label_set=label_set))
         except Exception:  # Ray Train reports a worker's Stopped as its own error type
             if stop is not None and stop():
                 raise Stopped(f"{cfg.output}: the fine-tune was asked to stop") from None
             raise
         return fs.read_json(summary_url, so)
-    return train_worker(cfg, stop=stop, labels=labels)
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelSet:
-    """What a fine-tune reads of its labeling runs, read once by `finetune` and handed to every worker:
-    the runs, their committed shards as units (by `data.combine`), the label shards left out, and per
-    run the model and head that labelled it."""
-
-    runs: list[LabelRun]
-    units: list[Unit]
-    skipped: dict[str, int]  # label shards left out, by reason (`runs.committed_units`)
-    labelled_by: list[dict[str, str]]  # per run: labels (its URL), model, pretrained, head
-
-
-def label_set(cfg: FinetuneCfg, runs: list[LabelRun]) -> LabelSet:
-    """The `LabelSet` of `runs` (`open_runs(cfg.labels)`). Raises ValueError when no label shard is usable
-    (`runs.committed_units`'s refusals, or none committed)."""
-    so = cfg.storage_options or None
-    units, skipped = committed_units(runs, so, cfg.data.combine)
-    if not units:
-        raise ValueError(f"no committed label shard in {', '.join(cfg.labels)}")
-    labelled_by = [
-        {
-            "labels": run.output,
-            "model": run.config.model.name,
-            "pretrained": run.config.model.pretrained,
-            "head": labelling_head(i, units, runs, so),
-        }
-        for i, run in enumerate(runs)
-    ]
-    return LabelSet(runs, units, skipped, labelled_by)
+    return train_worker(cfg, stop=stop, label_set=label_set)
 
 
 def _check_output(cfg: FinetuneCfg) -> None:
@@ -146,14 +115,15 @@ def _record_config(cfg: FinetuneCfg) -> None:
 
 
 def train_worker(
-    cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | None = None, labels: LabelSet | None = None
+    cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | None = None, label_set: LabelSet | None = None
 ) -> dict[str, Any]:
-    """Train on this worker's share of the label shards (`labels`, read from `cfg.labels` when not
+    """Train on this worker's share of the label shards (`label_set`, read from `cfg.labels` when not
     given); rank 0 writes checkpoints, metrics, the model and the summary. With `world` > 1 the default
     torch.distributed process group must be initialised. `stop`: see `finetune` (Stopped)."""
     so = cfg.storage_options or None
-    labels = labels or label_set(cfg, open_runs(cfg.labels, so))
-    runs, units = labels.runs, labels.units
+    if label_set is None:
+        label_set = read_label_set(open_runs(cfg.labels, so), so, cfg.data.combine)
+    runs, units = label_set.runs, label_set.units
     vocab = runs[0].vocab
     model, backbone = build(cfg)
     if rank == 0:
@@ -241,7 +211,7 @@ def train_worker(
     skipped = _gather_counts(counts, world)
     if rank != 0:
         return {}
-    return _finish(cfg, model, backbone, vocab, labels, skipped, metrics, train_seconds, stop)
+    return _finish(cfg, model, backbone, vocab, label_set, skipped, metrics, train_seconds, stop)
 
 
 def _stop_if_asked(
@@ -260,7 +230,7 @@ def _stop_if_asked(
         raise Stopped(f"{output}: asked to stop {when}; its last checkpoint is the one to resume")
 
 
-def _finish(cfg, model, backbone, vocab, labels: LabelSet, skipped, metrics, train_seconds, stop) -> dict:
+def _finish(cfg, model, backbone, vocab, label_set: LabelSet, skipped, metrics, train_seconds, stop) -> dict:
     so = cfg.storage_options or None
     final = None
     _stop_if_asked(stop, cfg.output, "after its final checkpoint")
@@ -276,15 +246,15 @@ def _finish(cfg, model, backbone, vocab, labels: LabelSet, skipped, metrics, tra
     summary = {
         "final_step": cfg.optim.steps,
         "mIoU": final,
-        "skipped": {**labels.skipped, **skipped},
+        "skipped": {**label_set.skipped, **skipped},
         "train_seconds": round(train_seconds, 1),
-        "n_samples": sum(u.ok for u in labels.units),
+        "n_samples": sum(u.ok for u in label_set.units),
         "samples_read_first_pass": used,
-        "failed_rows": sum(u.samples - u.ok for u in labels.units),
-        "label_shards": len(labels.units),
-        "labels": [r.output for r in labels.runs],
-        "labelled_by": labels.labelled_by,
-        "teacher": {k: v for k, v in labels.labelled_by[0].items() if k != "labels"},  # the first run's
+        "failed_rows": sum(u.samples - u.ok for u in label_set.units),
+        "label_shards": len(label_set.units),
+        "labels": [r.output for r in label_set.runs],
+        "labelled_by": list(label_set.labelled_by),
+        "teacher": {k: v for k, v in label_set.labelled_by[0].items() if k != "labels"},  # the first run's
         "model": fs.join(cfg.output, MODEL_DIR),
     }
     fs.put_json(fs.join(cfg.output, schema.SUMMARY_FILE), summary, so)

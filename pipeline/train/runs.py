@@ -54,6 +54,42 @@ class Unit:
     digests: tuple[tuple[int, str], ...]  # per label tar: the size in bytes and SHA-256 its marker records
 
 
+@dataclass(frozen=True)
+class LabelSet:
+    """What a fine-tune reads of its labeling runs (`read_label_set`), read once and handed to every
+    worker: the runs, their committed shards as units, the label shards left out, and per run the
+    model and head that labelled it."""
+
+    runs: tuple[LabelRun, ...]
+    units: tuple[Unit, ...]
+    skipped: dict[str, int]  # label shards left out, by reason (`committed_units`)
+    labelled_by: tuple[dict[str, str], ...]  # per run: labels (its URL), model, pretrained, head
+
+
+def read_label_set(runs: list[LabelRun], storage_options: dict | None = None, combine: str = "each") -> LabelSet:
+    """The `LabelSet` of `runs` (`open_runs`), their units by `combine` (`committed_units`).
+
+    Raises:
+        ValueError: `committed_units`'s refusals, or no committed label shard in any run.
+    """
+    units, skipped = committed_units(runs, storage_options, combine)
+    if not units:
+        raise ValueError(f"no committed label shard in {', '.join(run.output for run in runs)}")
+    for i, run in enumerate(runs):
+        if not any(i in unit.runs for unit in units):
+            logger.warning("%s: no committed label shard; it adds nothing to the fine-tune", run.output)
+    labelled_by = tuple(
+        {
+            "labels": run.output,
+            "model": run.config.model.name,
+            "pretrained": run.config.model.pretrained,
+            "head": labelling_head(i, units, runs, storage_options),
+        }
+        for i, run in enumerate(runs)
+    )
+    return LabelSet(tuple(runs), tuple(units), skipped, labelled_by)
+
+
 def open_runs(urls: list[str], storage_options: dict | None = None) -> list[LabelRun]:
     """Read each run's config and vocabulary; ValueError when a run is not one or vocabularies differ."""
     runs = []

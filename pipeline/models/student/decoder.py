@@ -22,7 +22,7 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 class SemanticFPN(nn.Module):
-    """`forward(features)` -> (B, out_dim, H/s0, W/s0) for four maps at `strides` (finest first)."""
+    """`forward(features)` -> (B, out_dim, H/s0, W/s0) for maps at `strides` (finest first; DenseCLIP has four)."""
 
     def __init__(
         self,

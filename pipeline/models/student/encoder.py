@@ -1,19 +1,22 @@
-"""DenseCLIP's image side: four feature maps for the FPN plus CLIP-space global and dense embeddings.
+"""DenseCLIP's image side: feature maps for the FPN (four, or `levels`) plus CLIP-space global and dense
+embeddings.
 
 Follows `CLIPVisionTransformer` / `CLIPResNetWithAttention` of the official DenseCLIP code
 (raoyongming/DenseCLIP, `segmentation/denseclip/models.py`), written against open_clip's modules:
 
 - ViT: the tokens after four blocks (`vit_taps`: blocks [3, 5, 7, 11] of a 12-block ViT-B/16, the same
   relative depths for other depths), all at the patch stride, go through the reference adapters
-  (each starts with `GroupNorm(1, C)`): fpn1 = GN, ConvT x2, BN, GELU, ConvT x2 (stride patch/4);
-  fpn2 = GN, ConvT x2 (patch/2); fpn3 = GN (patch); fpn4 = GN, MaxPool 2 (2 patch). The dense
+  (each starts with `GroupNorm(1, C)`): fpn1 = GN, ConvT x2, BN, GELU, ConvT x2 (stride step/4);
+  fpn2 = GN, ConvT x2 (step/2); fpn3 = GN (step); fpn4 = GN, MaxPool 2 (2 step), where the step is
+  the patch size, or `patch_stride` (a change from the reference: patches that overlap). The dense
   embedding is `ln_post(tokens) @ proj` from the standard attention; the global one is the [CLS] token.
 - ResNet: layer1-4 (strides 4-32); the attention pool runs with every position as a query
   (full q-k attention), giving the dense embedding; the mean token gives the global one.
 
 `levels` (a change from the reference, which always has 4) keeps the coarsest `levels` of the four maps:
-3 leaves out the finest (patch/4 or stride 4), whose adapter and decoding at full resolution cost more
-than the whole encoder of a small CLIP.
+3 leaves out the finest (step/4, or stride 4 for a ResNet), whose adapter and decoding at full
+resolution cost more than the whole encoder of a small CLIP. With half-patch steps, 3 levels keep the
+reference's output stride of a quarter patch.
 
 `dense="value"` (a change from the reference) takes the dense embedding from MaskCLIP's value path
 instead (`pipeline.models.heads.maskclip`: the last attention's query-key mixing dropped, as in the
@@ -48,7 +51,8 @@ def vit_taps(layers: int) -> list[int]:
 class ImageEncoder(nn.Module):
     """`forward(images)` -> (features, global, dense).
 
-    images: (B, 3, H, W) normalised, in the tower's dtype. features: four maps (B, C_i, H/s_i, W/s_i);
+    images: (B, 3, H, W) normalised, in the tower's dtype. features: `levels` maps (B, C_i, H/s_i, W/s_i),
+    finest first;
     global: (B, E) float32; dense: (B, E, h, w) float32 at the tower's output stride (not normalised).
     """
 
@@ -75,6 +79,8 @@ class ImageEncoder(nn.Module):
                 raise ValueError(
                     f"a DenseCLIP ViT needs at least 4 blocks, this one has {len(visual.transformer.resblocks)}"
                 )
+            # All four are built, the unused dropped after: the kept ones draw the same initial weights
+            # from a seed whatever `levels` is.
             adapters = (
                 [
                     nn.Sequential(
