@@ -50,7 +50,10 @@ def main() -> int:
     scores = {
         "student": per_class(args.truth, "denseclip", f"model.name={out / 'model'}"),
         "teacher": per_class(
-            args.truth, args.teacher or summary["teacher"]["head"], f"model.name={summary['teacher']['model']}"
+            args.truth,
+            args.teacher or summary["teacher"]["head"],
+            f"model.name={summary['teacher']['model']}",
+            f"model.pretrained={summary['teacher']['pretrained']}",
         ),
     }
     held_out = sorted(set(scores["student"]) - trained)

@@ -99,10 +99,9 @@ def in_process(cfg, urls: list[str], repeats: int) -> dict:
 
 def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> dict:
     """CPU milliseconds per image of the work the job adds to the labeler, each part run alone on this
-    thread: `read` (tar parsing and image decoding, `iter_samples`) and `write` (the job's own writer
-    call: two PNG encodings, row statistics, the sample's JSON, tar members), with `encode` (the two
-    PNGs) shown apart."""
-    from pipeline.stages.shard import _Item
+    thread: `read` (tar parsing and image decoding, `iter_samples`) and `write` (`LabelShardSink.add`
+    as the job's writer calls it: two PNG encodings, row statistics, the sample's JSON, tar members),
+    with `encode` (the two PNGs) shown apart."""
     from pipeline.stages.write import LabelShardSink, encode_confidence, encode_labels
 
     start = time.thread_time()
@@ -111,10 +110,11 @@ def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> 
     results = [r for batch in batches for r in worker.labeler(batch)]
     sink = LabelShardSink(str(scratch), "side", len(worker.vocab), worker.context)
     start = time.thread_time()
-    worker._write(
-        [(_Item(i, sample, 0.0), result, 0.0) for i, (sample, result) in enumerate(zip(samples, results, strict=True))],
-        sink,
-    )
+    for index, (sample, result) in enumerate(zip(samples, results, strict=True)):  # as the job's writer adds them
+        extra = {k: v for k, v in (("caption", sample.txt), ("source", sample.json)) if v is not None}
+        sink.add(
+            index, sample.key, result.labels, result.confidence, timings={"read_s": 0.0, "infer_s": 0.0}, extra=extra
+        )
     write = time.thread_time() - start
     sink.abort()
     start = time.thread_time()

@@ -54,7 +54,7 @@ class StudentCfg:
     decoder_layers: int = 3
     decoder_heads: int = 4
     gamma_init: float = 1e-4  # initial scale of the context decoder's text update
-    fpn_levels: int = 4  # FPN levels decoded, finest dropped first: 4 = all (reference), 3 = 2x coarser output
+    fpn_levels: Literal[2, 3, 4] = 4  # FPN levels decoded, finest dropped first: 4 = all (reference), 3 = 2x coarser
     fpn_width: int = 256  # semantic FPN neck channels
     fpn_head_width: int = 128  # semantic FPN head channels
     dropout: float = 0.1

@@ -34,6 +34,7 @@ from pipeline.retrain.lease import Taken
 from pipeline.stages.infer import DenseLabeler
 from pipeline.train import finetune
 from pipeline.train.job import OutputConflict, Stopped, train_worker
+from pipeline.train.runs import open_runs, read_label_set
 from pipeline.train.student import build
 from pipeline.vocab import load_vocabulary
 from tests.finetune_fixtures import FINETUNE_FAST, finetune_config, label_in_process
@@ -110,7 +111,8 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
     learnt = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")
     labels = np.asarray(Image.open(tmp_path / "one.seg.png"))
     present = capsys.readouterr().out.rsplit("(", 1)[1].rstrip(")\n").split(", ")
-    assert labels.shape == (24, 24) and present == [learnt.display_names[i] for i in np.unique(labels)]
+    classes = [learnt.display_names[i] for i in np.unique(labels) if i < len(learnt)]  # not the ignore value
+    assert labels.shape == (24, 24) and present == classes
 
 
 def test_student_folder_labels_with_its_own_head(trained, labelled, tmp_path):
@@ -373,6 +375,52 @@ def test_label_shard_whose_checksum_differs_from_its_marker_is_not_read(faulty, 
         _first_pass(labels)
 
 
+def test_workers_train_on_the_label_set_read_at_the_start(labelled, tmp_path, caplog):
+    """The runs' markers are read once, before any worker starts; a run that adds no shard is named in a
+    warning, and the summary's teacher is the first run that adds shards."""
+    unused, ours = tmp_path / "naclip", tmp_path / "labels"
+    label_in_process(labelled["shapes"], str(unused), "head.name=naclip")
+    shutil.rmtree(unused / "_commits")  # committed nothing
+    shutil.copytree(labelled["labels"], ours)
+    cfg = finetune_config([str(unused), str(ours)], str(tmp_path / "student"), "model.name=shapes-clip")
+    label_set = read_label_set(open_runs(cfg.labels))
+    assert f"{unused}: no committed label shard; it adds nothing to the fine-tune" in caplog.text
+    shutil.rmtree(ours / "_commits")  # a worker listing the run now would find no shard
+    summary = train_worker(cfg, label_set=label_set)
+    assert summary["final_step"] == 4 and summary["label_shards"] == 2 and summary["n_samples"] == 16
+    assert [(b["labels"], b["head"]) for b in summary["labelled_by"]] == [
+        (str(unused), "naclip"),
+        (str(ours), "maskclip"),
+    ]
+    assert summary["teacher"] == {"model": "shapes-clip", "pretrained": "", "head": "maskclip"}
+
+
+def test_label_sets_no_worker_could_train_on_are_refused_in_one_line(labelled, tmp_path, capsys):
+    from tests.jobs_fixtures import corrupt_image
+
+    shapes, failed = str(tmp_path / "shapes"), str(tmp_path / "failed")
+    write_dataset(shapes, 1, 2, size=64, seed=13)
+    for key in ("000000_000000", "000000_000001"):
+        corrupt_image(f"{shapes}/shapes-000000.tar", key)
+    label_in_process(shapes, failed)
+    rows = shutil.copytree(labelled["labels"], tmp_path / "rows")
+    (rows / "meta/shapes-000000.parquet").write_bytes(b"PAR1 cut")
+    config = tmp_path / "ft.yaml"
+    cases = {
+        failed: ([], f"no labelled sample in {failed}: all 2 rows failed"),
+        labelled["labels"]: (["distribute.num_workers=4"], "distribute.num_workers=4, but the runs hold 2 committed"),
+        str(rows): ([], f"{rows}/meta/shapes-000000.parquet: the rows of committed shard shapes-000000 cannot be read"),
+    }
+    for labels, (overrides, expected) in cases.items():
+        config.write_text(f"labels: [{labels}]\noutput: {tmp_path / 'out'}\n")
+        capsys.readouterr()
+        assert cli(["finetune", str(config), *FINETUNE_FAST, *overrides]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert "Traceback" not in err and len(errors) == 1 and expected in errors[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_checkpoints_and_export_on_s3(labelled, s3, s3_root):
     so = dict(s3.storage_options)
     out = f"{s3_root}/student"
@@ -432,9 +480,11 @@ def test_ray_train_workers_stop_together_after_an_evaluation(labelled, tmp_path)
     )  # fmt: skip
     stop = functools.partial(os.path.exists, str(out / "model" / "meta.json"))
 
+    label_set = read_label_set(open_runs(cfg.labels))
+
     def worker(cfg, rank: int, world: int) -> dict:
         try:
-            return train_worker(cfg, rank, world, stop=stop)
+            return train_worker(cfg, rank, world, stop=stop, label_set=label_set)
         except Stopped as exc:
             (marks / f"rank-{rank}").write_text(str(exc))
             raise

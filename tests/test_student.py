@@ -96,12 +96,13 @@ def test_three_fpn_levels_leave_out_the_finest_and_decode_at_twice_its_stride(ki
     assert three.stride == 2 * four.stride and scores3.shape[-1] * 2 == scores4.shape[-1] == 64 / four.stride
     assert sum(p.numel() for p in three.parameters()) < sum(p.numel() for p in four.parameters())
     # The score map's mix of text embeddings joins the FPN at the patch step (stride 32 for a ResNet).
-    for student in (four, three, DenseCLIP(bb.model, bb.tokenizer, StudentCfg(fpn_levels=2, **options)).eval()):
+    two = DenseCLIP(bb.model, bb.tokenizer, StudentCfg(fpn_levels=2, **options)).eval()
+    for student in (four, three, two):
         joined = student.image.strides[student.concat_index]
         assert joined == (student.image.patch_stride if kind == "vit" else 32)
     with torch.no_grad():
-        scores2, _ = student(images, tokens, torch.tensor([0, 1]), 2)
-    assert student.stride == 2 * three.stride and scores2.shape[-1] * 2 == scores3.shape[-1]
+        scores2, _ = two(images, tokens, torch.tensor([0, 1]), 2)
+    assert two.stride == 2 * three.stride and scores2.shape[-1] * 2 == scores3.shape[-1]
     for bad in (1, 5):
         with pytest.raises(ValueError, match=f"fpn_levels must be 2, 3 or 4 \\(the reference\\), got {bad}"):
             ImageEncoder(bb.visual, levels=bad)

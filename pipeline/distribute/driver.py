@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledError
 
 from pipeline import schema
 from pipeline.config import DistributeCfg, RunCfg
@@ -187,7 +187,7 @@ class _Pool:
             actor = ray.remote(LabelActor).options(**options).remote(self.cfg, self.vocab)
         except RayError as exc:  # the cluster refused to create it
             reason = _reason(exc)
-            if not self.result.actor_info:
+            if not self.result.actor_info and not self.starting:  # no actor is up, nor coming up
                 raise ModelStartError(
                     f"the labeling model could not start: the cluster refused its actor: {_with_hint(reason)}"
                 ) from None
@@ -201,7 +201,11 @@ class _Pool:
         try:
             info = ray.get(ref)
         except RayError as exc:
-            raised = not isinstance(exc, RayActorError) or exc.actor_init_failed  # else its process died
+            # Raised by the actor's __init__; not when its process died or the cluster cancelled it.
+            if isinstance(exc, RayActorError):
+                raised = exc.actor_init_failed
+            else:
+                raised = not isinstance(exc, TaskCancelledError)
             if raised and not self.result.actor_info:  # no model has ever started: the config cannot work
                 raise ValueError(f"the labeling model could not start: {_reason(exc)}") from None
             logger.error("an actor %s: %s", "failed to start" if raised else "died while starting", _reason(exc))

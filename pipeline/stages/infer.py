@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import schema
-from pipeline.config import HeadCfg, InferCfg, PromptCfg, RunCfg
+from pipeline.config import InferCfg, PromptCfg, RunCfg
 from pipeline.models.backbone import Backbone, load_backbone
-from pipeline.models.heads import create_head
+from pipeline.models.heads import create_head, labelling_head_name
 from pipeline.models.pamr import pamr
 from pipeline.models.prompts import build_text_classifier, load_templates
 from pipeline.stages import windows as win
@@ -88,9 +88,9 @@ class DenseLabeler:
         self.head_name = cfg.head.name
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
         meta = self.backbone.meta
-        if meta.get("head") and cfg.head == HeadCfg():
-            self.head = create_head(meta["head"])  # a model with a head of its own (a fine-tuned student)
-            self.head_name = meta["head"]
+        own = labelling_head_name(cfg.head, meta)
+        if own != cfg.head.name:  # a model with a head of its own (a fine-tuned student)
+            self.head, self.head_name = create_head(own), own
         self.infer: InferCfg = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
         if spec == PromptCfg().templates and meta.get("templates"):

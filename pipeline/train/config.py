@@ -103,8 +103,6 @@ def check(cfg: FinetuneCfg) -> None:
         raise ValueError(f"data.combine must be one of {', '.join(COMBINE)}, got {cfg.data.combine!r}")
     if cfg.data.combine == "agree" and len(cfg.labels) < 2:
         raise ValueError("data.combine=agree needs two or more labeling runs in labels")
-    if not 2 <= cfg.student.fpn_levels <= 4:
-        raise ValueError(f"student.fpn_levels must be 2, 3 or 4 (the reference), got {cfg.student.fpn_levels}")
     workers = max(1, cfg.distribute.num_workers)
     if o.batch_size % workers:
         raise ValueError(f"optim.batch_size {o.batch_size} is not divisible by distribute.num_workers {workers}")

@@ -29,7 +29,7 @@ import logging
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,8 +72,8 @@ class LabelStream(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        runs: list[LabelRun],
-        units: list[Unit],
+        runs: Sequence[LabelRun],
+        units: Sequence[Unit],
         cfg: DataCfg,
         batch_size: int,
         crop: int,
@@ -123,7 +123,7 @@ class LabelStream(torch.utils.data.IterableDataset):
 class _Stream:
     """Shuffled samples of some units, pass after pass, with the counts of the first pass."""
 
-    def __init__(self, owner: LabelStream, units: list[Unit], key: tuple[int, ...]) -> None:
+    def __init__(self, owner: LabelStream, units: Sequence[Unit], key: tuple[int, ...]) -> None:
         self.owner, self.units, self.key = owner, units, key
         self.rng = random.Random(hash(key))
         self.buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

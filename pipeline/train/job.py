@@ -79,6 +79,11 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
     if continues_student(cfg, model_meta(cfg.model.name, so)):  # refused options fail here, not in a worker
         logger.info("the student's own parts start from %s's (warm_start)", cfg.model.name)
     label_set = read_label_set(runs, so, cfg.data.combine)  # read once: workers get it; unusable shards fail here
+    if cfg.distribute.num_workers > len(label_set.units):
+        raise ValueError(
+            f"distribute.num_workers={cfg.distribute.num_workers}, but the runs hold {len(label_set.units)} "
+            "committed label shards: each worker reads shards of its own, so use at most that many workers"
+        )
     if cfg.distribute.num_workers > 0:
         from pipeline.distribute.train import run_train_workers  # Ray stays out of in-process runs
 
@@ -115,14 +120,12 @@ def _record_config(cfg: FinetuneCfg) -> None:
 
 
 def train_worker(
-    cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | None = None, label_set: LabelSet | None = None
+    cfg: FinetuneCfg, rank: int = 0, world: int = 1, stop: Stop | None = None, *, label_set: LabelSet
 ) -> dict[str, Any]:
-    """Train on this worker's share of the label shards (`label_set`, read from `cfg.labels` when not
-    given); rank 0 writes checkpoints, metrics, the model and the summary. With `world` > 1 the default
-    torch.distributed process group must be initialised. `stop`: see `finetune` (Stopped)."""
+    """Train on this worker's share of the label shards of `label_set` (`read_label_set`, read once for
+    every worker); rank 0 writes checkpoints, metrics, the model and the summary. With `world` > 1 the
+    default torch.distributed process group must be initialised. `stop`: see `finetune` (Stopped)."""
     so = cfg.storage_options or None
-    if label_set is None:
-        label_set = read_label_set(open_runs(cfg.labels, so), so, cfg.data.combine)
     runs, units = label_set.runs, label_set.units
     vocab = runs[0].vocab
     model, backbone = build(cfg)
@@ -254,7 +257,8 @@ def _finish(cfg, model, backbone, vocab, label_set: LabelSet, skipped, metrics, 
         "label_shards": len(label_set.units),
         "labels": [r.output for r in label_set.runs],
         "labelled_by": list(label_set.labelled_by),
-        "teacher": {k: v for k, v in label_set.labelled_by[0].items() if k != "labels"},  # the first run's
+        # the first run that adds shards: a run without any is left out of the fine-tune
+        "teacher": {k: v for k, v in label_set.labelled_by[label_set.units[0].runs[0]].items() if k != "labels"},
         "model": fs.join(cfg.output, MODEL_DIR),
     }
     fs.put_json(fs.join(cfg.output, schema.SUMMARY_FILE), summary, so)

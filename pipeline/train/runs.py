@@ -14,14 +14,18 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.config import RunCfg
 from pipeline.io import fs
 from pipeline.io.shards import expand_shards
+from pipeline.models.backbone import model_meta
+from pipeline.models.heads import labelling_head_name
 from pipeline.outputs import committed_shards, read_run_config
 from pipeline.stages.write import read_commit
 from pipeline.vocab import Vocabulary, load_vocabulary
@@ -66,15 +70,19 @@ class LabelSet:
     labelled_by: tuple[dict[str, str], ...]  # per run: labels (its URL), model, pretrained, head
 
 
-def read_label_set(runs: list[LabelRun], storage_options: dict | None = None, combine: str = "each") -> LabelSet:
+def read_label_set(runs: Sequence[LabelRun], storage_options: dict | None = None, combine: str = "each") -> LabelSet:
     """The `LabelSet` of `runs` (`open_runs`), their units by `combine` (`committed_units`).
 
     Raises:
-        ValueError: `committed_units`'s refusals, or no committed label shard in any run.
+        ValueError: `committed_units`'s refusals, no committed label shard in any run, no labelled
+            sample in them, or a committed shard whose marker or Parquet rows cannot be read (named).
     """
     units, skipped = committed_units(runs, storage_options, combine)
     if not units:
         raise ValueError(f"no committed label shard in {', '.join(run.output for run in runs)}")
+    if not any(unit.ok for unit in units):
+        rows = sum(unit.samples for unit in units)
+        raise ValueError(f"no labelled sample in {', '.join(run.output for run in runs)}: all {rows} rows failed")
     for i, run in enumerate(runs):
         if not any(i in unit.runs for unit in units):
             logger.warning("%s: no committed label shard; it adds nothing to the fine-tune", run.output)
@@ -160,7 +168,7 @@ def committed_units(
                 runs[i].inputs[shard],
                 int(marker["samples"]),
                 int(marker["ok"]),
-                (_digest(marker),),
+                (_digest(marker, labels),),
             )
             for i, shards in enumerate(found)
             for shard, (marker, labels) in shards.items()
@@ -178,7 +186,7 @@ def committed_units(
                     f"{runs[0].output} labels {image}; runs that agree must label the same input"
                 )
         labels = tuple(shards[shard][1] for shards in found)
-        digests = tuple(_digest(shards[shard][0]) for shards in found)
+        digests = tuple(_digest(*shards[shard]) for shards in found)
         ok = len(set.intersection(*(_ok_keys(run.output, shard, storage_options) for run in runs)))
         samples = int(found[0][shard][0]["samples"])
         units.append(Unit(tuple(range(len(runs))), shard, labels, image, samples, ok, digests))
@@ -188,21 +196,32 @@ def committed_units(
     return units, skipped
 
 
-def _digest(marker: dict) -> tuple[int, str]:
-    labels = marker["files"]["labels"]
-    return int(labels["bytes"]), str(labels["sha256"])
+def _digest(marker: dict, url: str) -> tuple[int, str]:
+    """The label tar's size and SHA-256 in the commit `marker` (of label tar `url`, for errors)."""
+    try:
+        labels = marker["files"]["labels"]
+        return int(labels["bytes"]), str(labels["sha256"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{url}: its commit marker records no labels size and SHA-256 (files.labels)") from None
 
 
-def labelling_head(run: int, units: list[Unit], runs: list[LabelRun], storage_options: dict | None = None) -> str:
+def labelling_head(
+    run: int, units: Sequence[Unit], runs: Sequence[LabelRun], storage_options: dict | None = None
+) -> str:
     """The dense head that labelled run `run` (an index into `runs`), from the Parquet rows of its first
     shard among `units` that has rows: a student folder labels with its own head whatever the run's
-    config names. The config's head when no shard has rows."""
+    config names. When no shard has rows, the head its config and model select (`labelling_head_name`),
+    or the config's when the model can no longer be found."""
     for unit in units:
         if run in unit.runs and unit.samples:
             heads = _columns(runs[run].output, unit.shard, ["head"], storage_options)[0]
             if heads:
                 return heads[0]
-    return runs[run].config.head.name
+    config = runs[run].config
+    try:
+        return labelling_head_name(config.head, model_meta(config.model.name, storage_options))
+    except ValueError:  # a student folder since removed: nothing of the run is read anyway
+        return config.head.name
 
 
 def _ok_keys(output: str, shard: str, storage_options: dict | None) -> set[tuple[str, bytes | None]]:
@@ -213,7 +232,10 @@ def _ok_keys(output: str, shard: str, storage_options: dict | None) -> set[tuple
 
 def _columns(output: str, shard: str, names: list[str], storage_options: dict | None) -> list[list]:
     url = fs.join(output, schema.meta_path(shard))
-    table = pq.read_table(io.BytesIO(fs.read_bytes(url, storage_options)), columns=names)
+    try:
+        table = pq.read_table(io.BytesIO(fs.read_bytes(url, storage_options)), columns=names)
+    except (OSError, pa.ArrowException) as exc:  # missing, cut or not Parquet, although committed
+        raise ValueError(f"{url}: the rows of committed shard {shard} cannot be read: {exc}") from None
     return [table.column(name).to_pylist() for name in names]
 
 

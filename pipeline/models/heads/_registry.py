@@ -11,6 +11,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from pipeline.config import HeadCfg
+
 _BUILDERS: dict[str, Callable[..., Any]] = {}
 
 
@@ -30,6 +32,12 @@ def list_heads() -> list[str]:
 def head_options(name: str) -> list[str]:
     """The option names a head accepts."""
     return list(inspect.signature(_builder(name)).parameters)
+
+
+def labelling_head_name(head: HeadCfg, meta: dict[str, Any]) -> str:
+    """The head that labels with a model: its own (`meta`, its folder's meta.json `head`: a fine-tuned
+    student's) when the config leaves `head` at its default, else `head.name`."""
+    return str(meta["head"]) if meta.get("head") and head == HeadCfg() else head.name
 
 
 def create_head(name: str, **options: Any) -> Any:

@@ -5,8 +5,9 @@ as `clipdense finetune` exports it) holds the CLIP weights in `weights.safetenso
 `student.safetensors`, and in `meta.json` `"head": "denseclip"` with the student's options. The engine
 uses a model's own head whenever the config leaves `head.name` at its default, so such a folder labels
 with this head without naming it. Class names are prompted with the learned contexts (the prompt
-templates are not used); the scores are cosine similarities at a quarter of the patch size, which the
-engine upsamples like any head's.
+templates are not used); the scores are cosine similarities at the student's output stride
+(`DenseCLIP.stride` input pixels per cell: with a ViT, its step over 4, 2 or 1 for four, three or two
+FPN levels), which the engine upsamples like any head's.
 """
 
 from __future__ import annotations
