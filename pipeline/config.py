@@ -223,7 +223,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return from_dict(tp, value if value is not None else {}, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
+        if not any(value == a and type(value) is type(a) for a in allowed):  # 3.0 is not 3, nor True 1
             raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
         return value
     if origin in (typing.Union, types.UnionType):

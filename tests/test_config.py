@@ -55,6 +55,15 @@ def test_bad_keys_and_types_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_a_choice_of_numbers_takes_exactly_one_of_them():
+    from pipeline.train.config import FinetuneCfg
+
+    assert load_config(None, ["student.fpn_levels=3"], cls=FinetuneCfg).student.fpn_levels == 3
+    for text, shown in (("5", "5"), ("3.0", "3.0"), ("true", "True")):  # 3.0 == 3 and True == 1 in Python
+        with pytest.raises(ConfigError, match=f"student.fpn_levels: {shown} is not allowed; choose one of 2, 3, 4"):
+            load_config(None, [f"student.fpn_levels={text}"], cls=FinetuneCfg)
+
+
 def test_dump_roundtrips(tmp_path):
     cfg = load_config(None, ["input=[a.tar, b.tar]", "vocab.classes=[cat, 'tv, monitor']", "zoom.enabled=true"])
     path = tmp_path / "resolved.yaml"

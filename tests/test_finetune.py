@@ -405,11 +405,17 @@ def test_label_sets_no_worker_could_train_on_are_refused_in_one_line(labelled, t
     label_in_process(shapes, failed)
     rows = shutil.copytree(labelled["labels"], tmp_path / "rows")
     (rows / "meta/shapes-000000.parquet").write_bytes(b"PAR1 cut")
+    marker = shutil.copytree(labelled["labels"], tmp_path / "marker") / "_commits/shapes-000001.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "files"}))
     config = tmp_path / "ft.yaml"
     cases = {
         failed: ([], f"no labelled sample in {failed}: all 2 rows failed"),
-        labelled["labels"]: (["distribute.num_workers=4"], "distribute.num_workers=4, but the runs hold 2 committed"),
+        labelled["labels"]: (
+            ["distribute.num_workers=4"],
+            "distribute.num_workers=4, but only 2 label shards have labelled samples",
+        ),
         str(rows): ([], f"{rows}/meta/shapes-000000.parquet: the rows of committed shard shapes-000000 cannot be read"),
+        str(marker.parents[1]): ([], f"{marker}: not a readable commit marker (KeyError: 'files')"),
     }
     for labels, (overrides, expected) in cases.items():
         config.write_text(f"labels: [{labels}]\noutput: {tmp_path / 'out'}\n")

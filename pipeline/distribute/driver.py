@@ -5,10 +5,12 @@ then labels shard after shard, so a slow shard only ever occupies its own actor.
 dies is put back on the queue and a fresh actor takes the dead one's place. An actor that dies while
 its model loads (killed, out of memory, its node lost) is replaced the same way, but until a first
 model is up only `n_actors * (1 + max_retries)` actors are started in all: when every one of them died
-loading (a model too big for the node), the pool raises `ModelStartError` rather than load the model
-once per shard attempt. Only an exception raised by the model's construction, before any model has
-started, is a bad config (ValueError). A shard whose attempt raises (an unreadable tar) is put back too. After `1 + max_retries` attempts it is recorded as a
-failed shard with the last reason. This is the only retry logic of the job.
+loading (a model too big for the node), or the cluster cancelled them (a driver whose Ray token
+authentication differs) or refused to create the first, the pool raises `ModelStartError` rather
+than load the model once per shard attempt. Only an exception raised by the model's construction,
+before any model has started, is a bad config (ValueError). A shard whose attempt raises (an
+unreadable tar) is put back too. After `1 + max_retries` attempts it is recorded as a failed shard
+with the last reason. This is the only retry logic of the job.
 
 Ctrl-C or SIGTERM once: no new shards are handed out, in-flight shards finish and commit. Twice:
 in-flight shards are abandoned (their actors killed; their partial files carry temporary names
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from pipeline import schema
 from pipeline.config import DistributeCfg, RunCfg
@@ -46,8 +48,9 @@ ACTOR_PREFIX = "clipdense-label-"  # actors are named <prefix><run id>-<n> (visi
 
 
 class ModelStartError(RuntimeError):
-    """Every actor started so far died while its model loaded and none ever came up: the cluster cannot
-    run this model (out of memory, nodes lost), which is a failure of the run, not a bad config."""
+    """No actor ever came up: every one started so far died while its model loaded or was cancelled,
+    or the cluster refused to create the first. The cluster cannot run this model (out of memory,
+    nodes lost, Ray authentication): a failure of the run, not a bad config."""
 
 
 @dataclass
@@ -201,11 +204,9 @@ class _Pool:
         try:
             info = ray.get(ref)
         except RayError as exc:
-            # Raised by the actor's __init__; not when its process died or the cluster cancelled it.
-            if isinstance(exc, RayActorError):
-                raised = exc.actor_init_failed
-            else:
-                raised = not isinstance(exc, TaskCancelledError)
+            # Raised by the model's construction (or by describe); not when the actor's process or node
+            # died, its result was lost or the cluster cancelled it.
+            raised = (isinstance(exc, RayActorError) and exc.actor_init_failed) or isinstance(exc, RayTaskError)
             if raised and not self.result.actor_info:  # no model has ever started: the config cannot work
                 raise ValueError(f"the labeling model could not start: {_reason(exc)}") from None
             logger.error("an actor %s: %s", "failed to start" if raised else "died while starting", _reason(exc))

@@ -3,9 +3,9 @@
 `FOLDER/config.json` (the open_clip model config), `weights.safetensors` (the fine-tuned CLIP, float32),
 `student.safetensors` (contexts, context decoder, FPN, ...), `meta.json`: `head: denseclip` (so
 `clipdense label/segment/eval model.name=FOLDER` label with the student's forward), the student's
-options, the vocabulary it was trained on, `infer` (one pass: the student predicts finer than the
-patch grid, at `DenseCLIP.stride`, so no shifts; the PAMR steps its teacher's model recommends, which
-snap its map to colour edges as they do the teacher's), its learned `logit_scale`, no background
+options, the vocabulary it was trained on, `infer` (one pass: the student decodes at its own output
+stride, `DenseCLIP.stride`, and shifted passes did not improve its labels (README); the PAMR steps its
+teacher's model recommends, which snap its map to colour edges as they do the teacher's), its learned `logit_scale`, no background
 offset, the image size and normalisation. Files are written atomically, `meta.json` last.
 """
 

@@ -6,8 +6,9 @@ names one), checks `OUT` (an existing output with an equal config is resumed fro
 checkpoint and ends at the same final step; a finished one returns its summary; a different config is
 refused, naming the keys), then trains in this process
 (`distribute.num_workers: 0`) or on Ray Train with N workers (`pipeline.distribute.train`); both run
-`train_worker`, which records `_run/config.yaml` once its labels are found and its model is built, so
-that a run stopped by a bad value leaves nothing that refuses the corrected run. A caller may pass
+`train_worker` with the label set `finetune` read once (`runs.read_label_set`: refusals happen
+before any worker starts); it records `_run/config.yaml` once its model is built, so that a run
+stopped by a bad value leaves nothing that refuses the corrected run. A caller may pass
 `stop`, asked before each checkpoint, metrics line, evaluation and export (see `finetune`). Output
 layout: `_run/config.yaml`, `checkpoints/`, `metrics.jsonl` (train and eval lines), `model/` (the
 exported student), `_run/summary.json` (written last).
@@ -79,10 +80,11 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
     if continues_student(cfg, model_meta(cfg.model.name, so)):  # refused options fail here, not in a worker
         logger.info("the student's own parts start from %s's (warm_start)", cfg.model.name)
     label_set = read_label_set(runs, so, cfg.data.combine)  # read once: workers get it; unusable shards fail here
-    if cfg.distribute.num_workers > len(label_set.units):
+    usable = sum(1 for unit in label_set.units if unit.ok)
+    if cfg.distribute.num_workers > usable:
         raise ValueError(
-            f"distribute.num_workers={cfg.distribute.num_workers}, but the runs hold {len(label_set.units)} "
-            "committed label shards: each worker reads shards of its own, so use at most that many workers"
+            f"distribute.num_workers={cfg.distribute.num_workers}, but only {usable} label shards have labelled "
+            "samples: each worker reads shards of its own, so use at most that many workers"
         )
     if cfg.distribute.num_workers > 0:
         from pipeline.distribute.train import run_train_workers  # Ray stays out of in-process runs

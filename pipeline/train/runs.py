@@ -81,8 +81,10 @@ def read_label_set(runs: Sequence[LabelRun], storage_options: dict | None = None
     if not units:
         raise ValueError(f"no committed label shard in {', '.join(run.output for run in runs)}")
     if not any(unit.ok for unit in units):
-        rows = sum(unit.samples for unit in units)
-        raise ValueError(f"no labelled sample in {', '.join(run.output for run in runs)}: all {rows} rows failed")
+        where = ", ".join(run.output for run in runs)
+        if combine == "agree":
+            raise ValueError(f"data.combine=agree: no sample is labelled in every run of {where}")
+        raise ValueError(f"no labelled sample in {where}: all {sum(unit.samples for unit in units)} rows failed")
     for i, run in enumerate(runs):
         if not any(i in unit.runs for unit in units):
             logger.warning("%s: no committed label shard; it adds nothing to the fine-tune", run.output)
@@ -134,7 +136,7 @@ def _check_same_vocabulary(a: LabelRun, b: LabelRun) -> None:
 
 
 def committed_units(
-    runs: list[LabelRun], storage_options: dict | None = None, combine: str = "each"
+    runs: Sequence[LabelRun], storage_options: dict | None = None, combine: str = "each"
 ) -> tuple[list[Unit], dict[str, int]]:
     """Every committed label shard of every run as units (`Unit`, by `combine`: each | agree), in run
     then shard order, and counts of shards left out: label shards whose input shard is not among
@@ -142,11 +144,11 @@ def committed_units(
     (`not_in_every_run`, after those).
 
     Raises:
-        ValueError: with `agree`, a shard of the same name labelling different input shards in two
-            runs, or no shard committed in every run.
+        ValueError: a commit marker that cannot be read (named); with `agree`, a shard of the same
+            name labelling different input shards in two runs, or no shard committed in every run.
     """
     skipped = {"no_input_shard": 0}
-    found: list[dict[str, tuple[dict, str]]] = []  # per run: shard -> (commit marker, label tar URL)
+    found: list[dict[str, _Committed]] = []  # per run: shard -> what its commit marker says
     for run in runs:
         shards = {}
         for shard in sorted(committed_shards(run.output, storage_options)):
@@ -154,24 +156,13 @@ def committed_units(
                 logger.warning("%s: shard %s is not among the run's input shards; skipped", run.output, shard)
                 skipped["no_input_shard"] += 1
                 continue
-            shards[shard] = (
-                read_commit(run.output, shard, storage_options),
-                fs.join(run.output, schema.labels_path(shard)),
-            )
+            shards[shard] = _read_marker(run.output, shard, storage_options)
         found.append(shards)
     if combine == "each":
         units = [
-            Unit(
-                (i,),
-                shard,
-                (labels,),
-                runs[i].inputs[shard],
-                int(marker["samples"]),
-                int(marker["ok"]),
-                (_digest(marker, labels),),
-            )
+            Unit((i,), shard, (c.labels,), runs[i].inputs[shard], c.samples, c.ok, (c.digest,))
             for i, shards in enumerate(found)
-            for shard, (marker, labels) in shards.items()
+            for shard, c in shards.items()
         ]
         return units, skipped
     everywhere = set.intersection(*(set(shards) for shards in found))
@@ -185,24 +176,35 @@ def committed_units(
                     f"data.combine=agree: shard {shard} of {run.output} labels {run.inputs[shard]}, that of "
                     f"{runs[0].output} labels {image}; runs that agree must label the same input"
                 )
-        labels = tuple(shards[shard][1] for shards in found)
-        digests = tuple(_digest(*shards[shard]) for shards in found)
+        labels = tuple(shards[shard].labels for shards in found)
+        digests = tuple(shards[shard].digest for shards in found)
         ok = len(set.intersection(*(_ok_keys(run.output, shard, storage_options) for run in runs)))
-        samples = int(found[0][shard][0]["samples"])
-        units.append(Unit(tuple(range(len(runs))), shard, labels, image, samples, ok, digests))
+        units.append(Unit(tuple(range(len(runs))), shard, labels, image, found[0][shard].samples, ok, digests))
     if not units:
         committed = ", ".join(f"{len(shards)} in {run.output}" for run, shards in zip(runs, found, strict=True))
         raise ValueError(f"data.combine=agree: no shard is committed in every run (committed: {committed})")
     return units, skipped
 
 
-def _digest(marker: dict, url: str) -> tuple[int, str]:
-    """The label tar's size and SHA-256 in the commit `marker` (of label tar `url`, for errors)."""
+@dataclass(frozen=True)
+class _Committed:
+    labels: str  # the label tar's URL
+    samples: int
+    ok: int
+    digest: tuple[int, str]  # the label tar's size in bytes and SHA-256
+
+
+def _read_marker(output: str, shard: str, storage_options: dict | None) -> _Committed:
+    """What the commit marker of `shard` under `output` records; ValueError naming it when it is not
+    JSON or lacks `samples`, `ok` or `files.labels` (bytes, sha256)."""
+    url = fs.join(output, schema.commit_path(shard))
     try:
+        marker = read_commit(output, shard, storage_options)
         labels = marker["files"]["labels"]
-        return int(labels["bytes"]), str(labels["sha256"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{url}: its commit marker records no labels size and SHA-256 (files.labels)") from None
+        digest = (int(labels["bytes"]), str(labels["sha256"]))
+        return _Committed(fs.join(output, schema.labels_path(shard)), int(marker["samples"]), int(marker["ok"]), digest)
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{url}: not a readable commit marker ({type(exc).__name__}: {exc})") from None
 
 
 def labelling_head(
@@ -219,7 +221,9 @@ def labelling_head(
                 return heads[0]
     config = runs[run].config
     try:
-        return labelling_head_name(config.head, model_meta(config.model.name, storage_options))
+        return labelling_head_name(
+            config.head, model_meta(config.model.name, config.storage_options or storage_options)
+        )
     except ValueError:  # a student folder since removed: nothing of the run is read anyway
         return config.head.name
 
@@ -235,7 +239,8 @@ def _columns(output: str, shard: str, names: list[str], storage_options: dict | 
     try:
         table = pq.read_table(io.BytesIO(fs.read_bytes(url, storage_options)), columns=names)
     except (OSError, pa.ArrowException) as exc:  # missing, cut or not Parquet, although committed
-        raise ValueError(f"{url}: the rows of committed shard {shard} cannot be read: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{url}: the rows of committed shard {shard} cannot be read: {reason}") from None
     return [table.column(name).to_pylist() for name in names]
 
 
