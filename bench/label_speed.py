@@ -102,6 +102,7 @@ def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> 
     thread: `read` (tar parsing and image decoding, `iter_samples`) and `write` (`LabelShardSink.add`
     as the job's writer calls it: two PNG encodings, row statistics, the sample's JSON, tar members),
     with `encode` (the two PNGs) shown apart."""
+    from pipeline.stages.shard import sample_extra
     from pipeline.stages.write import LabelShardSink, encode_confidence, encode_labels
 
     start = time.thread_time()
@@ -111,10 +112,8 @@ def side_cpu_ms(worker, urls: list[str], batches: list[list], scratch: Path) -> 
     sink = LabelShardSink(str(scratch), "side", len(worker.vocab), worker.context)
     start = time.thread_time()
     for index, (sample, result) in enumerate(zip(samples, results, strict=True)):  # as the job's writer adds them
-        extra = {k: v for k, v in (("caption", sample.txt), ("source", sample.json)) if v is not None}
-        sink.add(
-            index, sample.key, result.labels, result.confidence, timings={"read_s": 0.0, "infer_s": 0.0}, extra=extra
-        )
+        timings = {"read_s": 0.0, "infer_s": 0.0}
+        sink.add(index, sample.key, result.labels, result.confidence, timings=timings, extra=sample_extra(sample))
     write = time.thread_time() - start
     sink.abort()
     start = time.thread_time()

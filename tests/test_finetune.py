@@ -384,7 +384,7 @@ def test_workers_train_on_the_label_set_read_at_the_start(labelled, tmp_path, ca
     shutil.copytree(labelled["labels"], ours)
     cfg = finetune_config([str(unused), str(ours)], str(tmp_path / "student"), "model.name=shapes-clip")
     label_set = read_label_set(open_runs(cfg.labels))
-    assert f"{unused}: no committed label shard; it adds nothing to the fine-tune" in caplog.text
+    assert f"{unused}: no committed label shard with labelled samples; it adds nothing to the fine-tune" in caplog.text
     shutil.rmtree(ours / "_commits")  # a worker listing the run now would find no shard
     summary = train_worker(cfg, label_set=label_set)
     assert summary["final_step"] == 4 and summary["label_shards"] == 2 and summary["n_samples"] == 16

@@ -148,7 +148,6 @@ class ShardLabeler:
             if isinstance(result, str):
                 sink.add_failed(item.index, sample.key, result, seconds=item.read_s + infer_s)
                 continue
-            extra = {k: v for k, v in (("caption", sample.txt), ("source", sample.json)) if v is not None}
             sink.add(
                 item.index,
                 sample.key,
@@ -156,9 +155,15 @@ class ShardLabeler:
                 result.confidence,
                 zoom_regions=getattr(result, "zoom_regions", ()),
                 timings={"read_s": item.read_s, "infer_s": infer_s},
-                extra=extra,
+                extra=sample_extra(sample),
             )
         return time.perf_counter() - started
+
+
+def sample_extra(sample: Sample) -> dict[str, Any]:
+    """What a labelled sample's JSON carries over from its input: `caption` (its txt member) and
+    `source` (its json member), when present."""
+    return {k: v for k, v in (("caption", sample.txt), ("source", sample.json)) if v is not None}
 
 
 def peak_rss_mb() -> float:

@@ -84,10 +84,9 @@ class LabelStream(torch.utils.data.IterableDataset):
         start: int = 0,
         storage_options: dict | None = None,
     ) -> None:
-        usable = [unit for unit in units if unit.ok]  # a shard whose rows all failed has nothing to give
-        self.runs, self.units = runs, usable[rank::world]
+        self.runs, self.units = runs, units[rank::world]
         if not self.units:
-            raise ValueError(f"worker {rank} of {world} has no label shard: {len(usable)} with labelled samples in all")
+            raise ValueError(f"worker {rank} of {world} has no label shard: {len(units)} in all")
         self.cfg, self.batch_size, self.crop, self.ignore = cfg, batch_size, crop, ignore
         self.seed, self.rank, self.start, self.storage_options = seed, rank, start, storage_options
         self.augment = augmentation(cfg, crop, ignore)

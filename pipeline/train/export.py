@@ -4,9 +4,9 @@
 `student.safetensors` (contexts, context decoder, FPN, ...), `meta.json`: `head: denseclip` (so
 `clipdense label/segment/eval model.name=FOLDER` label with the student's forward), the student's
 options, the vocabulary it was trained on, `infer` (one pass: the student decodes at its own output
-stride, `DenseCLIP.stride`, and shifted passes did not improve its labels (README); the PAMR steps its
-teacher's model recommends, which snap its map to colour edges as they do the teacher's), its learned `logit_scale`, no background
-offset, the image size and normalisation. Files are written atomically, `meta.json` last.
+stride, `DenseCLIP.stride`, and shifted passes did not improve its labels (README); the PAMR steps
+its teacher's model recommends, which snap its map to colour edges as they do the teacher's), its
+learned `logit_scale`, no background offset, the image size and normalisation. Files are written atomically, `meta.json` last.
 """
 
 from __future__ import annotations

@@ -80,11 +80,10 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
     if continues_student(cfg, model_meta(cfg.model.name, so)):  # refused options fail here, not in a worker
         logger.info("the student's own parts start from %s's (warm_start)", cfg.model.name)
     label_set = read_label_set(runs, so, cfg.data.combine)  # read once: workers get it; unusable shards fail here
-    usable = sum(1 for unit in label_set.units if unit.ok)
-    if cfg.distribute.num_workers > usable:
+    if cfg.distribute.num_workers > len(label_set.usable):
         raise ValueError(
-            f"distribute.num_workers={cfg.distribute.num_workers}, but only {usable} label shards have labelled "
-            "samples: each worker reads shards of its own, so use at most that many workers"
+            f"distribute.num_workers={cfg.distribute.num_workers}, but only {len(label_set.usable)} label shards "
+            "have labelled samples: each worker reads shards of its own, so use at most that many workers"
         )
     if cfg.distribute.num_workers > 0:
         from pipeline.distribute.train import run_train_workers  # Ray stays out of in-process runs
@@ -128,7 +127,7 @@ def train_worker(
     every worker); rank 0 writes checkpoints, metrics, the model and the summary. With `world` > 1 the
     default torch.distributed process group must be initialised. `stop`: see `finetune` (Stopped)."""
     so = cfg.storage_options or None
-    runs, units = label_set.runs, label_set.units
+    runs = label_set.runs
     vocab = runs[0].vocab
     model, backbone = build(cfg)
     if rank == 0:
@@ -159,7 +158,7 @@ def train_worker(
     ignore = schema.ignore_value(len(vocab))
     crop = cfg.data.crop or backbone.image_size[0]
     batch = cfg.optim.batch_size // world
-    stream = LabelStream(runs, units, cfg.data, batch, crop, ignore, cfg.seed, rank, world, start, so)
+    stream = LabelStream(runs, label_set.usable, cfg.data, batch, crop, ignore, cfg.seed, rank, world, start, so)
     workers = cfg.data.loader_workers
     # The loader's own generator: starting an iterator draws a seed, which must not move the dropout RNG.
     loader = torch.utils.data.DataLoader(
@@ -259,8 +258,8 @@ def _finish(cfg, model, backbone, vocab, label_set: LabelSet, skipped, metrics, 
         "label_shards": len(label_set.units),
         "labels": [r.output for r in label_set.runs],
         "labelled_by": list(label_set.labelled_by),
-        # the first run that adds shards: a run without any is left out of the fine-tune
-        "teacher": {k: v for k, v in label_set.labelled_by[label_set.units[0].runs[0]].items() if k != "labels"},
+        # the first run that adds samples: a run without any is left out of the fine-tune
+        "teacher": {k: v for k, v in label_set.labelled_by[label_set.usable[0].runs[0]].items() if k != "labels"},
         "model": fs.join(cfg.output, MODEL_DIR),
     }
     fs.put_json(fs.join(cfg.output, schema.SUMMARY_FILE), summary, so)

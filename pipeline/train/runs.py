@@ -11,6 +11,7 @@ different input shards, or when no shard is committed in all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -69,6 +70,12 @@ class LabelSet:
     skipped: dict[str, int]  # label shards left out, by reason (`committed_units`)
     labelled_by: tuple[dict[str, str], ...]  # per run: labels (its URL), model, pretrained, head
 
+    @property
+    def usable(self) -> tuple[Unit, ...]:
+        """The units with labelled samples, the ones workers share out (a shard whose rows all failed
+        has nothing to train on)."""
+        return tuple(unit for unit in self.units if unit.ok)
+
 
 def read_label_set(runs: Sequence[LabelRun], storage_options: dict | None = None, combine: str = "each") -> LabelSet:
     """The `LabelSet` of `runs` (`open_runs`), their units by `combine` (`committed_units`).
@@ -80,14 +87,17 @@ def read_label_set(runs: Sequence[LabelRun], storage_options: dict | None = None
     units, skipped = committed_units(runs, storage_options, combine)
     if not units:
         raise ValueError(f"no committed label shard in {', '.join(run.output for run in runs)}")
-    if not any(unit.ok for unit in units):
+    label_set = LabelSet(tuple(runs), tuple(units), skipped, ())
+    if not label_set.usable:
         where = ", ".join(run.output for run in runs)
         if combine == "agree":
             raise ValueError(f"data.combine=agree: no sample is labelled in every run of {where}")
         raise ValueError(f"no labelled sample in {where}: all {sum(unit.samples for unit in units)} rows failed")
     for i, run in enumerate(runs):
-        if not any(i in unit.runs for unit in units):
-            logger.warning("%s: no committed label shard; it adds nothing to the fine-tune", run.output)
+        if not any(i in unit.runs for unit in label_set.usable):
+            logger.warning(
+                "%s: no committed label shard with labelled samples; it adds nothing to the fine-tune", run.output
+            )
     labelled_by = tuple(
         {
             "labels": run.output,
@@ -97,7 +107,7 @@ def read_label_set(runs: Sequence[LabelRun], storage_options: dict | None = None
         }
         for i, run in enumerate(runs)
     )
-    return LabelSet(tuple(runs), tuple(units), skipped, labelled_by)
+    return dataclasses.replace(label_set, labelled_by=labelled_by)
 
 
 def open_runs(urls: list[str], storage_options: dict | None = None) -> list[LabelRun]:
