@@ -192,11 +192,14 @@ def _print_report(report: dict, title: str) -> None:
     )
     print("\nper-class IoU of " + title)
     absent = 0
+    confused = report.get("confused_with", {})
     for name, value in report["per_class"].items():
         if value is None:
             absent += 1
         else:
-            print(f"  {name:<28} {_fmt(value)}")
+            taken = confused.get(name)
+            most = f"   most often taken for {taken['class']} ({taken['share']:.2f})" if taken else ""
+            print(f"  {name:<28} {_fmt(value)}{most}")
     if absent:
         print(f"  ({absent} classes in neither truth nor prediction: not scored, left out of the mean)")
     rows = {"model": report, **report["baselines"]}

@@ -55,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     file, overrides = split_config_args(args)
     cfg = load_config(file, overrides)
+    if any(item.startswith("head.name=") for item in overrides):  # named on the command line, so checked
+        from pipeline.models.backbone import model_meta
+        from pipeline.models.heads import check_named_head, labelling_head_name
+
+        own = labelling_head_name(cfg.head, model_meta(cfg.model.name, cfg.storage_options))
+        check_named_head(cfg.head.name, own, cfg.model.name)
     if args.address is not None:  # set as given, not parsed as YAML
         cfg = dataclasses.replace(cfg, distribute=dataclasses.replace(cfg.distribute, address=args.address))
     try:

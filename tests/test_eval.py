@@ -82,6 +82,9 @@ def test_all_background_run_scores_the_background_share(shapes, tmp_path):
     assert report["background_iou"] == pytest.approx(bg_share, abs=1e-6)
     assert report["small_object_iou"] == 0.0
     assert report["baselines"]["all_background"]["mIoU"] == pytest.approx(expected, abs=1e-6)
+    names = json.load(open(f"{shapes}/vocabulary.json"))["classes"]
+    present = sorted(set(np.concatenate([np.unique(s) for s in segs]).tolist()) - {0})
+    assert report["confused_with"] == {names[c]: {"class": "background", "share": 1.0} for c in present}
 
 
 def test_uncommitted_shard_counts_as_misses_and_ignore_pixels_too(shapes, tmp_path):

@@ -106,6 +106,10 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
         (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense segment: error:")]
         assert "labels with its own head 'denseclip'" in line and "(--head denseclip or head.name=denseclip)" in line
     assert not list(tmp_path.glob("one.*.png"))
+    relabel = [f"input={labelled['shapes']}", f"output={tmp_path / 'relabelled'}", student[-1]]
+    assert cli(["label", *relabel, "head.name=maskclip"]) == 2  # refused before any Ray start
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense label: error:")]
+    assert "labels with its own head 'denseclip'" in line and not (tmp_path / "relabelled").exists()
     # Without --head and --classes, the student labels with its own head and the classes it learnt.
     assert cli(["segment", str(image), *student]) == 0
     learnt = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")

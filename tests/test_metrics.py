@@ -98,6 +98,22 @@ def test_summary_names_classes_and_turns_undefined_into_null():
     assert out["small_object_iou"] is None and out["small_object_count"] == 0
 
 
+def test_each_class_names_what_it_is_most_often_taken_for():
+    truth = np.array([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2]])
+    pred = np.array([[0, 1, 2, 2, 2, 2, 255, 2, 2, 2]])
+    cm = ConfusionMatrix(3)
+    cm.update(truth, pred)
+    ids, shares = cm.most_confused()
+    # class 0: 1 px as 1, 2 px as 2 of 4; class 1: 2 px as 2, 1 ignored of 3; class 2: never wrong
+    assert ids.tolist() == [2, 2, -1]
+    np.testing.assert_allclose(shares, [2 / 4, 2 / 3, 0.0])
+    scores = Scores(3)
+    scores.update(np.array([[1, 1, 1, 2]]), np.array([[255, 255, 0, 2]]))
+    assert scores.summary(["background", "cat", "dog"], background=0)["confused_with"] == {
+        "cat": {"class": "ignored", "share": round(2 / 3, 6)}
+    }
+
+
 def test_mismatched_sizes_are_refused():
     with pytest.raises(ValueError, match="differ in size"):
         ConfusionMatrix(2).update(np.zeros((2, 2)), np.zeros((2, 3)))

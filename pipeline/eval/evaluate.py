@@ -7,9 +7,9 @@ Two sources of predictions share one report layout:
 Every report also scores the all-background map, the floor any useful model must clear.
 
 Report layout (JSON): `truth`, `truth_kind`, `n_images`, `classes`, `background`, then the scores of
-the evaluated predictions at the top level (`mIoU`, `per_class`, `background_iou`, `small_object_iou`,
-`small_object_pixel_iou`, `small_object_count`, `pixel_accuracy`, `ignored_fraction`, `colour_mIoU`,
-`diagnostics`), and the same fields per baseline under `baselines`.
+the evaluated predictions at the top level (`mIoU`, `per_class`, `confused_with`, `background_iou`,
+`small_object_iou`, `small_object_pixel_iou`, `small_object_count`, `pixel_accuracy`, `ignored_fraction`,
+`colour_mIoU`, `diagnostics`), and the same fields per baseline under `baselines`.
 """
 
 from __future__ import annotations

@@ -61,6 +61,19 @@ class ConfusionMatrix:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
+    def most_confused(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, shares): per true class, the other prediction that took most of its pixels (K = ignored),
+        (K,) int64, and that prediction's share of the class's true pixels, (K,) float64 in [0, 1]. id -1
+        and share 0 where a class has no true pixels or none predicted as anything else."""
+        k = self.n_classes
+        wrong = self.counts.copy()
+        wrong[np.arange(k), np.arange(k)] = 0
+        ids = wrong.argmax(axis=1)
+        taken = wrong[np.arange(k), ids]
+        true_pixels = self.counts.sum(axis=1)
+        shares = np.divide(taken, true_pixels, out=np.zeros(k), where=true_pixels > 0)
+        return np.where(taken > 0, ids, -1), np.where(taken > 0, shares, 0.0)
+
     def miou(self) -> float:
         """Mean IoU over classes present in truth or prediction; NaN when nothing was counted."""
         iou = self.iou()
@@ -171,6 +184,18 @@ class Scores:
             "small_object_pixel_iou": _num(self.small.pixel),
             "small_object_count": self.small.count,
             "per_class": {name: _num(v) for name, v in zip(class_names, iou, strict=True)},
+            "confused_with": self.confused_with(class_names),
+        }
+
+    def confused_with(self, class_names: Sequence[str]) -> dict[str, dict]:
+        """Per true class that was ever mislabelled, what it was most often taken for (`ConfusionMatrix.
+        most_confused`): {name: {"class": other name, or "ignored", "share": fraction of its pixels}}."""
+        ids, shares = self.confusion.most_confused()
+        names = [*class_names, "ignored"]
+        return {
+            name: {"class": names[j], "share": _num(share)}
+            for name, j, share in zip(class_names, ids, shares, strict=True)
+            if j >= 0
         }
 
 

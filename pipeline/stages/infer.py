@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pipeline import schema
 from pipeline.config import InferCfg, PromptCfg, RunCfg
 from pipeline.models.backbone import Backbone, load_backbone
-from pipeline.models.heads import create_head, labelling_head_name
+from pipeline.models.heads import check_named_head, create_head, labelling_head_name
 from pipeline.models.pamr import pamr
 from pipeline.models.prompts import build_text_classifier, load_templates
 from pipeline.stages import windows as win
@@ -90,6 +90,8 @@ class DenseLabeler:
         meta = self.backbone.meta
         own = labelling_head_name(cfg.head, meta)
         if own != cfg.head.name:  # a model with a head of its own (a fine-tuned student)
+            # A config file that names the default head cannot be told from one that leaves it out.
+            logger.info("model %s labels with its own head %r, not the default %r", cfg.model.name, own, cfg.head.name)
             self.head, self.head_name = create_head(own), own
         self.infer: InferCfg = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
@@ -110,14 +112,8 @@ class DenseLabeler:
         self._std = torch.tensor(self.backbone.std, device=device).view(3, 1, 1)
 
     def check_head(self, requested: str) -> None:
-        """Raise ValueError when a head named on the command line (`requested`) is not the one that
-        labels: a model with a head of its own replaces the default head, so naming the default
-        explicitly for such a model would silently be ignored."""
-        if requested != self.head_name:
-            raise ValueError(
-                f"model {self.cfg.model.name!r} labels with its own head {self.head_name!r}, which replaces the "
-                f"default head {requested!r}: name its head instead (--head {self.head_name} or head.name={self.head_name})"
-            )
+        """`check_named_head` for this labeler's model and head."""
+        check_named_head(requested, self.head_name, self.cfg.model.name)
 
     @property
     def n_classes(self) -> int:

@@ -8,6 +8,22 @@ any temperature, max over each class's synonyms. `list_heads()` names them; `cre
 
 from pipeline.models.heads import attention, clip, clsclip, denseclip, maskclip  # noqa: F401  (registers the heads)
 from pipeline.models.heads._base import DenseHead, Encoded
-from pipeline.models.heads._registry import create_head, head_options, labelling_head_name, list_heads, register_head
+from pipeline.models.heads._registry import (
+    check_named_head,
+    create_head,
+    head_options,
+    labelling_head_name,
+    list_heads,
+    register_head,
+)
 
-__all__ = ["DenseHead", "Encoded", "create_head", "head_options", "labelling_head_name", "list_heads", "register_head"]
+__all__ = [
+    "DenseHead",
+    "Encoded",
+    "check_named_head",
+    "create_head",
+    "head_options",
+    "labelling_head_name",
+    "list_heads",
+    "register_head",
+]
