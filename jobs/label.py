@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from pipeline import schema
-from pipeline.config import load_config
+from pipeline.config import RunCfg, load_config, sets_key
 from pipeline.io import fs
 
 
@@ -50,17 +50,25 @@ def split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return file, overrides
 
 
+def check_head_override(cfg: RunCfg, overrides: list[str]) -> None:
+    """Raise ValueError (`check_named_head`) when `overrides` name the default head for a model whose own
+    head replaces it (a fine-tuned student). Reads the model's meta.json only then: the cluster, not
+    this machine, may be the one that reaches the model."""
+    if not sets_key(overrides, "head.name"):
+        return
+    from pipeline.models.backbone import model_meta
+    from pipeline.models.heads import check_named_head, labelling_head_name
+
+    own = labelling_head_name(cfg.head, model_meta(cfg.model.name, cfg.storage_options))
+    check_named_head(cfg.head.name, own, cfg.model.name)
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.distribute import ModelStartError, run_label_job
 
     file, overrides = split_config_args(args)
     cfg = load_config(file, overrides)
-    if any(item.startswith("head.name=") for item in overrides):  # named on the command line, so checked
-        from pipeline.models.backbone import model_meta
-        from pipeline.models.heads import check_named_head, labelling_head_name
-
-        own = labelling_head_name(cfg.head, model_meta(cfg.model.name, cfg.storage_options))
-        check_named_head(cfg.head.name, own, cfg.model.name)
+    check_head_override(cfg, overrides)
     if args.address is not None:  # set as given, not parsed as YAML
         cfg = dataclasses.replace(cfg, distribute=dataclasses.replace(cfg.distribute, address=args.address))
     try:

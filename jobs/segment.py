@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config import load_config, sets_key
 from pipeline.io import fs
 from pipeline.io.decode import decode_image
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not images:
         return 2
     dense = DenseLabeler(cfg, vocab, cfg.storage_options)
-    if args.head is not None or any(o.startswith("head.name=") for o in overrides):
+    if args.head is not None or sets_key(overrides, "head.name"):
         dense.check_head(cfg.head.name)
     labeler = ZoomLabeler(dense, cfg.zoom)  # zoom.enabled=true to zoom in
     for (path, image), result in zip(images.items(), labeler(list(images.values())), strict=True):

@@ -161,6 +161,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return from_dict(cls, data)
 
 
+def sets_key(overrides: list[str] | tuple[str, ...], key: str) -> bool:
+    """Whether `a.b=value` overrides (as `load_config` takes them) set dotted `key` themselves or through
+    a section above it (`head={name: x}` sets `head.name`)."""
+    parts = key.split(".")
+    given = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return any(item.partition("=")[0].strip() in given for item in overrides)
+
+
 def _yaml(text: str, where: str, hint: str = "") -> Any:
     """Parsed YAML; a syntax error is a ConfigError on one line naming `where` and the position."""
     try:

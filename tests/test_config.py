@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.cli import main
-from pipeline.config import ConfigError, RunCfg, config_hash, diff_keys, dump_yaml, load_config
+from pipeline.config import ConfigError, RunCfg, config_hash, diff_keys, dump_yaml, load_config, sets_key
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -62,6 +62,13 @@ def test_a_choice_of_numbers_takes_exactly_one_of_them():
     for text, shown in (("5", "5"), ("3.0", "3.0"), ("true", "True")):  # 3.0 == 3 and True == 1 in Python
         with pytest.raises(ConfigError, match=f"student.fpn_levels: {shown} is not allowed; choose one of 2, 3, 4"):
             load_config(None, [f"student.fpn_levels={text}"], cls=FinetuneCfg)
+
+
+def test_an_override_sets_a_key_by_its_name_or_a_section_above_it():
+    assert sets_key(["head.name=naclip"], "head.name") and sets_key([" head.name =naclip"], "head.name")
+    assert sets_key(["head={name: naclip}"], "head.name")  # the whole section, as load_config reads it
+    assert not sets_key(["head.options={ks_thresh: 1}", "model.name=x", "headx.name=y"], "head.name")
+    assert not sets_key([], "head.name")
 
 
 def test_dump_roundtrips(tmp_path):

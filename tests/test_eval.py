@@ -71,20 +71,24 @@ def test_run_output_built_from_the_truth_scores_one(shapes, tmp_path):
     assert report["predictions"]["missing"] == 0
 
 
-def test_all_background_run_scores_the_background_share(shapes, tmp_path):
+def test_all_background_run_scores_the_background_share(shapes, tmp_path, capsys):
     run = _write_run(str(tmp_path / "run"), shapes, lambda s: np.zeros_like(_seg(s)))
     report = evaluate_run_output(open_truth(shapes), RunOutputPredictions(run))
     segs = [_seg(s) for s in _truth_samples(shapes)]
     bg_share = sum((s == 0).sum() for s in segs) / sum(s.size for s in segs)
-    n_object_classes = len(set(np.concatenate([np.unique(s) for s in segs]).tolist()) - {0})
-    expected = bg_share / (1 + n_object_classes)  # background IoU, then 0 for every object class present
+    present = sorted(set(np.concatenate([np.unique(s) for s in segs]).tolist()) - {0})
+    expected = bg_share / (1 + len(present))  # background IoU, then 0 for every object class present
     assert report["mIoU"] == pytest.approx(expected, abs=1e-6)
     assert report["background_iou"] == pytest.approx(bg_share, abs=1e-6)
     assert report["small_object_iou"] == 0.0
     assert report["baselines"]["all_background"]["mIoU"] == pytest.approx(expected, abs=1e-6)
-    names = json.load(open(f"{shapes}/vocabulary.json"))["classes"]
-    present = sorted(set(np.concatenate([np.unique(s) for s in segs]).tolist()) - {0})
+    names = json.loads(Path(shapes, "vocabulary.json").read_text())["classes"]
     assert report["confused_with"] == {names[c]: {"class": "background", "share": 1.0} for c in present}
+    assert main(["eval", "--truth", shapes, "--pred", run]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for c in present:  # the table says it too
+        (line,) = [x for x in printed if x.split("  0.000")[0].strip() == names[c]]
+        assert line.endswith("most often taken for background (1.00)")
 
 
 def test_uncommitted_shard_counts_as_misses_and_ignore_pixels_too(shapes, tmp_path):

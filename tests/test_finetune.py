@@ -110,6 +110,10 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
     assert cli(["label", *relabel, "head.name=maskclip"]) == 2  # refused before any Ray start
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense label: error:")]
     assert "labels with its own head 'denseclip'" in line and not (tmp_path / "relabelled").exists()
+    # submit sends the overrides to the cluster inside a file, so it checks them before connecting
+    assert cli(["submit", "--address", "http://127.0.0.1:9", *relabel, "head={name: maskclip}"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense submit: error:")]
+    assert "labels with its own head 'denseclip'" in line
     # Without --head and --classes, the student labels with its own head and the classes it learnt.
     assert cli(["segment", str(image), *student]) == 0
     learnt = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.eval.metrics import ConfusionMatrix, Scores, SmallObjectIoU, TruthObject
+from pipeline.eval.metrics import NOT_A_CLASS, ConfusionMatrix, Scores, SmallObjectIoU, TruthObject
 
 
 def test_iou_per_class_matches_hand_counts():
@@ -110,7 +110,7 @@ def test_each_class_names_what_it_is_most_often_taken_for():
     scores = Scores(3)
     scores.update(np.array([[1, 1, 1, 2]]), np.array([[255, 255, 0, 2]]))
     assert scores.summary(["background", "cat", "dog"], background=0)["confused_with"] == {
-        "cat": {"class": "ignored", "share": round(2 / 3, 6)}
+        "cat": {"class": NOT_A_CLASS, "share": round(2 / 3, 6)}
     }
 
 

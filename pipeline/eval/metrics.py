@@ -23,6 +23,10 @@ SMALL_OBJECT_FRACTION = 0.03  # an object covering less than this fraction of th
 OBJECT_MARGIN = 0.5  # an object's region is its box grown by this fraction of its size on every side
 
 
+# What `confused_with` names for pixels predicted as the ignore value or as a class the truth lacks.
+NOT_A_CLASS = "(ignored or not a truth class)"
+
+
 class ConfusionMatrix:
     """Pixel counts `counts[t, p]`: rows are true classes, columns predicted classes, column K = ignored.
 
@@ -62,9 +66,10 @@ class ConfusionMatrix:
             return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
     def most_confused(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, shares): per true class, the other prediction that took most of its pixels (K = ignored),
-        (K,) int64, and that prediction's share of the class's true pixels, (K,) float64 in [0, 1]. id -1
-        and share 0 where a class has no true pixels or none predicted as anything else."""
+        """(ids, shares): per true class, the other prediction that took most of its pixels, (K,) int64 (K:
+        ignored, or a class the truth lacks), and that prediction's share of the class's true pixels, (K,)
+        float64 in [0, 1]; a tie goes to the lower id. id -1 and share 0 where a class has no true pixels
+        or none predicted as anything else."""
         k = self.n_classes
         wrong = self.counts.copy()
         wrong[np.arange(k), np.arange(k)] = 0
@@ -189,9 +194,10 @@ class Scores:
 
     def confused_with(self, class_names: Sequence[str]) -> dict[str, dict]:
         """Per true class that was ever mislabelled, what it was most often taken for (`ConfusionMatrix.
-        most_confused`): {name: {"class": other name, or "ignored", "share": fraction of its pixels}}."""
+        most_confused`): {name: {"class": other name, or `NOT_A_CLASS`, "share": fraction of its pixels}}.
+        Classes never mislabelled are left out."""
         ids, shares = self.confusion.most_confused()
-        names = [*class_names, "ignored"]
+        names = [*class_names, NOT_A_CLASS]
         return {
             name: {"class": names[j], "share": _num(share)}
             for name, j, share in zip(class_names, ids, shares, strict=True)

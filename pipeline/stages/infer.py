@@ -36,6 +36,7 @@ calibrated under those settings, so they travel together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -69,6 +70,13 @@ class DenseResult:
     confidence: np.ndarray  # (H, W) float32 in [0, 1]: max class probability
 
 
+@functools.cache
+def _log_own_head(model: str, own: str, default: str) -> None:
+    # Once per process: a config file that names the default head cannot be told from one that leaves
+    # it out, so the log says which head labels.
+    logger.info("model %s labels with its own head %r, not the default %r", model, own, default)
+
+
 class DenseLabeler:
     """Labels images with a dense head; see the module docstring for the steps.
 
@@ -90,8 +98,7 @@ class DenseLabeler:
         meta = self.backbone.meta
         own = labelling_head_name(cfg.head, meta)
         if own != cfg.head.name:  # a model with a head of its own (a fine-tuned student)
-            # A config file that names the default head cannot be told from one that leaves it out.
-            logger.info("model %s labels with its own head %r, not the default %r", cfg.model.name, own, cfg.head.name)
+            _log_own_head(cfg.model.name, own, cfg.head.name)
             self.head, self.head_name = create_head(own), own
         self.infer: InferCfg = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
