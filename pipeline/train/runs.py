@@ -11,7 +11,6 @@ different input shards, or when no shard is committed in all of them.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import logging
@@ -87,7 +86,16 @@ def read_label_set(runs: Sequence[LabelRun], storage_options: dict | None = None
     units, skipped = committed_units(runs, storage_options, combine)
     if not units:
         raise ValueError(f"no committed label shard in {', '.join(run.output for run in runs)}")
-    label_set = LabelSet(tuple(runs), tuple(units), skipped, ())
+    labelled_by = tuple(
+        {
+            "labels": run.output,
+            "model": run.config.model.name,
+            "pretrained": run.config.model.pretrained,
+            "head": labelling_head(i, units, runs, storage_options),
+        }
+        for i, run in enumerate(runs)
+    )
+    label_set = LabelSet(tuple(runs), tuple(units), skipped, labelled_by)
     if not label_set.usable:
         where = ", ".join(run.output for run in runs)
         if combine == "agree":
@@ -98,16 +106,7 @@ def read_label_set(runs: Sequence[LabelRun], storage_options: dict | None = None
             logger.warning(
                 "%s: no committed label shard with labelled samples; it adds nothing to the fine-tune", run.output
             )
-    labelled_by = tuple(
-        {
-            "labels": run.output,
-            "model": run.config.model.name,
-            "pretrained": run.config.model.pretrained,
-            "head": labelling_head(i, units, runs, storage_options),
-        }
-        for i, run in enumerate(runs)
-    )
-    return dataclasses.replace(label_set, labelled_by=labelled_by)
+    return label_set
 
 
 def open_runs(urls: list[str], storage_options: dict | None = None) -> list[LabelRun]:
