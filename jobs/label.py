@@ -54,13 +54,11 @@ def check_head_override(cfg: RunCfg, overrides: list[str]) -> None:
     """Raise ValueError (`check_named_head`) when `overrides` name the default head for a model whose own
     head replaces it (a fine-tuned student). Reads the model's meta.json only then: the cluster, not
     this machine, may be the one that reaches the model."""
-    if not sets_key(overrides, "head.name"):
-        return
-    from pipeline.models.backbone import model_meta
-    from pipeline.models.heads import check_named_head, labelling_head_name
+    if sets_key(overrides, "head.name"):
+        from pipeline.models.backbone import model_meta
+        from pipeline.stages.infer import check_head_named
 
-    own = labelling_head_name(cfg.head, model_meta(cfg.model.name, cfg.storage_options))
-    check_named_head(cfg.head.name, own, cfg.model.name)
+        check_head_named(cfg, model_meta(cfg.model.name, cfg.storage_options))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ class IntermixedParser(argparse.ArgumentParser):
 def run(args: argparse.Namespace) -> int:
     from pipeline.models.backbone import model_meta
     from pipeline.review.overlay import overlay
-    from pipeline.stages.infer import DenseLabeler
+    from pipeline.stages.infer import DenseLabeler, check_head_named
     from pipeline.stages.zoom import ZoomLabeler
     from pipeline.vocab import resolve_vocabulary
 
@@ -84,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
         if not classes:
             raise ValueError('--classes is empty: give comma-separated class names, e.g. --classes "cat, dog"')
         cfg = dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, classes=classes))
-    trained = model_meta(cfg.model.name, cfg.storage_options).get("vocabulary")  # a student's own classes
+    meta = model_meta(cfg.model.name, cfg.storage_options)
+    if args.head is not None or sets_key(overrides, "head.name"):
+        check_head_named(cfg, meta)  # before any image is read or the model loads
+    trained = meta.get("vocabulary")  # a student's own classes
     vocab = resolve_vocabulary(cfg.vocab, storage_options=cfg.storage_options, trained=trained)
     paths = list(dict.fromkeys(paths))  # an image named twice is labelled once
     stems = dict(zip(paths, output_stems(paths), strict=True))
@@ -97,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
     if not images:
         return 2
     dense = DenseLabeler(cfg, vocab, cfg.storage_options)
-    if args.head is not None or sets_key(overrides, "head.name"):
-        dense.check_head(cfg.head.name)
     labeler = ZoomLabeler(dense, cfg.zoom)  # zoom.enabled=true to zoom in
     for (path, image), result in zip(images.items(), labeler(list(images.values())), strict=True):
         stem = stems[path]

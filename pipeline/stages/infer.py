@@ -70,6 +70,13 @@ class DenseResult:
     confidence: np.ndarray  # (H, W) float32 in [0, 1]: max class probability
 
 
+def check_head_named(cfg: RunCfg, meta: dict[str, Any]) -> None:
+    """For `cfg.head` named on the command line: ValueError (`check_named_head`) when the model's own
+    head (a fine-tuned student's) would replace it. `meta`: the model's meta.json (`model_meta`), so
+    that the check runs before the model loads."""
+    check_named_head(cfg.head.name, labelling_head_name(cfg.head, meta), cfg.model.name)
+
+
 @functools.cache
 def _log_own_head(model: str, own: str, default: str) -> None:
     # Once per process: a config file that names the default head cannot be told from one that leaves
@@ -117,10 +124,6 @@ class DenseLabeler:
         device = self.backbone.device
         self._mean = torch.tensor(self.backbone.mean, device=device).view(3, 1, 1)
         self._std = torch.tensor(self.backbone.std, device=device).view(3, 1, 1)
-
-    def check_head(self, requested: str) -> None:
-        """`check_named_head` for this labeler's model and head."""
-        check_named_head(requested, self.head_name, self.cfg.model.name)
 
     @property
     def n_classes(self) -> int:
