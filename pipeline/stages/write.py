@@ -22,19 +22,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipeline import schema
 from pipeline.io import fs
+from pipeline.io.png import encode_png
 from pipeline.io.tarwrite import TarShardWriter
 from pipeline.obs import CappedCounter
 
 logger = logging.getLogger(__name__)
-
-# Label maps compress well even at the fastest zlib level, and writing must keep pace with the model.
-# Their rows repeat the row above, which zlib's run-length strategy finds without the default search:
-# faster, and no larger on label maps.
-PNG_COMPRESS_LEVEL = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,20 +50,14 @@ def encode_labels(labels: np.ndarray, n_classes: int) -> bytes:
         if labels.size and int(labels.max()) > np.iinfo(dtype).max:
             raise ValueError(f"label value {int(labels.max())} does not fit a {np.dtype(dtype).name} label map")
         labels = labels.astype(dtype)
-    return _png(labels)
+    return encode_png(labels)
 
 
 def encode_confidence(confidence: np.ndarray) -> bytes:
     """8-bit PNG of an (H, W) float confidence in [0, 1]: value v stands for v / 255."""
     if confidence.ndim != 2:
         raise ValueError(f"a confidence map must be (H, W), got shape {confidence.shape}")
-    return _png(np.round(np.clip(confidence, 0.0, 1.0) * 255.0).astype(np.uint8))
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, compress_type=Image.RLE)
-    return buf.getvalue()
+    return encode_png(np.round(np.clip(confidence, 0.0, 1.0) * 255.0).astype(np.uint8), up_filter=True)
 
 
 def label_stats(labels: np.ndarray, confidence: np.ndarray, n_classes: int) -> dict[str, Any]:
