@@ -25,11 +25,13 @@ over the actors: what the pool sustains once every actor is up), each the best o
 of the job, and the speed-ups. Against them,
 `labeler_img_per_s`: as many labelers as actors, each a 1-CPU Ray task (one torch thread, as an actor
 gets) timing the labeler alone on the decoded images, all started at once so that they share the
-machine as the actors do (their passes overlap but are not synchronised); their rates are summed.
-Each run of the job is followed by one such pass, and the best of `--repeats` is kept on each side,
-so that a machine whose speed drifts (a shared VM) slows both alike. `*_over_labeler` is the job's
-rate over that: what reading and writing cost a pool of one-thread actors, the default of
-`clipdense label` on a CPU machine (one per core). The in-process figures above are one worker that owns every core.
+machine as the actors do (their passes overlap but are not synchronised); their rates are summed,
+and the best of `--repeats` passes is shown. Each run of the job is followed by one such pass, and
+`*_over_labeler` is the median over the runs of the job's rate over the labelers' right after it
+(`*_over_labeler_runs`, each run's): a machine whose speed drifts (a shared VM) slows both sides of
+one ratio alike. It is what reading and writing cost a pool of one-thread actors, the default of
+`clipdense label` on a CPU machine (one per core). The in-process figures above are one worker that
+owns every core.
 
     python bench/label_speed.py [--model ViT-B-16] [--size 224] [--batch 8] [--shards 4] [--per-shard 16]
                                 [--repeats 2] [--actors 1 2] [--ray-only] [--dir DIR] [k=v ...]
@@ -41,6 +43,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -137,7 +140,8 @@ def on_ray(cfg, actors: list[int], out: Path, urls: list[str], repeats: int) -> 
         for n in actors:
             distribute = dataclasses.replace(cfg.distribute, num_actors=n, num_cpus=1.0)
             report[n] = {"summary_img_per_s": 0.0, "steady_img_per_s": 0.0, "labeler_img_per_s": 0.0}
-            for repeat in range(repeats):  # each rate's best; job and labelers take turns, so drift hits both
+            ratios: dict[str, list[float]] = {"summary": [], "steady": []}
+            for repeat in range(repeats):  # job and labelers take turns, so drift hits both
                 run = dataclasses.replace(cfg, output=str(out / f"ray-{n}-{repeat}"), distribute=distribute)
                 rates = {
                     "summary_img_per_s": run_label_job(run)["images_per_s"],
@@ -145,10 +149,11 @@ def on_ray(cfg, actors: list[int], out: Path, urls: list[str], repeats: int) -> 
                     "labeler_img_per_s": round(sum(ray.get([timed.remote(cfg, urls, 1) for _ in range(n)])), 3),
                 }
                 report[n] = {k: max(v, rates[k]) for k, v in report[n].items()}
-            for rate in ("summary", "steady"):
-                report[n][f"{rate}_over_labeler"] = round(
-                    report[n][f"{rate}_img_per_s"] / report[n]["labeler_img_per_s"], 3
-                )
+                for rate, runs in ratios.items():
+                    runs.append(round(rates[f"{rate}_img_per_s"] / rates["labeler_img_per_s"], 3))
+            for rate, runs in ratios.items():
+                report[n][f"{rate}_over_labeler"] = round(statistics.median(runs), 3)
+                report[n][f"{rate}_over_labeler_runs"] = runs
     finally:
         ray.shutdown()
     if 1 in report:

@@ -35,7 +35,7 @@ def encode_png(array: np.ndarray, *, up_filter: bool = False, level: int = 1) ->
     """
     if array.ndim != 2 or not array.size:
         raise ValueError(f"a PNG map must be a non-empty (H, W) array, got shape {array.shape}")
-    if array.dtype not in (np.uint8, np.uint16):
+    if array.dtype.kind != "u" or array.itemsize not in (1, 2):  # either byte order
         raise ValueError(f"a PNG map must be uint8 or uint16, got {array.dtype}")
     height, width = array.shape
     raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder(">")).view(np.uint8).reshape(height, -1)
