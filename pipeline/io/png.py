@@ -5,7 +5,7 @@ filters on every row, with no way to switch it off; on small maps that search is
 encoding time, and the writer of a label shard must keep pace with the model. A map whose
 structure is known needs no search: class maps are runs along rows (no filter, with zlib's
 run-length strategy), confidence maps are smooth from one row to the next (filter Up). On 96 px
-ShapeWorld maps the two encodings of a sample took 0.25 ms of CPU with Pillow and 0.15 ms with this
+ShapeWorld maps the two encodings of a sample took 0.25 ms of CPU with Pillow and 0.12-0.15 ms with this
 (`side_cpu_ms_per_image.encode` of `bench/label_speed.py`; README, "Small images"). The files are
 plain PNGs (PNG specification, ISO/IEC 15948: one IHDR, one IDAT, IEND) that any decoder reads.
 """
