@@ -146,7 +146,7 @@ def on_ray(cfg, actors: list[int], out: Path, urls: list[str], repeats: int) -> 
                 rates = {
                     "summary_img_per_s": run_label_job(run)["images_per_s"],
                     "steady_img_per_s": _steady_rate(run.output),
-                    "labeler_img_per_s": round(sum(ray.get([timed.remote(cfg, urls, 1) for _ in range(n)])), 3),
+                    "labeler_img_per_s": round(sum(ray.get([timed.remote(cfg, urls) for _ in range(n)])), 3),
                 }
                 report[n] = {k: max(v, rates[k]) for k, v in report[n].items()}
                 for rate, runs in ratios.items():
@@ -163,15 +163,15 @@ def on_ray(cfg, actors: list[int], out: Path, urls: list[str], repeats: int) -> 
     return report
 
 
-def labeler_img_per_s(cfg, urls: list[str], repeats: int) -> float:
-    """The labeler alone on `urls`' images decoded beforehand: img/s of the best of `repeats` passes."""
+def labeler_img_per_s(cfg, urls: list[str]) -> float:
+    """The labeler alone on `urls`' images decoded beforehand: img/s of one pass after a warm-up batch."""
     from pipeline.stages.shard import ShardLabeler
 
     worker = ShardLabeler(cfg, load_vocabulary(str(Path(urls[0]).parent / "vocabulary.json")))
     images = [s.image for url in urls for s in iter_samples(url) if isinstance(s, Sample)]
     batches = [images[i : i + cfg.infer.batch_size] for i in range(0, len(images), cfg.infer.batch_size)]
     worker.labeler(batches[0])  # warm-up
-    return len(images) / min(_timed(lambda: [worker.labeler(b) for b in batches]) for _ in range(repeats))
+    return len(images) / _timed(lambda: [worker.labeler(b) for b in batches])
 
 
 def _steady_rate(output: str) -> float:

@@ -51,7 +51,7 @@ def split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def check_head_override(cfg: RunCfg, overrides: list[str]) -> None:
-    """Raise ValueError (`check_named_head`) when `overrides` name the default head for a model whose own
+    """Raise ValueError (`pipeline.stages.infer.check_head_named`) when `overrides` name the default head for a model whose own
     head replaces it (a fine-tuned student). Reads the model's meta.json only then: the cluster, not
     this machine, may be the one that reaches the model."""
     if sets_key(overrides, "head.name"):

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from pipeline import schema
 from pipeline.config import InferCfg, PromptCfg, RunCfg
 from pipeline.models.backbone import Backbone, load_backbone
-from pipeline.models.heads import check_named_head, create_head, labelling_head_name
+from pipeline.models.heads import create_head, labelling_head_name
 from pipeline.models.pamr import pamr
 from pipeline.models.prompts import build_text_classifier, load_templates
 from pipeline.stages import windows as win
@@ -71,10 +71,16 @@ class DenseResult:
 
 
 def check_head_named(cfg: RunCfg, meta: dict[str, Any]) -> None:
-    """For `cfg.head` named on the command line: ValueError (`check_named_head`) when the model's own
-    head (a fine-tuned student's) would replace it. `meta`: the model's meta.json (`model_meta`), so
-    that the check runs before the model loads."""
-    check_named_head(cfg.head.name, labelling_head_name(cfg.head, meta), cfg.model.name)
+    """Raise ValueError when `cfg.head`, named on the command line, is not the head that labels with
+    the model: a model with a head of its own (a fine-tuned student) replaces the default head, so
+    naming the default explicitly for such a model would silently be ignored. `meta`: the model's
+    meta.json (`model_meta`), so that the check runs before the model loads."""
+    own = labelling_head_name(cfg.head, meta)
+    if cfg.head.name != own:
+        raise ValueError(
+            f"model {cfg.model.name!r} labels with its own head {own!r}, which replaces the default head "
+            f"{cfg.head.name!r}: name its head instead (--head {own} or head.name={own})"
+        )
 
 
 @functools.cache

@@ -9,7 +9,6 @@ any temperature, max over each class's synonyms. `list_heads()` names them; `cre
 from pipeline.models.heads import attention, clip, clsclip, denseclip, maskclip  # noqa: F401  (registers the heads)
 from pipeline.models.heads._base import DenseHead, Encoded
 from pipeline.models.heads._registry import (
-    check_named_head,
     create_head,
     head_options,
     labelling_head_name,
@@ -20,7 +19,6 @@ from pipeline.models.heads._registry import (
 __all__ = [
     "DenseHead",
     "Encoded",
-    "check_named_head",
     "create_head",
     "head_options",
     "labelling_head_name",

@@ -40,17 +40,6 @@ def labelling_head_name(head: HeadCfg, meta: dict[str, Any]) -> str:
     return str(meta["head"]) if meta.get("head") and head == HeadCfg() else head.name
 
 
-def check_named_head(requested: str, own: str, model: str) -> None:
-    """Raise ValueError when `requested`, a head named on the command line, is not `own`, the head that
-    labels with `model` (`labelling_head_name`): a model with a head of its own replaces the default
-    head, so naming the default explicitly for such a model would silently be ignored."""
-    if requested != own:
-        raise ValueError(
-            f"model {model!r} labels with its own head {own!r}, which replaces the default head {requested!r}: "
-            f"name its head instead (--head {own} or head.name={own})"
-        )
-
-
 def create_head(name: str, **options: Any) -> Any:
     """Build head `name`; `None` options mean "default" and are dropped, unknown ones are an error."""
     builder = _builder(name)
