@@ -25,7 +25,7 @@ import time
 
 import yaml
 
-from pipeline.config import RunCfg, ZoomCfg, from_dict, to_dict
+from pipeline.config import DEFAULT_HEAD, RunCfg, ZoomCfg, from_dict, to_dict
 
 SMALL_GAIN_TARGET = 0.15  # relative gain of the mean small-object IoU that zoom-in must bring
 BASELINE = "no zoom"
@@ -120,9 +120,10 @@ def _figures(rows: dict, speed: dict) -> dict:
 
 
 def _print(figures: dict, cfg: RunCfg, args: argparse.Namespace, weights: str) -> None:
+    head = cfg.head.name or f"the model's own, else {DEFAULT_HEAD}"
     print(
         f"{args.images} held-out small-object scenes ({args.size} px, seed {args.seed}); model {cfg.model.name} "
-        f"(weights: {weights}), head {cfg.head.name}"
+        f"(weights: {weights}), head {head}"
     )
     print(f"{'':<36}{'mIoU':>8}{'small':>8}{'small px':>10}{'gain':>8}{'img/s':>9}  targets")
     for name, f in figures.items():

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from pipeline import schema
-from pipeline.config import RunCfg, load_config, sets_key
+from pipeline.config import RunCfg, load_config
 from pipeline.io import fs
 
 
@@ -50,15 +50,21 @@ def split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return file, overrides
 
 
-def check_head_override(cfg: RunCfg, overrides: list[str]) -> None:
-    """Raise ValueError (`pipeline.stages.infer.check_head_named`) when `overrides` name the default head for a model whose own
-    head replaces it (a fine-tuned student). Reads the model's meta.json only then: the cluster, not
-    this machine, may be the one that reaches the model."""
-    if sets_key(overrides, "head.name"):
-        from pipeline.models.backbone import model_meta
-        from pipeline.stages.infer import check_head_named
+def check_head_override(cfg: RunCfg) -> None:
+    """Raise ValueError (`pipeline.stages.infer.check_head_named`) when the config names another head
+    than the model's own (a fine-tuned student's), before any Ray start. Reads the model's meta.json
+    only when a head is named; a model this machine cannot reach (the cluster may) is left to the
+    workers, which refuse the same way."""
+    if cfg.head.name is None:
+        return
+    from pipeline.models.backbone import model_meta
+    from pipeline.stages.infer import check_head_named
 
-        check_head_named(cfg, model_meta(cfg.model.name, cfg.storage_options))
+    try:
+        meta = model_meta(cfg.model.name, cfg.storage_options)
+    except (ValueError, OSError):
+        return
+    check_head_named(cfg, meta)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     file, overrides = split_config_args(args)
     cfg = load_config(file, overrides)
-    check_head_override(cfg, overrides)
+    check_head_override(cfg)
     if args.address is not None:  # set as given, not parsed as YAML
         cfg = dataclasses.replace(cfg, distribute=dataclasses.replace(cfg.distribute, address=args.address))
     try:

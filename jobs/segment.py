@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image
 
-from pipeline.config import load_config, sets_key
+from pipeline.config import load_config
 from pipeline.io import fs
 from pipeline.io.decode import decode_image
 
@@ -85,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError('--classes is empty: give comma-separated class names, e.g. --classes "cat, dog"')
         cfg = dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, classes=classes))
     meta = model_meta(cfg.model.name, cfg.storage_options)
-    if args.head is not None or sets_key(overrides, "head.name"):
-        check_head_named(cfg, meta)  # before any image is read or the model loads
+    check_head_named(cfg, meta)  # before any image is read or the model loads
     trained = meta.get("vocabulary")  # a student's own classes
     vocab = resolve_vocabulary(cfg.vocab, storage_options=cfg.storage_options, trained=trained)
     paths = list(dict.fromkeys(paths))  # an image named twice is labelled once

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     file, overrides = split_config_args(args)
     cfg = load_config(file, overrides)
-    check_head_override(cfg, overrides)  # the cluster reads the overrides as a file: checked here
+    check_head_override(cfg)  # the cluster reads the overrides as a file: checked here
     if not cfg.input or not cfg.output:
         raise ValueError("the config needs `input` and `output` (shard URLs the cluster can read, an output URL)")
     public = public_config(cfg)

@@ -61,9 +61,13 @@ class StudentCfg:
     tau: float = 0.07  # temperature of the score map: its auxiliary loss, and its mix of text embeddings into the FPN
 
 
+DEFAULT_HEAD = "maskclip"  # the head of models without one of their own (plain CLIP)
+
+
 @dataclass(frozen=True, slots=True)
 class HeadCfg:
-    name: str = "maskclip"  # a name from pipeline.models.heads.list_heads()
+    name: str | None = None  # a name from pipeline.models.heads.list_heads(); null = the model's own head
+    #   (a fine-tuned student's, named by its meta.json), else DEFAULT_HEAD
     options: dict[str, Any] = field(default_factory=dict)  # keyword options of that head (e.g. ks_thresh)
 
 
@@ -159,14 +163,6 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         hint = f" (a list is [a, b]; a string that starts with {{ or [ needs quotes: {key}='\"{raw}\"')"
         _set_dotted(data, key.strip(), _yaml(raw, f"override {item!r}", hint) if raw.strip() else "")
     return from_dict(cls, data)
-
-
-def sets_key(overrides: list[str] | tuple[str, ...], key: str) -> bool:
-    """Whether `a.b=value` overrides (as `load_config` takes them) set dotted `key` themselves or through
-    a section above it (`head={name: x}` sets `head.name`)."""
-    parts = key.split(".")
-    given = {".".join(parts[: i + 1]) for i in range(len(parts))}
-    return any(item.partition("=")[0].strip() in given for item in overrides)
 
 
 def _yaml(text: str, where: str, hint: str = "") -> Any:
@@ -326,6 +322,10 @@ def dump_yaml(cfg: Any) -> str:
 def config_hash(cfg: RunCfg) -> str:
     """Hash of everything that decides what a run writes (input, model, head, vocabulary, ...)."""
     data = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_KEYS}
+    if data["head"]["name"] is None:
+        # Unnamed and DEFAULT_HEAD label alike (a model with a head of its own refuses any other), and
+        # outputs written while DEFAULT_HEAD was the default keep their hash, so they still resume.
+        data["head"]["name"] = DEFAULT_HEAD
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

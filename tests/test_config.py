@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.cli import main
-from pipeline.config import ConfigError, RunCfg, config_hash, diff_keys, dump_yaml, load_config, sets_key
+from pipeline.config import DEFAULT_HEAD, ConfigError, RunCfg, config_hash, diff_keys, dump_yaml, load_config
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -64,11 +64,14 @@ def test_a_choice_of_numbers_takes_exactly_one_of_them():
             load_config(None, [f"student.fpn_levels={text}"], cls=FinetuneCfg)
 
 
-def test_an_override_sets_a_key_by_its_name_or_a_section_above_it():
-    assert sets_key(["head.name=naclip"], "head.name") and sets_key([" head.name =naclip"], "head.name")
-    assert sets_key(["head={name: naclip}"], "head.name")  # the whole section, as load_config reads it
-    assert not sets_key(["head.options={ks_thresh: 1}", "model.name=x", "headx.name=y"], "head.name")
-    assert not sets_key([], "head.name")
+def test_an_unnamed_head_hashes_as_the_default_head():
+    # Labels of an unnamed head and of DEFAULT_HEAD are alike, and outputs written while the default
+    # was DEFAULT_HEAD by name must keep their hash to resume (pipeline.outputs).
+    unnamed = load_config(None, ["head.name=null"])
+    assert unnamed.head.name is None and unnamed == RunCfg()
+    assert config_hash(unnamed) == config_hash(load_config(None, [f"head.name={DEFAULT_HEAD}"]))
+    assert config_hash(unnamed) != config_hash(load_config(None, ["head.name=naclip"]))
+    assert unnamed.head.name is None  # the hash changed nothing in the config
 
 
 def test_dump_roundtrips(tmp_path):

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from jobs.cli import main as cli
-from pipeline.config import ModelCfg, RunCfg
+from pipeline.config import HeadCfg, ModelCfg, RunCfg, load_config
 from pipeline.data.shapeworld_shards import write_dataset
 from pipeline.distribute.train import run_train_workers
 from pipeline.io import fs
@@ -110,6 +110,14 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
     assert cli(["label", *relabel, "head.name=maskclip"]) == 2  # refused before any Ray start
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense label: error:")]
     assert "labels with its own head 'denseclip'" in line and not (tmp_path / "relabelled").exists()
+    named = tmp_path / "named-head.yaml"  # a config file naming a head is refused as the command line is
+    named.write_text(
+        yaml.safe_dump({"input": labelled["shapes"], "output": str(tmp_path / "relabelled")})
+        + "head: {name: maskclip}\n"
+    )
+    assert cli(["label", str(named), student[-1]]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense label: error:")]
+    assert "labels with its own head 'denseclip', not 'maskclip'" in line and not (tmp_path / "relabelled").exists()
     # submit sends the overrides to the cluster inside a file, so it checks them before connecting
     assert cli(["submit", "--address", "http://127.0.0.1:9", *relabel, "head={name: maskclip}"]) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense submit: error:")]
@@ -126,14 +134,20 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
 def test_student_folder_labels_with_its_own_head(trained, labelled, tmp_path):
     vocab = load_vocabulary(f"{labelled['shapes']}/vocabulary.json")
     labeler = DenseLabeler(RunCfg(model=ModelCfg(name=f"{trained['out']}/model")), vocab)
-    assert isinstance(labeler.head, DenseCLIPHead)  # the config kept the default head: the model's own is used
+    assert isinstance(labeler.head, DenseCLIPHead)  # the config names no head: the model's own is used
     assert labeler.head_name == "denseclip"
+    student = ModelCfg(name=f"{trained['out']}/model")
+    with pytest.raises(ValueError, match="labels with its own head 'denseclip', not 'naclip'"):
+        DenseLabeler(RunCfg(model=student, head=HeadCfg("naclip")), vocab)  # what any config file reaches
+    assert DenseLabeler(RunCfg(model=student, head=HeadCfg("denseclip")), vocab).head_name == "denseclip"
     image = np.zeros((40, 56, 3), np.uint8)
     image[10:30, 10:30] = (220, 30, 30)
     (result,) = labeler([image])
     assert result.labels.shape == (40, 56) and int(result.labels.max()) < len(vocab)
     relabelled = str(tmp_path / "relabelled")  # a second round's labels: the run's config names no head
     label_in_process(labelled["shapes"], relabelled, f"model.name={trained['out']}/model")
+    recorded = load_config(f"{relabelled}/_run/config.yaml")  # what `clipdense label` of that file runs
+    assert recorded.head.name is None and DenseLabeler(recorded, vocab).head_name == "denseclip"
     both = [relabelled, labelled["labels"]]
     summary = finetune(finetune_config(both, str(tmp_path / "r2"), "optim.steps=2", "eval.truth="))
     assert summary["teacher"]["head"] == "denseclip"  # what labelled it, not the config's default head

@@ -24,7 +24,8 @@ text classifier of the vocabulary (cached) and the head. For a batch of images i
    and confidences (softmax at `infer.logit_scale`), with background and ignore thresholds.
 
 A model's `meta.json` may name a `head` of its own (a DenseCLIP student exported by the fine-tuning
-job): it replaces the configured head while `head.name` keeps its default.
+job): it labels when `head.name` is left unset (null), and a config that names another head is
+refused, since no other head can label with that model.
 
 Model calibration: a model's `meta.json` may carry `background_offset` (added to
 `vocab.background_offset`), `logit_scale` and `templates` (used while the config keeps the
@@ -36,7 +37,6 @@ calibrated under those settings, so they travel together.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -71,23 +71,10 @@ class DenseResult:
 
 
 def check_head_named(cfg: RunCfg, meta: dict[str, Any]) -> None:
-    """Raise ValueError when `cfg.head`, named on the command line, is not the head that labels with
-    the model: a model with a head of its own (a fine-tuned student) replaces the default head, so
-    naming the default explicitly for such a model would silently be ignored. `meta`: the model's
-    meta.json (`model_meta`), so that the check runs before the model loads."""
-    own = labelling_head_name(cfg.head, meta)
-    if cfg.head.name != own:
-        raise ValueError(
-            f"model {cfg.model.name!r} labels with its own head {own!r}, which replaces the default head "
-            f"{cfg.head.name!r}: name its head instead (--head {own} or head.name={own})"
-        )
-
-
-@functools.cache
-def _log_own_head(model: str, own: str, default: str) -> None:
-    # Once per process: a config file that names the default head cannot be told from one that leaves
-    # it out, so the log says which head labels.
-    logger.info("model %s labels with its own head %r, not the default %r", model, own, default)
+    """Raise ValueError when `cfg.head` names another head than the model's own (a fine-tuned student's),
+    the only one that can label with it (`labelling_head_name`). `meta`: the model's meta.json
+    (`model_meta`), so that the check runs before the model loads."""
+    labelling_head_name(cfg.head, meta, cfg.model.name)
 
 
 class DenseLabeler:
@@ -105,14 +92,12 @@ class DenseLabeler:
                 "vocab.background_threshold and vocab.background_offset need a background class: "
                 "set vocab.background words or use a vocabulary with a 'background' id"
             )
-        self.head = create_head(cfg.head.name, **cfg.head.options)  # before the model: a bad head fails fast
-        self.head_name = cfg.head.name
+        if cfg.head.name is not None:  # before the model: a bad head name or option fails fast
+            create_head(cfg.head.name, **cfg.head.options)
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
         meta = self.backbone.meta
-        own = labelling_head_name(cfg.head, meta)
-        if own != cfg.head.name:  # a model with a head of its own (a fine-tuned student)
-            _log_own_head(cfg.model.name, own, cfg.head.name)
-            self.head, self.head_name = create_head(own), own
+        self.head_name = labelling_head_name(cfg.head, meta, cfg.model.name)
+        self.head = create_head(self.head_name, **cfg.head.options)
         self.infer: InferCfg = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
         if spec == PromptCfg().templates and meta.get("templates"):

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.config import HeadCfg
+from pipeline.config import DEFAULT_HEAD, HeadCfg
 
 _BUILDERS: dict[str, Callable[..., Any]] = {}
 
@@ -34,10 +34,23 @@ def head_options(name: str) -> list[str]:
     return list(inspect.signature(_builder(name)).parameters)
 
 
-def labelling_head_name(head: HeadCfg, meta: dict[str, Any]) -> str:
-    """The head that labels with a model: its own (`meta`, its folder's meta.json `head`: a fine-tuned
-    student's) when the config leaves `head` at its default, else `head.name`."""
-    return str(meta["head"]) if meta.get("head") and head == HeadCfg() else head.name
+def labelling_head_name(head: HeadCfg, meta: dict[str, Any], model: str = "") -> str:
+    """The head that labels with a model: `head.name` when the config names one, else the model's own
+    (`meta`, its folder's meta.json `head`: a fine-tuned student's), else `DEFAULT_HEAD`.
+
+    Raises:
+        ValueError: the config names another head than the model's own, which is the only one that
+            can label with it; the message names the model (`model`) and both heads.
+    """
+    own = str(meta["head"]) if meta.get("head") else None
+    if head.name is None:
+        return own or DEFAULT_HEAD
+    if own is not None and head.name != own:
+        raise ValueError(
+            f"model {model or 'folder'!r} labels with its own head {own!r}, not {head.name!r}: name its head "
+            f"(--head {own} or head.name={own}) or leave head.name unset (null)"
+        )
+    return head.name
 
 
 def create_head(name: str, **options: Any) -> Any:

@@ -3,8 +3,8 @@
 Unlike the training-free heads it has weights of its own: the model folder (`model.name=FOLDER_OR_URL`,
 as `clipdense finetune` exports it) holds the CLIP weights in `weights.safetensors`, the student's in
 `student.safetensors`, and in `meta.json` `"head": "denseclip"` with the student's options. The engine
-uses a model's own head whenever the config leaves `head.name` at its default, so such a folder labels
-with this head without naming it. Class names are prompted with the learned contexts (the prompt
+uses a model's own head whenever the config leaves `head.name` unset (null, the default), so such a
+folder labels with this head without naming it, and refuses any other head named for it. Class names are prompted with the learned contexts (the prompt
 templates are not used); the scores are cosine similarities at the student's output stride
 (`DenseCLIP.stride` input pixels per cell: with a ViT, its step over 4, 2 or 1 for four, three or two
 FPN levels), which the engine upsamples like any head's.
