@@ -29,7 +29,11 @@ machine as the actors do (their passes overlap but are not synchronised); their 
 and the best of `--repeats` passes is shown. Each run of the job is followed by one such pass, and
 `*_over_labeler` is the median over the runs of the job's rate over the labelers' right after it
 (`*_over_labeler_runs`, each run's): a machine whose speed drifts (a shared VM) slows both sides of
-one ratio alike. It is what reading and writing cost a pool of one-thread actors, the default of
+one ratio alike. `model_slowdown_in_actors` is the labeler's seconds per image inside the actors (the
+markers' `infer_s`, wall time) over its seconds per image in the labelers' pass after the run
+(median of runs). The actor's reader and writer threads run on the model's core while its calls
+are under way, so their CPU time (`side_cpu_ms_per_image`) counts in it; beyond that, it is what
+sharing the core costs the model itself (caches, switches). It is what reading and writing cost a pool of one-thread actors, the default of
 `clipdense label` on a CPU machine (one per core). The in-process figures above are one worker that
 owns every core.
 
@@ -141,6 +145,7 @@ def on_ray(cfg, actors: list[int], out: Path, urls: list[str], repeats: int) -> 
             distribute = dataclasses.replace(cfg.distribute, num_actors=n, num_cpus=1.0)
             report[n] = {"summary_img_per_s": 0.0, "steady_img_per_s": 0.0, "labeler_img_per_s": 0.0}
             ratios: dict[str, list[float]] = {"summary": [], "steady": []}
+            slowdowns: list[float] = []
             for repeat in range(repeats):  # job and labelers take turns, so drift hits both
                 run = dataclasses.replace(cfg, output=str(out / f"ray-{n}-{repeat}"), distribute=distribute)
                 rates = {
@@ -151,9 +156,12 @@ def on_ray(cfg, actors: list[int], out: Path, urls: list[str], repeats: int) -> 
                 report[n] = {k: max(v, rates[k]) for k, v in report[n].items()}
                 for rate, runs in ratios.items():
                     runs.append(round(rates[f"{rate}_img_per_s"] / rates["labeler_img_per_s"], 3))
+                slowdowns.append(round(_model_s_per_image(run.output) * rates["labeler_img_per_s"] / n, 3))
             for rate, runs in ratios.items():
                 report[n][f"{rate}_over_labeler"] = round(statistics.median(runs), 3)
                 report[n][f"{rate}_over_labeler_runs"] = runs
+            report[n]["model_slowdown_in_actors"] = round(statistics.median(slowdowns), 3)
+            report[n]["model_slowdown_in_actors_runs"] = slowdowns
     finally:
         ray.shutdown()
     if 1 in report:
@@ -182,6 +190,12 @@ def _steady_rate(output: str) -> float:
         images, seconds = per_actor.setdefault(data["stats"]["pid"], [0.0, 0.0])
         per_actor[data["stats"]["pid"]] = [images + data["ok"], seconds + data["stats"]["wall_s"]]
     return round(sum(images / seconds for images, seconds in per_actor.values()), 3)
+
+
+def _model_s_per_image(output: str) -> float:
+    """The labeler's seconds per image inside the actors (`infer_s` over `ok` of every commit marker)."""
+    markers = [json.loads(marker.read_text()) for marker in Path(output, "_commits").glob("*.json")]
+    return sum(m["stats"]["infer_s"] for m in markers) / sum(m["ok"] for m in markers)
 
 
 def main() -> int:

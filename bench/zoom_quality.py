@@ -25,7 +25,7 @@ import time
 
 import yaml
 
-from pipeline.config import DEFAULT_HEAD, RunCfg, ZoomCfg, from_dict, to_dict
+from pipeline.config import RunCfg, ZoomCfg, from_dict, to_dict
 
 SMALL_GAIN_TARGET = 0.15  # relative gain of the mean small-object IoU that zoom-in must bring
 BASELINE = "no zoom"
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = {BASELINE: _img_per_s(labeler, images, args.batch_size)}
     speed |= {spec: _img_per_s(zoom, images, args.batch_size) for spec, zoom in variants.items()}
     figures = _figures(rows, speed)
-    _print(figures, cfg, args, labeler.backbone.pretrained or "random init")
+    _print(figures, cfg, args, labeler.backbone.pretrained or "random init", labeler.head_name)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": " ".join(sys.argv), "figures": figures, "report": report}, f, indent=1)
@@ -119,8 +119,7 @@ def _figures(rows: dict, speed: dict) -> dict:
     return out
 
 
-def _print(figures: dict, cfg: RunCfg, args: argparse.Namespace, weights: str) -> None:
-    head = cfg.head.name or f"the model's own, else {DEFAULT_HEAD}"
+def _print(figures: dict, cfg: RunCfg, args: argparse.Namespace, weights: str, head: str) -> None:
     print(
         f"{args.images} held-out small-object scenes ({args.size} px, seed {args.seed}); model {cfg.model.name} "
         f"(weights: {weights}), head {head}"

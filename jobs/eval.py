@@ -109,13 +109,13 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
     from pipeline.eval.diagnostics import DEFAULT_TOP_K
     from pipeline.eval.evaluate import evaluate_labelers
     from pipeline.models.backbone import model_meta
-    from pipeline.stages.infer import DenseLabeler, check_head_named
+    from pipeline.stages.infer import DenseLabeler, check_head
     from pipeline.stages.zoom import ZoomLabeler
 
     so = cfg.storage_options or None
     vocab = _labeler_vocab(cfg, truth.vocab)
     shifts = _shifts(args.offsets) if args.offsets else DEFAULT_SHIFTS  # checked before the model loads
-    check_head_named(cfg, model_meta(cfg.model.name, so))
+    check_head(cfg, model_meta(cfg.model.name, so))
     labeler = DenseLabeler(cfg, vocab, so)
     if args.calibrate_background:
         report = calibrate_background_offset(labeler, truth, labeler.background_offset, shifts, cfg.infer.batch_size)

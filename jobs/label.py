@@ -51,20 +51,21 @@ def split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def check_head_override(cfg: RunCfg) -> None:
-    """Raise ValueError (`pipeline.stages.infer.check_head_named`) when the config names another head
-    than the model's own (a fine-tuned student's), before any Ray start. Reads the model's meta.json
-    only when a head is named; a model this machine cannot reach (the cluster may) is left to the
-    workers, which refuse the same way."""
-    if cfg.head.name is None:
+    """Raise ValueError (`pipeline.stages.infer.check_head`) before any Ray start when the config's
+    head cannot label with its model: an unknown head or option, or another head than the model's own
+    (a fine-tuned student's). Reads the model's meta.json only when the config names a head or head
+    options; a model this machine cannot reach (the cluster may) is left to the workers, which refuse
+    the same way."""
+    if not cfg.head.name and not cfg.head.options:
         return
     from pipeline.models.backbone import model_meta
-    from pipeline.stages.infer import check_head_named
+    from pipeline.stages.infer import check_head
 
     try:
         meta = model_meta(cfg.model.name, cfg.storage_options)
     except (ValueError, OSError):
         return
-    check_head_named(cfg, meta)
+    check_head(cfg, meta)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ class IntermixedParser(argparse.ArgumentParser):
 def run(args: argparse.Namespace) -> int:
     from pipeline.models.backbone import model_meta
     from pipeline.review.overlay import overlay
-    from pipeline.stages.infer import DenseLabeler, check_head_named
+    from pipeline.stages.infer import DenseLabeler, check_head
     from pipeline.stages.zoom import ZoomLabeler
     from pipeline.vocab import resolve_vocabulary
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError('--classes is empty: give comma-separated class names, e.g. --classes "cat, dog"')
         cfg = dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, classes=classes))
     meta = model_meta(cfg.model.name, cfg.storage_options)
-    check_head_named(cfg, meta)  # before any image is read or the model loads
+    check_head(cfg, meta)  # before any image is read or the model loads
     trained = meta.get("vocabulary")  # a student's own classes
     vocab = resolve_vocabulary(cfg.vocab, storage_options=cfg.storage_options, trained=trained)
     paths = list(dict.fromkeys(paths))  # an image named twice is labelled once

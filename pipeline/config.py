@@ -66,8 +66,8 @@ DEFAULT_HEAD = "maskclip"  # the head of models without one of their own (plain 
 
 @dataclass(frozen=True, slots=True)
 class HeadCfg:
-    name: str | None = None  # a name from pipeline.models.heads.list_heads(); null = the model's own head
-    #   (a fine-tuned student's, named by its meta.json), else DEFAULT_HEAD
+    name: str | None = None  # a name from pipeline.models.heads.list_heads(); null or "" = the model's own
+    #   head (a fine-tuned student's, named by its meta.json), else DEFAULT_HEAD
     options: dict[str, Any] = field(default_factory=dict)  # keyword options of that head (e.g. ks_thresh)
 
 
@@ -322,7 +322,7 @@ def dump_yaml(cfg: Any) -> str:
 def config_hash(cfg: RunCfg) -> str:
     """Hash of everything that decides what a run writes (input, model, head, vocabulary, ...)."""
     data = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_KEYS}
-    if data["head"]["name"] is None:
+    if not data["head"]["name"]:
         # Unnamed and DEFAULT_HEAD label alike (a model with a head of its own refuses any other), and
         # outputs written while DEFAULT_HEAD was the default keep their hash, so they still resume.
         data["head"]["name"] = DEFAULT_HEAD

@@ -19,7 +19,17 @@ from typing import Any
 import yaml
 
 from pipeline import schema
-from pipeline.config import EXECUTION_KEYS, RunCfg, config_hash, diff_keys, dump_yaml, from_dict, hide_secrets
+from pipeline.config import (
+    DEFAULT_HEAD,
+    EXECUTION_KEYS,
+    HeadCfg,
+    RunCfg,
+    config_hash,
+    diff_keys,
+    dump_yaml,
+    from_dict,
+    hide_secrets,
+)
 from pipeline.io import fs
 from pipeline.vocab import Vocabulary
 
@@ -42,7 +52,8 @@ def public_config(cfg: RunCfg) -> RunCfg:
 
 
 def canonical_config(cfg: RunCfg) -> RunCfg:
-    """`cfg` with the local paths it names spelled one way: absolute and normalised, `file://` dropped.
+    """`cfg` with the local paths it names spelled one way: absolute and normalised, `file://` dropped;
+    and `head.name` of `DEFAULT_HEAD` without options as unset, which labels alike.
 
     `data/shards`, `./data/shards/` and `/home/me/data/shards` name the same input from the same
     folder, so they are one run: a resume compares what a config means, not how it was spelled.
@@ -60,6 +71,7 @@ def canonical_config(cfg: RunCfg) -> RunCfg:
         model=model,
         vocab=dataclasses.replace(cfg.vocab, file=_local_path(cfg.vocab.file) if cfg.vocab.file else ""),
         prompts=dataclasses.replace(cfg.prompts, templates=_existing_path(cfg.prompts.templates)),
+        head=_default_head_unset(cfg).head,
     )
 
 
@@ -115,9 +127,18 @@ def _prepare(cfg: RunCfg, vocab: Vocabulary, overwrite: bool) -> set[str]:
 
 
 def read_run_config(output: str, storage_options: dict | None = None) -> RunCfg:
-    """The config an output was started with (`_run/config.yaml`)."""
+    """The config an output was started with (`_run/config.yaml`).
+
+    A recorded `head.name` of `DEFAULT_HEAD` (or "") without options is read as unset (null): releases before
+    `head.name` could be null recorded it for every run, a student's included, whose own head labelled;
+    for any other model the two label alike."""
     text = fs.read_text(fs.join(output, schema.CONFIG_FILE), storage_options)
-    return from_dict(RunCfg, yaml.safe_load(text) or {}, schema.CONFIG_FILE)
+    return _default_head_unset(from_dict(RunCfg, yaml.safe_load(text) or {}, schema.CONFIG_FILE))
+
+
+def _default_head_unset(cfg: RunCfg) -> RunCfg:
+    unset = not cfg.head.options and cfg.head.name in ("", DEFAULT_HEAD)
+    return dataclasses.replace(cfg, head=HeadCfg()) if unset else cfg
 
 
 def recorded_storage_options(output: str, storage_options: dict | None = None) -> dict[str, Any]:

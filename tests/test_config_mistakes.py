@@ -12,7 +12,7 @@ import pytest
 from pipeline import schema
 from pipeline.config import ConfigError, load_config
 from pipeline.io import fs
-from pipeline.outputs import OutputConflict, prepare_output, remove_temporaries, write_vocabulary
+from pipeline.outputs import OutputConflict, prepare_output, read_run_config, remove_temporaries, write_vocabulary
 from pipeline.stages.write import LabelShardSink, RowContext
 from pipeline.vocab import Vocabulary, load_vocabulary, resolve_vocabulary
 
@@ -107,6 +107,22 @@ def test_relative_and_absolute_spellings_of_the_same_input_are_one_run(tmp_path,
         assert prepare_output(load_config(None, [*overrides, f"output={out}"]), vocab) == set()
     with pytest.raises(OutputConflict, match="differing keys: input"):
         prepare_output(load_config(None, ["input=data/s-1.tar", "vocab.file=vocab.txt", f"output={out}"]), vocab)
+
+
+def test_a_run_recorded_with_the_default_head_by_name_reads_back_unnamed_and_resumes(tmp_path):
+    # Releases before head.name could be null recorded `maskclip` for every run, a student's included.
+    vocab = Vocabulary.from_entries(["cat", "dog"])
+    out = str(tmp_path / "out")
+    recorded = load_config(None, ["input=s.tar", f"output={out}", "head.name=maskclip"])
+    assert prepare_output(recorded, vocab) == set()  # writes _run/config.yaml naming the head
+    assert "name: maskclip" in (tmp_path / "out" / schema.CONFIG_FILE).read_text()
+    assert read_run_config(out) == load_config(None, ["input=s.tar", f"output={out}"])  # head.name: null
+    assert prepare_output(load_config(None, ["input=s.tar", f"output={out}"]), vocab) == set()  # resumes
+    with pytest.raises(OutputConflict, match=r"\(differing keys: infer.crop\)"):
+        prepare_output(load_config(None, ["input=s.tar", f"output={out}", "infer.crop=64"]), vocab)
+    naclip = load_config(None, ["input=s.tar", f"output={tmp_path}/naclip", "head.name=naclip"])
+    prepare_output(naclip, vocab)
+    assert read_run_config(naclip.output).head.name == "naclip"  # another head is kept as named
 
 
 def test_a_commit_that_fails_half_way_leaves_no_final_names(tmp_path):

@@ -104,7 +104,11 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
     for head in (["--head", "maskclip"], ["head.name=maskclip"]):  # the option, or as an override
         assert cli(["segment", str(image), *head, *student]) == 2
         (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense segment: error:")]
-        assert "labels with its own head 'denseclip'" in line and "(--head denseclip or head.name=denseclip)" in line
+        assert "labels with its own head 'denseclip'" in line and "leave head.name unset (null)" in line
+    capsys.readouterr()
+    assert cli(["segment", str(image), "head.options={ks_thresh: 0.5}", *student]) == 2  # options of maskclip
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense segment: error:")]
+    assert "head 'denseclip' has no option 'ks_thresh'; allowed: none" in line
     assert not list(tmp_path.glob("one.*.png"))
     relabel = [f"input={labelled['shapes']}", f"output={tmp_path / 'relabelled'}", student[-1]]
     assert cli(["label", *relabel, "head.name=maskclip"]) == 2  # refused before any Ray start

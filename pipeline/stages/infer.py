@@ -70,11 +70,11 @@ class DenseResult:
     confidence: np.ndarray  # (H, W) float32 in [0, 1]: max class probability
 
 
-def check_head_named(cfg: RunCfg, meta: dict[str, Any]) -> None:
-    """Raise ValueError when `cfg.head` names another head than the model's own (a fine-tuned student's),
-    the only one that can label with it (`labelling_head_name`). `meta`: the model's meta.json
-    (`model_meta`), so that the check runs before the model loads."""
-    labelling_head_name(cfg.head, meta, cfg.model.name)
+def check_head(cfg: RunCfg, meta: dict[str, Any]) -> None:
+    """Raise ValueError when `cfg.head` cannot label with the model: an unknown head or head option, or
+    another head than the model's own (a fine-tuned student's, `labelling_head_name`). `meta`: the
+    model's meta.json (`model_meta`), so that the check runs before the model loads."""
+    create_head(labelling_head_name(cfg.head, meta, cfg.model.name), **cfg.head.options)
 
 
 class DenseLabeler:
@@ -92,7 +92,7 @@ class DenseLabeler:
                 "vocab.background_threshold and vocab.background_offset need a background class: "
                 "set vocab.background words or use a vocabulary with a 'background' id"
             )
-        if cfg.head.name is not None:  # before the model: a bad head name or option fails fast
+        if cfg.head.name:  # before the model: a bad head name or option fails fast
             create_head(cfg.head.name, **cfg.head.options)
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
         meta = self.backbone.meta

@@ -220,10 +220,9 @@ def labelling_head(
     run: int, units: Sequence[Unit], runs: Sequence[LabelRun], storage_options: dict | None = None
 ) -> str:
     """The dense head that labelled run `run` (an index into `runs`), from the Parquet rows of its first
-    shard among `units` that has rows (runs of earlier releases may record a config naming another head
-    than the student folder's own that labelled). When no shard has rows, the head its config and
-    model select (`labelling_head_name`), or the config's ("" when it names none) when the model can
-    no longer be found."""
+    shard among `units` that has rows. When no shard has rows, the head its config and model select
+    (`labelling_head_name`), or the config's ("" when it names none) when the model can no longer be
+    found."""
     for unit in units:
         if run in unit.runs and unit.samples:
             heads = _columns(runs[run].output, unit.shard, ["head"], storage_options)[0]
@@ -232,7 +231,7 @@ def labelling_head(
     config = runs[run].config
     try:
         return labelling_head_name(
-            config.head, model_meta(config.model.name, config.storage_options or storage_options)
+            config.head, model_meta(config.model.name, config.storage_options or storage_options), config.model.name
         )
     except ValueError:  # a student folder since removed: nothing of the run is read anyway
         return config.head.name or ""

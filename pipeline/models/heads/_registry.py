@@ -34,7 +34,7 @@ def head_options(name: str) -> list[str]:
     return list(inspect.signature(_builder(name)).parameters)
 
 
-def labelling_head_name(head: HeadCfg, meta: dict[str, Any], model: str = "") -> str:
+def labelling_head_name(head: HeadCfg, meta: dict[str, Any], model: str) -> str:
     """The head that labels with a model: `head.name` when the config names one, else the model's own
     (`meta`, its folder's meta.json `head`: a fine-tuned student's), else `DEFAULT_HEAD`.
 
@@ -43,12 +43,12 @@ def labelling_head_name(head: HeadCfg, meta: dict[str, Any], model: str = "") ->
             can label with it; the message names the model (`model`) and both heads.
     """
     own = str(meta["head"]) if meta.get("head") else None
-    if head.name is None:
+    if not head.name:
         return own or DEFAULT_HEAD
     if own is not None and head.name != own:
         raise ValueError(
-            f"model {model or 'folder'!r} labels with its own head {own!r}, not {head.name!r}: name its head "
-            f"(--head {own} or head.name={own}) or leave head.name unset (null)"
+            f"model {model!r} labels with its own head {own!r}, not {head.name!r}: leave head.name unset "
+            f"(null), or name that head (head.name={own})"
         )
     return head.name
 
