@@ -1,7 +1,7 @@
 """`clipdense eval`: how good are the labels? mIoU and diagnostics against ground truth, as a table and JSON.
 
     clipdense eval --truth SHARDS_OR_FOLDER --pred RUN_OUTPUT [--json FILE]
-    clipdense eval --truth SHARDS_OR_FOLDER --head NAME [--model M] [--pretrained URL] [--config FILE] [k=v ...]
+    clipdense eval --truth SHARDS_OR_FOLDER [--head NAME] [--model M] [--pretrained URL] [--config FILE] [k=v ...]
     clipdense eval --truth CALIBRATION_SHARDS --head NAME --calibrate-background [k=v ...]
 
 `k=v` overrides set the same config keys as the labeling job (e.g. `infer.short_side=448`).
@@ -16,6 +16,7 @@ import math
 import re
 import sys
 
+from jobs.label import with_head_option
 from pipeline.config import RunCfg, load_config
 from pipeline.eval.truth import TruthSet, open_truth
 from pipeline.io import fs
@@ -38,9 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--vocab", default="", help="class list of the truth (default: found beside it)")
     parser.add_argument("--split", default="", help="VOC-style folder: key list ImageSets/Segmentation/SPLIT.txt")
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--pred", help="output URL of a labeling run (only committed shards are read)")
-    source.add_argument("--head", help="run this dense head on the truth images (pipeline.models.heads)")
+    source.add_argument(
+        "--head",
+        help="run this dense head on the truth images (pipeline.models.heads); without --pred or --head, "
+        "the config's head.name (unset: the model's own, else maskclip)",
+    )
     parser.add_argument("--model", default=None, help="model.name for --head (default: the config's)")
     parser.add_argument("--pretrained", default=None, help="model.pretrained for --head (default: the config's)")
     parser.add_argument("--config", default=None, help="run config YAML, as for the labeling job")
@@ -98,10 +103,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    extra = [f"head.name={args.head}"] if args.head else []
-    extra += [f"model.name={args.model}"] if args.model is not None else []
+    extra = [f"model.name={args.model}"] if args.model is not None else []
     extra += [f"model.pretrained={args.pretrained}"] if args.pretrained is not None else []
-    return [*args.overrides, *extra]
+    return with_head_option(args.head, [*args.overrides, *extra])
 
 
 def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:

@@ -50,6 +50,17 @@ def split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return file, overrides
 
 
+def with_head_option(head: str | None, overrides: list[str]) -> list[str]:
+    """`overrides` with a command's `--head NAME` added as `head.name=NAME`; a ValueError when the
+    overrides name another head too (a config file's head is overridden, as any key)."""
+    if head is None:
+        return overrides
+    named = load_config(None, overrides).head.name
+    if named and named != head:
+        raise ValueError(f"--head {head} and head.name={named} name different heads: give one")
+    return [*overrides, f"head.name={head}"]
+
+
 def check_head_override(cfg: RunCfg) -> None:
     """Raise ValueError (`pipeline.stages.infer.check_head`) before any Ray start when the config's
     head cannot label with its model: an unknown head or option, or another head than the model's own

@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image
 
+from jobs.label import with_head_option
 from pipeline.config import load_config
 from pipeline.io import fs
 from pipeline.io.decode import decode_image
@@ -74,11 +75,9 @@ def run(args: argparse.Namespace) -> int:
     paths = [item for item in args.items if not _OVERRIDE.match(item)]
     if not paths:
         raise ValueError("no image given")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, with_head_option(args.head, overrides))
     model = {k: v for k, v in (("name", args.model), ("pretrained", args.pretrained)) if v is not None}
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
-    if args.head is not None:
-        cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, name=args.head))
     if args.classes is not None:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
         if not classes:
@@ -87,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
     meta = model_meta(cfg.model.name, cfg.storage_options)
     check_head(cfg, meta)  # before any image is read or the model loads
     trained = meta.get("vocabulary")  # a student's own classes
+    if not (trained or cfg.vocab.classes or cfg.vocab.file):
+        raise ValueError(
+            f'model {cfg.model.name!r} knows no classes of its own: name them, e.g. --classes "cat, dog" '
+            "(or vocab.classes, vocab.file)"
+        )
     vocab = resolve_vocabulary(cfg.vocab, storage_options=cfg.storage_options, trained=trained)
     paths = list(dict.fromkeys(paths))  # an image named twice is labelled once
     stems = dict(zip(paths, output_stems(paths), strict=True))

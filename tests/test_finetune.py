@@ -92,6 +92,10 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
     scored = json.loads(report.read_text())
     assert scored["mIoU"] == pytest.approx(trained["summary"]["mIoU"], abs=1e-6)
     assert scored["predictions"]["head"] == "denseclip"
+    unnamed = tmp_path / "unnamed.json"  # no head named: the student's own, as label and segment do
+    no_head = ["eval", "--truth", labelled["shapes"], "--no-random-baseline", "--json", str(unnamed)]
+    assert cli([*no_head, f"model.name={trained['out']}/model"]) == 0
+    assert json.loads(unnamed.read_text())["mIoU"] == scored["mIoU"]
     # The default head (maskclip) named explicitly: a student folder's own head would replace it, so it is refused.
     args[args.index("denseclip")] = "maskclip"
     capsys.readouterr()
@@ -104,7 +108,7 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
     for head in (["--head", "maskclip"], ["head.name=maskclip"]):  # the option, or as an override
         assert cli(["segment", str(image), *head, *student]) == 2
         (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense segment: error:")]
-        assert "labels with its own head 'denseclip'" in line and "leave head.name unset (null)" in line
+        assert "labels with its own head 'denseclip'" in line and "name no head (head.name unset or null)" in line
     capsys.readouterr()
     assert cli(["segment", str(image), "head.options={ks_thresh: 0.5}", *student]) == 2  # options of maskclip
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipdense segment: error:")]

@@ -145,6 +145,7 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
         inputs = _input_samples(f"{s3_root}/in/{name}.tar", options)
         rows = read_rows(cfg.output, name, options)
         assert [r["key"] for r in rows] == [s.key for s in inputs]  # exactly one row per sample, in order
+        assert {r["head"] for r in rows} == {summary["head"]} == {"maskclip"}  # no head named: the default
         members = read_labels(cfg.output, name, options)
         for sample, row in zip(inputs, rows, strict=True):
             if isinstance(sample, SampleError):

@@ -38,6 +38,8 @@ def test_segment_writes_a_label_map_and_an_overlay(tmp_path, image_path, capsys)
         (["IMG", "--classes", "cat"], "the vocabulary has one class ('cat')"),
         (["IMG", "--classes", "cat, dog", "--head", "segformer"], "unknown head 'segformer'"),
         (["IMG", "--classes", "cat, dog", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["IMG"], 'knows no classes of its own: name them, e.g. --classes "cat, dog"'),
+        (["IMG", "--classes", "cat, dog", "--head", "naclip", "head.name=sclip"], "--head naclip and head.name=sclip"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(tmp_path, image_path, capsys, args, reason):

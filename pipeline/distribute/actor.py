@@ -34,7 +34,8 @@ class LabelActor:
         self.worker = ShardLabeler(cfg, vocab)
 
     def describe(self) -> dict[str, Any]:
-        """Where this worker runs and what it labels with (the run's `_run/vocabulary.json` extras).
+        """Where this worker runs and what it labels with: the head (the model's own when the config names
+        none), the run's `_run/vocabulary.json` extras.
         `torch_threads` is its CPU thread pool: Ray sets an actor's OMP_NUM_THREADS to its CPUs unless
         the driver's environment sets it."""
         import torch
@@ -46,6 +47,7 @@ class LabelActor:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": str(dense.device),
+            "head": dense.head_name,
             "precision": describe_precision(dense.cfg.model.precision, dense.device, dense.backbone.dtype),
             "torch_threads": torch.get_num_threads(),
             "templates": list(dense.templates),

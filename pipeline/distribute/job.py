@@ -9,7 +9,8 @@ a SIGINT/SIGTERM stopped the run (1 for a stop requested from code).
 The summary describes the whole output for this input, not only this invocation: its sample counts
 and errors add up the commit markers of every committed input shard, those of earlier runs included,
 so after a resume it still reports the failed rows an earlier run wrote. What this invocation did is
-under `labelled_now`, `retries`, `images_per_s` and `seconds_by_phase`; `precision` per actor (what
+under `labelled_now`, `retries`, `images_per_s` and `seconds_by_phase`; `head`, the head that
+labelled (the model's own when the config names none; null when no model started); `precision` per actor (what
 `model.precision` became, and the probe's rates when `auto` chose on a CPU), and under `actors` each
 one's `torch_threads`.
 """
@@ -146,8 +147,8 @@ def run_label_job(cfg: RunCfg, overwrite: bool = False, stop: StopRequest | None
 def _vocabulary_writer(cfg: RunCfg, vocab: Vocabulary):
     def on_ready(info: dict[str, Any]) -> None:
         logger.info(
-            "model ready on %s (%s, precision %s, %d torch threads)",
-            *(info[k] for k in ("host", "device", "precision", "torch_threads")),
+            "model ready on %s (head %s, %s, precision %s, %d torch threads)",
+            *(info[k] for k in ("host", "head", "device", "precision", "torch_threads")),
         )
         write_vocabulary(cfg.output, vocab, info["templates"], info["text_embedding_sha256"], cfg.storage_options)
 
@@ -192,6 +193,7 @@ def summarize(
     return {
         "output": cfg.output,
         "config_hash": config_hash(cfg),
+        "head": pool.actor_info[0]["head"] if pool.actor_info else None,  # what labelled, named or not
         "exit_code": exit_code,
         "interrupted": pool.interrupted,
         "shards": {

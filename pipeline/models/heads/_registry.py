@@ -47,8 +47,8 @@ def labelling_head_name(head: HeadCfg, meta: dict[str, Any], model: str) -> str:
         return own or DEFAULT_HEAD
     if own is not None and head.name != own:
         raise ValueError(
-            f"model {model!r} labels with its own head {own!r}, not {head.name!r}: leave head.name unset "
-            f"(null), or name that head (head.name={own})"
+            f"model {model!r} labels with its own head {own!r}, not {head.name!r}: name no head (head.name "
+            f"unset or null) or {own!r}"
         )
     return head.name
 
