@@ -2,7 +2,10 @@
 
     clipdense eval --truth SHARDS_OR_FOLDER --pred RUN_OUTPUT [--json FILE]
     clipdense eval --truth SHARDS_OR_FOLDER [--head NAME] [--model M] [--pretrained URL] [--config FILE] [k=v ...]
-    clipdense eval --truth CALIBRATION_SHARDS --head NAME --calibrate-background [k=v ...]
+    clipdense eval --truth CALIBRATION_SHARDS [--head NAME] --calibrate-background [k=v ...]
+
+Without `--pred`, a head runs on the fly: `--head`, else the config's `head.name` (unset: the model's
+own head, a fine-tuned student's, else maskclip).
 
 `k=v` overrides set the same config keys as the labeling job (e.g. `infer.short_side=448`).
 """
@@ -30,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "eval",
         help="score label maps against ground truth (mIoU, per class, background, small objects)",
-        description="Score a labeling run's output (--pred) or a dense head run on the fly (--head) against "
+        description="Score a labeling run's output (--pred) or a dense head run on the fly (--head, else the "
+        "config's head: the model's own, else maskclip) against "
         "ground truth: shards with seg.png and a vocabulary.json beside them (ShapeWorld), or a VOC-style "
         "folder (JPEGImages/, SegmentationClass/, optional SegmentationObject/, classes.txt).",
     )
@@ -43,11 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--pred", help="output URL of a labeling run (only committed shards are read)")
     source.add_argument(
         "--head",
-        help="run this dense head on the truth images (pipeline.models.heads); without --pred or --head, "
-        "the config's head.name (unset: the model's own, else maskclip)",
+        help="run this dense head on the truth images (pipeline.models.heads), replacing a config file's; "
+        "without --pred or --head, the config's head.name (unset: the model's own, else maskclip)",
     )
-    parser.add_argument("--model", default=None, help="model.name for --head (default: the config's)")
-    parser.add_argument("--pretrained", default=None, help="model.pretrained for --head (default: the config's)")
+    parser.add_argument("--model", default=None, help="model.name of the head run (default: the config's)")
+    parser.add_argument("--pretrained", default=None, help="model.pretrained of the head run (default: the config's)")
     parser.add_argument("--config", default=None, help="run config YAML, as for the labeling job")
     parser.add_argument("--top-k", type=int, default=None, help="classes kept by the top-k diagnostic (default 3)")
     parser.add_argument("--no-random-baseline", action="store_true", help="skip the random-init model baseline")
@@ -85,7 +89,9 @@ def _run(args: argparse.Namespace) -> int:
     truth = open_truth(truth_spec, args.vocab, args.split, so)
     if args.pred:
         if args.zero_shot or args.calibrate_background:
-            raise ValueError("--zero-shot and --calibrate-background need a model: use --head, not --pred")
+            raise ValueError(
+                "--zero-shot and --calibrate-background need a model: drop --pred (a head runs on the fly)"
+            )
         from pipeline.eval.evaluate import evaluate_run_output
         from pipeline.eval.predictions import RunOutputPredictions
 

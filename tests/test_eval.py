@@ -268,6 +268,16 @@ def test_cli_calibrates_the_background_offset_and_writes_the_curve(shapes, tmp_p
     assert "vocab.background_offset=" in capsys.readouterr().out
 
 
+def test_cli_without_a_head_runs_the_configs_and_refuses_two_heads(shapes, tmp_path, capsys):
+    out = tmp_path / "default.json"
+    assert main(["eval", "--truth", shapes, "--no-random-baseline", "--json", str(out), *TINY]) == 0
+    assert json.loads(out.read_text())["predictions"]["head"] == "maskclip"  # unset: the plain model's default
+    capsys.readouterr()
+    assert main(["eval", "--truth", shapes, "--head", "naclip", *TINY, "head.name=sclip"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "--head naclip and head.name=sclip name different heads" in line
+
+
 def test_cli_refuses_model_options_without_a_model(shapes, tmp_path, capsys):
     run = _write_run(str(tmp_path / "run"), shapes, lambda s: _seg(s))
     assert main(["eval", "--truth", shapes, "--pred", run, "--zero-shot", "5"]) == 2

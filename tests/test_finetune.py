@@ -95,6 +95,7 @@ def test_exported_student_evaluates_as_in_the_trainer(trained, labelled, tmp_pat
     unnamed = tmp_path / "unnamed.json"  # no head named: the student's own, as label and segment do
     no_head = ["eval", "--truth", labelled["shapes"], "--no-random-baseline", "--json", str(unnamed)]
     assert cli([*no_head, f"model.name={trained['out']}/model"]) == 0
+    assert json.loads(unnamed.read_text())["predictions"]["head"] == "denseclip"
     assert json.loads(unnamed.read_text())["mIoU"] == scored["mIoU"]
     # The default head (maskclip) named explicitly: a student folder's own head would replace it, so it is refused.
     args[args.index("denseclip")] = "maskclip"
