@@ -197,9 +197,13 @@ _COLUMNS = (
 )
 
 
+def _classes(n: int) -> str:
+    return f"{n} class" if n == 1 else f"{n} classes"
+
+
 def _print_report(report: dict, title: str) -> None:
     print(
-        f"{report['n_images']} images of {report['truth']} ({report['truth_kind']}), {len(report['classes'])} classes"
+        f"{report['n_images']} images of {report['truth']} ({report['truth_kind']}), {_classes(len(report['classes']))}"
     )
     print("\nper-class IoU of " + title)
     absent = 0
@@ -212,7 +216,7 @@ def _print_report(report: dict, title: str) -> None:
             most = f"   most often taken for {taken['class']} ({taken['share']:.2f})" if taken else ""
             print(f"  {name:<28} {_fmt(value)}{most}")
     if absent:
-        print(f"  ({absent} classes in neither truth nor prediction: not scored, left out of the mean)")
+        print(f"  ({_classes(absent)} in neither truth nor prediction: not scored, left out of the mean)")
     rows = {"model": report, **report["baselines"]}
     print(f"\n{'':<16}" + "".join(f"{col:>10}" for col, _ in _COLUMNS))
     for name, summary in rows.items():

@@ -98,3 +98,16 @@ def test_config_show_cli(tmp_path, capsys):
     assert "crop: 224" in shown and "name: shapes-clip" in shown
     assert main(["config", "show", str(path), "infer.crop=big"]) == 2
     assert "infer.crop: expected a whole number, got 'big'" in capsys.readouterr().err
+
+
+def test_a_warmup_as_long_as_the_schedule_is_warned_about(caplog):
+    from pipeline.train.config import FinetuneCfg, check
+
+    short = ["labels=[run]", "output=out", "optim.steps=20"]
+    with caplog.at_level("WARNING"):
+        check(load_config(None, [*short, "optim.warmup=50"], cls=FinetuneCfg))
+    assert "optim.warmup (50) is not shorter than optim.steps (20)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check(load_config(None, [*short, "optim.warmup=10"], cls=FinetuneCfg))
+    assert not caplog.records

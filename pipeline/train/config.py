@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ModelCfg, StudentCfg, to_dict
+
+logger = logging.getLogger(__name__)
 
 # Keys that change how a run executes but never what it computes: a resume may differ in them.
 EXECUTION_KEYS = ("output", "storage_options", "log_every", "checkpoint_every", "eval")
@@ -87,7 +90,7 @@ class FinetuneCfg:
 
 
 def check(cfg: FinetuneCfg) -> None:
-    """ValueError naming the key when a value cannot work."""
+    """ValueError naming the key when a value cannot work; a warning when one works against another."""
     if not cfg.labels:
         raise ValueError("labels is empty: name at least one labeling run's output")
     if not cfg.output:
@@ -95,6 +98,12 @@ def check(cfg: FinetuneCfg) -> None:
     o = cfg.optim
     if o.steps < 1 or o.batch_size < 1 or o.lr <= 0 or o.warmup < 0:
         raise ValueError("optim.steps, optim.batch_size and optim.lr must be positive, optim.warmup >= 0")
+    if o.warmup >= o.steps:
+        logger.warning(
+            "optim.warmup (%d) is not shorter than optim.steps (%d): the learning rate never reaches optim.lr",
+            o.warmup,
+            o.steps,
+        )
     if len(cfg.data.scale) != 2 or not 0 < cfg.data.scale[0] <= cfg.data.scale[1]:
         raise ValueError(f"data.scale must be [low, high] with 0 < low <= high, got {cfg.data.scale}")
     if cfg.checkpoint_every < 1 or cfg.log_every < 1:
