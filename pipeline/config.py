@@ -319,14 +319,19 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(without_secrets(to_dict(cfg), REDACTED), sort_keys=False)
 
 
-def config_hash(cfg: RunCfg) -> str:
-    """Hash of everything that decides what a run writes (input, model, head, vocabulary, ...)."""
+def hashed_fields(cfg: RunCfg) -> dict[str, Any]:
+    """What `config_hash` hashes: the config without `EXECUTION_KEYS`, an unset head as `DEFAULT_HEAD`."""
     data = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_KEYS}
     if not data["head"]["name"]:
         # Unnamed and DEFAULT_HEAD label alike (a model with a head of its own refuses any other), and
         # outputs written while DEFAULT_HEAD was the default keep their hash, so they still resume.
         data["head"]["name"] = DEFAULT_HEAD
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return data
+
+
+def config_hash(cfg: RunCfg) -> str:
+    """Hash of everything that decides what a run writes (input, model, head, vocabulary, ...)."""
+    return hashlib.sha256(json.dumps(hashed_fields(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

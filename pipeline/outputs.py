@@ -21,13 +21,13 @@ import yaml
 from pipeline import schema
 from pipeline.config import (
     DEFAULT_HEAD,
-    EXECUTION_KEYS,
     HeadCfg,
     RunCfg,
     config_hash,
     diff_keys,
     dump_yaml,
     from_dict,
+    hashed_fields,
     hide_secrets,
 )
 from pipeline.io import fs
@@ -52,8 +52,7 @@ def public_config(cfg: RunCfg) -> RunCfg:
 
 
 def canonical_config(cfg: RunCfg) -> RunCfg:
-    """`cfg` with the local paths it names spelled one way: absolute and normalised, `file://` dropped;
-    and `head.name` of `DEFAULT_HEAD` without options as unset, which labels alike.
+    """`cfg` with the local paths it names spelled one way: absolute and normalised, `file://` dropped.
 
     `data/shards`, `./data/shards/` and `/home/me/data/shards` name the same input from the same
     folder, so they are one run: a resume compares what a config means, not how it was spelled.
@@ -71,7 +70,6 @@ def canonical_config(cfg: RunCfg) -> RunCfg:
         model=model,
         vocab=dataclasses.replace(cfg.vocab, file=_local_path(cfg.vocab.file) if cfg.vocab.file else ""),
         prompts=dataclasses.replace(cfg.prompts, templates=_existing_path(cfg.prompts.templates)),
-        head=_default_head_unset(cfg).head,
     )
 
 
@@ -133,10 +131,7 @@ def read_run_config(output: str, storage_options: dict | None = None) -> RunCfg:
     `head.name` could be null recorded it for every run, a student's included, whose own head labelled;
     for any other model the two label alike."""
     text = fs.read_text(fs.join(output, schema.CONFIG_FILE), storage_options)
-    return _default_head_unset(from_dict(RunCfg, yaml.safe_load(text) or {}, schema.CONFIG_FILE))
-
-
-def _default_head_unset(cfg: RunCfg) -> RunCfg:
+    cfg = from_dict(RunCfg, yaml.safe_load(text) or {}, schema.CONFIG_FILE)
     unset = not cfg.head.options and cfg.head.name in ("", DEFAULT_HEAD)
     return dataclasses.replace(cfg, head=HeadCfg()) if unset else cfg
 
@@ -155,7 +150,7 @@ def recorded_storage_options(output: str, storage_options: dict | None = None) -
 
 def _check_same_run(cfg: RunCfg, vocab: Vocabulary, previous: RunCfg) -> None:
     if config_hash(previous) != config_hash(cfg):
-        keys = [k for k in diff_keys(previous, cfg) if k.split(".")[0] not in EXECUTION_KEYS]
+        keys = diff_keys(hashed_fields(previous), hashed_fields(cfg))  # only what the hash sees differ
         raise OutputConflict(
             f"{cfg.output} was written with a different config (differing keys: {', '.join(keys)}); "
             "rerun with --overwrite to replace it, or choose a new output"

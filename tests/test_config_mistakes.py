@@ -12,7 +12,14 @@ import pytest
 from pipeline import schema
 from pipeline.config import ConfigError, load_config
 from pipeline.io import fs
-from pipeline.outputs import OutputConflict, prepare_output, read_run_config, remove_temporaries, write_vocabulary
+from pipeline.outputs import (
+    OutputConflict,
+    canonical_config,
+    prepare_output,
+    read_run_config,
+    remove_temporaries,
+    write_vocabulary,
+)
 from pipeline.stages.write import LabelShardSink, RowContext
 from pipeline.vocab import Vocabulary, load_vocabulary, resolve_vocabulary
 
@@ -118,8 +125,11 @@ def test_a_run_recorded_with_the_default_head_by_name_reads_back_unnamed_and_res
     assert "name: maskclip" in (tmp_path / "out" / schema.CONFIG_FILE).read_text()
     assert read_run_config(out) == load_config(None, ["input=s.tar", f"output={out}"])  # head.name: null
     assert prepare_output(load_config(None, ["input=s.tar", f"output={out}"]), vocab) == set()  # resumes
-    with pytest.raises(OutputConflict, match=r"\(differing keys: infer.crop\)"):
-        prepare_output(load_config(None, ["input=s.tar", f"output={out}", "infer.crop=64"]), vocab)
+    for head in ([], ["head.name=maskclip"]):  # the head, unset or named alike, is not listed
+        with pytest.raises(OutputConflict, match=r"\(differing keys: infer.crop\)"):
+            prepare_output(load_config(None, ["input=s.tar", f"output={out}", "infer.crop=64", *head]), vocab)
+    named = load_config(None, ["input=s.tar", f"output={out}", "head.name=maskclip"])
+    assert canonical_config(named).head.name == "maskclip"  # stays named, so a student model refuses it
     naclip = load_config(None, ["input=s.tar", f"output={tmp_path}/naclip", "head.name=naclip"])
     prepare_output(naclip, vocab)
     assert read_run_config(naclip.output).head.name == "naclip"  # another head is kept as named
