@@ -61,7 +61,7 @@ def with_head_option(head: str | None, overrides: list[str]) -> list[str]:
     return [*overrides, f"head.name={head}"]
 
 
-def check_head_override(cfg: RunCfg) -> None:
+def check_head_before_start(cfg: RunCfg) -> None:
     """Raise ValueError (`pipeline.stages.infer.check_head`) before any Ray start when the config's
     head cannot label with its model: an unknown head or option, or another head than the model's own
     (a fine-tuned student's). Reads the model's meta.json only when the config names a head or head
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     file, overrides = split_config_args(args)
     cfg = load_config(file, overrides)
-    check_head_override(cfg)
+    check_head_before_start(cfg)
     if args.address is not None:  # set as given, not parsed as YAML
         cfg = dataclasses.replace(cfg, distribute=dataclasses.replace(cfg.distribute, address=args.address))
     try:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.label import check_head_override, split_config_args
+from jobs.label import check_head_before_start, split_config_args
 from pipeline.config import dump_yaml, load_config
 from pipeline.outputs import public_config
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     file, overrides = split_config_args(args)
     cfg = load_config(file, overrides)
-    check_head_override(cfg)  # the cluster reads the overrides as a file: checked here
+    check_head_before_start(cfg)  # the cluster reads the overrides as a file: checked here
     if not cfg.input or not cfg.output:
         raise ValueError("the config needs `input` and `output` (shard URLs the cluster can read, an output URL)")
     public = public_config(cfg)

@@ -92,12 +92,12 @@ class DenseLabeler:
                 "vocab.background_threshold and vocab.background_offset need a background class: "
                 "set vocab.background words or use a vocabulary with a 'background' id"
             )
-        if cfg.head.name:  # before the model: a bad head name or option fails fast
-            create_head(cfg.head.name, **cfg.head.options)
+        # A named head is built before the model, so that a bad name or option fails fast.
+        named = create_head(cfg.head.name, **cfg.head.options) if cfg.head.name else None
         self.backbone = backbone or load_backbone(cfg.model, storage_options)
         meta = self.backbone.meta
-        self.head_name = labelling_head_name(cfg.head, meta, cfg.model.name)
-        self.head = create_head(self.head_name, **cfg.head.options)
+        self.head_name = labelling_head_name(cfg.head, meta, cfg.model.name)  # the named one, if allowed
+        self.head = named if named is not None else create_head(self.head_name, **cfg.head.options)
         self.infer: InferCfg = resolve_infer(cfg.infer, meta.get("infer") or {}, self.backbone.name)
         spec = cfg.prompts.templates
         if spec == PromptCfg().templates and meta.get("templates"):
