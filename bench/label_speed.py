@@ -29,13 +29,13 @@ machine as the actors do (their passes overlap but are not synchronised); their 
 and the best of `--repeats` passes is shown. Each run of the job is followed by one such pass, and
 `*_over_labeler` is the median over the runs of the job's rate over the labelers' right after it
 (`*_over_labeler_runs`, each run's): a machine whose speed drifts (a shared VM) slows both sides of
-one ratio alike. `model_slowdown_in_actors` is the labeler's seconds per image inside the actors (the
-markers' `infer_s`, wall time) over its seconds per image in the labelers' pass after the run
-(median of runs). The actor's reader and writer threads run on the model's core while its calls
-are under way, so their CPU time (`side_cpu_ms_per_image`) counts in it; beyond that, it is what
-sharing the core costs the model itself (caches, switches). It is what reading and writing cost a pool of one-thread actors, the default of
-`clipdense label` on a CPU machine (one per core). The in-process figures above are one worker that
-owns every core.
+one ratio alike. That ratio is what reading and writing cost a pool of one-thread actors, the default
+of `clipdense label` on a CPU machine (one per core). `model_slowdown_in_actors` is the labeler's
+seconds per image inside the actors (the markers' `infer_s`, wall time) over its seconds per image
+in the labelers' pass after the run (median of runs). The actor's reader and writer threads run on
+the model's core while its calls are under way, so their CPU time (`side_cpu_ms_per_image`) counts
+in it; beyond that, it is what sharing the core costs the model itself (caches, switches). The
+in-process figures above are one worker that owns every core.
 
     python bench/label_speed.py [--model ViT-B-16] [--size 224] [--batch 8] [--shards 4] [--per-shard 16]
                                 [--repeats 2] [--actors 1 2] [--ray-only] [--dir DIR] [k=v ...]

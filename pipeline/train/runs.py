@@ -233,7 +233,7 @@ def labelling_head(
         return labelling_head_name(
             config.head, model_meta(config.model.name, config.storage_options or storage_options), config.model.name
         )
-    except ValueError:  # a student folder since removed: nothing of the run is read anyway
+    except ValueError:  # a student folder since removed, or a head it refuses: no row of the run is read
         return config.head.name or ""
 
 
