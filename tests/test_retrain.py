@@ -479,3 +479,14 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
         out.stderr.strip().splitlines()[-1]
         == "clipdense retrain: error: retrain config: `truth` (held-out shards that gate publishing) is required"
     )
+
+
+def test_a_wrong_truth_is_refused_before_the_lease_and_the_fine_tune(tmp_path, capsys):
+    cfg = one_run_cfg(str(tmp_path))
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"labels: {cfg.labels}\nmodels: {cfg.models}\ntruth: [{tmp_path}/truth]\n")
+    assert retrain_main([str(config), f"truth=[{tmp_path}/nosuch-truth/]", "finetune.optim.steps=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"clipdense retrain: error: truth: input spec '{tmp_path}/nosuch-truth/' matches no shard"
+    )
+    assert not (tmp_path / "models").exists()  # no lease, no fine-tune output

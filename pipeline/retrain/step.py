@@ -5,7 +5,8 @@ its config that decides the result. It does, in order:
 1. list the committed shards (`watermark`); if there are none yet, or they are what the live
    version was trained on, or this key already finished (published or not), stop: exit 0, nothing
    written;
-2. take the key's lease (`lease`); a live step holding it means stop;
+2. open the truth set (a wrong `truth` fails here, before any lease or training), then take the
+   key's lease (`lease`); a live step holding it means stop;
 3. fine-tune from the live version (the labeler's own CLIP for the first) into `_steps/<key>/train`,
    continuing its student too unless the fine-tune sets `warm_start: false`; a rerun resumes that
    fine-tune from its checkpoint;
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import ModelCfg, to_dict
-from pipeline.eval.truth import open_truth
+from pipeline.eval.truth import TruthSet, open_truth
 from pipeline.io import fs
 from pipeline.outputs import read_run_config
 from pipeline.retrain import lease, score, versions, watermark
@@ -57,7 +58,10 @@ def step_key(cfg: RetrainCfg, mark: watermark.Watermark) -> str:
 def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
     """Run one step (module docstring); return its record. `outcome` is one of: nothing-new,
     already-done, held (another live step has the key), published, not-better, superseded (another
-    step moved `latest` while this one trained), lost-lease (taken for dead while it worked)."""
+    step moved `latest` while this one trained), lost-lease (taken for dead while it worked).
+
+    Raises ConfigError or ValueError naming the key for a bad config, a local `labels` folder that
+    does not exist or a `truth` that holds no truth set, before taking the lease or training."""
     check(cfg)
     so = cfg.storage_options or None
     mark = watermark.current_watermark(cfg.labels, so)
@@ -79,6 +83,8 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
     folder = fs.join(cfg.models, versions.STEPS_DIR, key)
     if fs.exists(fs.join(folder, DONE), so):
         return {**_repair_record(folder, None, so), "outcome": "already-done"}
+    # Opened before the lease and the fine-tune, so a mistyped truth costs neither.
+    truth = _open_truth(cfg.truth, so)
     held = lease.acquire(folder, cfg.lease_seconds, so)
     if held is None:
         return {**record, "outcome": "held", "reason": "another step is working on this key"}
@@ -88,7 +94,7 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
         # The record's URL is fixed before publishing and goes into version.json, so whatever point
         # a kill stops this step at, a later step can write the same record (`_repair_record`).
         record["record"] = versions.record_url(cfg.models, key)
-        record = _train_and_gate(cfg, record, mark, live, held, train)
+        record = _train_and_gate(cfg, record, mark, live, held, train, truth)
         if record["outcome"] == LOST:  # done.json and the training folder are the new holder's
             fs.put_json(record["record"], record, so)
             return record
@@ -121,6 +127,14 @@ def _repair_record(folder: str, published: dict[str, Any] | None, storage_option
     return done
 
 
+def _open_truth(specs: list[str], storage_options: dict | None) -> TruthSet:
+    """The truth set `specs` name; ValueError naming `truth` and the bad spec when it holds no truth."""
+    try:
+        return open_truth(specs, "", "", storage_options)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"truth: {exc}") from exc
+
+
 def _taken_over(held: lease.Lease) -> bool:
     """True once another step took this step's key (its renewals saw it, or a listing does now); a
     listing that fails says no, so a fine-tune's own error is the one raised."""
@@ -141,6 +155,7 @@ def _train_and_gate(
     live: dict | None,
     held: lease.Lease,
     train: Trainer,
+    truth: TruthSet,
 ) -> dict[str, Any]:
     """Fine-tune, score and maybe publish; return `record` completed with what was done and why."""
     so = cfg.storage_options or None
@@ -163,7 +178,6 @@ def _train_and_gate(
     if _taken_over(held):  # a fine-tune that returned when asked to stop
         logger.warning("lost the lease of step %s to another step while fine-tuning; not scoring", key)
         return {**trained, **_LOST}
-    truth = open_truth(cfg.truth, "", "", so)
     candidate = fs.join(out, versions.MODEL_DIR)
     current = live["version"] if live else f"the labeler's {labeler.model.name}"
     scores = {
