@@ -19,6 +19,7 @@ from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.io import fs
 from pipeline.outputs import marker_bytes, read_markers
 from pipeline.retrain import RetrainCfg, lease, retrain_step, versions, watermark
+from pipeline.retrain.config import check
 from pipeline.retrain.step import step_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -490,3 +491,13 @@ def test_a_wrong_truth_is_refused_before_the_lease_and_the_fine_tune(tmp_path, c
         f"clipdense retrain: error: truth: input spec '{tmp_path}/nosuch-truth/' matches no shard"
     )
     assert not (tmp_path / "models").exists()  # no lease, no fine-tune output
+
+
+def test_a_finetune_model_the_step_sets_is_refused_but_its_device_is_not(tmp_path, capsys):
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"labels: [{tmp_path}/labels]\nmodels: {tmp_path}/models\ntruth: [{tmp_path}/truth]\n")
+    assert retrain_main([str(config), "finetune.model.name=ViT-B-16"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "clipdense retrain: error: retrain config: finetune.model.name is set by the step; remove it"
+    )
+    check(step_cfg(str(tmp_path), {}, finetune={"model": {"device": "cpu", "precision": "fp32"}}))

@@ -18,7 +18,7 @@ class RetrainCfg:
     models: str = ""  # where versions are published: vNNNN/, latest.json, records/, _steps/
     truth: list[str] = field(default_factory=list)  # held-out shards with seg.png (+ vocabulary.json): the gate
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for all of the above
-    finetune: dict[str, Any] = field(default_factory=dict)  # fine-tune settings (`clipdense finetune` keys)
+    finetune: dict[str, Any] = field(default_factory=dict)  # `clipdense finetune` keys but those the step sets
     min_gain: float = 0.0  # publish only when the candidate's mIoU beats the live version's by more than this
     gate_first: bool = False  # true: the first version must also beat the labeler's own CLIP to be published
     lease_seconds: float = 300.0  # a step that stops renewing its lease this long is taken to be dead
@@ -39,9 +39,13 @@ def check(cfg: RetrainCfg) -> None:
         raise ValueError("retrain config: `truth` (held-out shards that gate publishing) is required")
     if cfg.lease_seconds <= 0:
         raise ValueError(f"retrain config: lease_seconds must be positive, got {cfg.lease_seconds}")
-    for key in ("labels", "output"):
-        if key in cfg.finetune:
-            raise ValueError(f"retrain config: finetune.{key} is set by the step; remove it")
+    # The step trains on the listed runs into its own folder, from the live version (or the labeler's
+    # model for the first); the model's other keys (device, precision) stay the config's to choose.
+    model = cfg.finetune.get("model")
+    set_by_step = [key for key in ("labels", "output") if key in cfg.finetune]
+    set_by_step += [f"model.{key}" for key in ("name", "pretrained") if isinstance(model, dict) and key in model]
+    if set_by_step:
+        raise ValueError(f"retrain config: finetune.{set_by_step[0]} is set by the step; remove it")
     from pipeline.train.config import FinetuneCfg  # dataclasses only: no torch
 
     # A mistyped fine-tune key fails here, before any listing or training, naming the key.
