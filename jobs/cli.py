@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clipdense {args.command}: error: {exc}", file=sys.stderr)
             return 2
         except Exception as exc:
-            from pipeline.io.fs import credentials_problem
+            from pipeline.io.fs import storage_problem
 
-            if (reason := credentials_problem(exc)) is None:
+            if (reason := storage_problem(exc)) is None:
                 raise
             print(f"clipdense {args.command}: error: {reason}", file=sys.stderr)
             return 2

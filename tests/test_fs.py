@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from faultproxy import Fault, FaultProxy
 
 from pipeline.io import fs
 from pipeline.io.tarwrite import TarShardWriter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _listing(root: str, storage_options: dict | None) -> list[str]:
@@ -206,3 +213,64 @@ def test_a_store_that_stays_busy_is_an_error_not_a_lost_race(s3, s3_root):
 
 def _gets(proxy: FaultProxy, suffix: str) -> int:
     return sum(1 for method, path in proxy.requests if method == "GET" and path.endswith(suffix))
+
+
+@pytest.fixture
+def dead_endpoint() -> Iterator[str]:
+    """A loopback URL where nothing listens: the port stays bound (so no other test takes it) but never
+    listens, so a connection is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("command", ["label", "review", "eval"])
+def test_an_unreachable_endpoint_is_one_line_naming_it_and_exit_2(tmp_path, dead_endpoint, command):
+    """A mistyped or down endpoint, given in storage_options or AWS_ENDPOINT_URL, stops a command
+    before any work with one line naming the endpoint, not botocore's traceback. AWS_MAX_ATTEMPTS=1
+    bounds botocore's retries; s3fs's own (about 2 s of backoff) remain, as for any user."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    args = {
+        "label": [
+            "label",
+            os.devnull,
+            "input=s3://qa-bucket/in",
+            "output=s3://qa-bucket/x",
+            f"storage_options.endpoint_url={dead_endpoint}",
+        ],
+        "review": ["review", "s3://qa-bucket/out2"],
+        "eval": ["eval", "--truth", "s3://qa-bucket/truth", "--pred", "s3://qa-bucket/out"],
+    }[command]
+    if command != "label":
+        env["AWS_ENDPOINT_URL"] = dead_endpoint
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert time.monotonic() - started < 30
+    err = [line for line in done.stderr.strip().splitlines() if " | INFO | " not in line]  # log records
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith(
+        f"clipdense {command}: error: object store endpoint {dead_endpoint} could not be reached ("
+    )
+    assert "AWS_ENDPOINT_URL" in err[0] and "Traceback" not in done.stderr
+
+
+def test_an_unreachable_endpoint_is_named_by_scheme_host_and_port_only():
+    """The endpoint in the message drops a user name, password, path and query the URL may carry."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+    url = "https://me:pw@minio.internal:9000/bkt/key?X-Amz-Signature=abc"
+    for exc in (EndpointConnectionError(endpoint_url=url, error=OSError()), ConnectTimeoutError(endpoint_url=url)):
+        reason = fs.storage_problem(exc)
+        assert reason is not None and reason.startswith("object store endpoint https://minio.internal:9000 could not")
+        assert "pw" not in reason and "bkt" not in reason and "abc" not in reason
+    assert fs.storage_problem(ValueError("not a store error")) is None

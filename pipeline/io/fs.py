@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
@@ -270,18 +271,29 @@ def _replaced_while_read(exc: OSError) -> bool:
     return isinstance(exc, FileExpired)
 
 
-def credentials_problem(exc: BaseException) -> str | None:
-    """A one-line reason when `exc` says the object store found no usable credentials (botocore's
-    "Unable to locate credentials", a missing or partial profile), else None. Such an error is the
-    user's environment, not a fault of the store, so commands report it like bad input."""
+def storage_problem(exc: BaseException) -> str | None:
+    """A one-line reason when `exc` says the object store cannot be used as configured, else None:
+    no usable credentials (botocore's "Unable to locate credentials", a missing or partial profile),
+    or no connection to its endpoint (a mistyped `endpoint_url`, nothing listening, no network). Such
+    an error is the user's environment, not a fault of the store, so commands report it like bad input.
+    The reason names the endpoint's scheme, host and port only: never a key, a query or a user name."""
     try:
         from botocore import exceptions as boto  # only installed with s3fs; imported on this error path alone
     except ImportError:
         return None
     kinds = (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ProfileNotFound, boto.CredentialRetrievalError)
-    if not isinstance(exc, kinds):
-        return None
-    return (
-        f"object storage credentials: {exc} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-        "AWS_PROFILE, or storage_options in the config)"
-    )
+    if isinstance(exc, kinds):
+        return (
+            f"object storage credentials: {exc} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or storage_options in the config)"
+        )
+    if isinstance(exc, (boto.EndpointConnectionError, boto.ConnectTimeoutError)):
+        parts = urlsplit(str(exc.kwargs.get("endpoint_url", "")))
+        endpoint = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        cause = exc.kwargs.get("error")
+        why = getattr(getattr(cause, "os_error", None), "strerror", None) or "no connection"
+        return (
+            f"object store endpoint {endpoint} could not be reached ({why}; check storage_options.endpoint_url "
+            "or AWS_ENDPOINT_URL, and the network)"
+        )
+    return None
