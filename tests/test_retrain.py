@@ -501,3 +501,15 @@ def test_a_finetune_model_the_step_sets_is_refused_but_its_device_is_not(tmp_pat
         "clipdense retrain: error: retrain config: finetune.model.name is set by the step; remove it"
     )
     check(step_cfg(str(tmp_path), {}, finetune={"model": {"device": "cpu", "precision": "fp32"}}))
+
+
+def test_a_bad_finetune_value_is_refused_before_any_listing_or_lease(tmp_path, capsys):
+    cfg = one_run_cfg(str(tmp_path))
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"labels: {cfg.labels}\nmodels: {cfg.models}\ntruth: {cfg.truth}\n")
+    assert retrain_main([str(config), "finetune.data.combine=agreee"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "clipdense retrain: error: retrain config: finetune: data.combine must be one of each, agree, got 'agreee'"
+    )
+    assert not (tmp_path / "models").exists()  # no lease taken
+    check(step_cfg(str(tmp_path), {}, finetune={"data": {"combine": "agree"}}))  # the runs are not listed yet

@@ -30,7 +30,9 @@ EXECUTION_KEYS = ("storage_options", "lease_seconds", "eval_batch_size")
 
 
 def check(cfg: RetrainCfg) -> None:
-    """Raise ValueError naming the key when a required key is missing or a value is out of range."""
+    """Raise ValueError naming the key when a required key is missing, a value is out of range (the
+    fine-tune's values too, as `clipdense finetune` checks them) or a fine-tune key is one the step sets;
+    ConfigError for an unknown or mistyped fine-tune key."""
     if not cfg.labels:
         raise ValueError("retrain config: `labels` (labeling run outputs or a prefix holding them) is required")
     if not cfg.models:
@@ -47,6 +49,13 @@ def check(cfg: RetrainCfg) -> None:
     if set_by_step:
         raise ValueError(f"retrain config: finetune.{set_by_step[0]} is set by the step; remove it")
     from pipeline.train.config import FinetuneCfg  # dataclasses only: no torch
+    from pipeline.train.config import check as check_finetune
 
-    # A mistyped fine-tune key fails here, before any listing or training, naming the key.
-    from_dict(FinetuneCfg, {**cfg.finetune, "labels": ["-"], "output": "-"}, "finetune")
+    # A mistyped fine-tune key or a value that cannot work fails here, before any listing, lease or
+    # training, naming the key. Two placeholder runs, as data.combine=agree needs two and the step's
+    # runs are known only once listed.
+    finetune = from_dict(FinetuneCfg, {**cfg.finetune, "labels": ["-", "-"], "output": "-"}, "finetune")
+    try:
+        check_finetune(finetune)
+    except ValueError as exc:
+        raise ValueError(f"retrain config: finetune: {exc}") from exc
