@@ -61,19 +61,21 @@ def canonical_config(cfg: RunCfg) -> RunCfg:
     local file or folder (otherwise they are an architecture, a tag or a template set).
     """
     model = dataclasses.replace(
-        cfg.model, name=_existing_path(cfg.model.name), pretrained=_existing_path(cfg.model.pretrained)
+        cfg.model, name=existing_path(cfg.model.name), pretrained=existing_path(cfg.model.pretrained)
     )
     return dataclasses.replace(
         cfg,
-        input=[_local_path(p) for p in cfg.input],
-        output=_local_path(cfg.output) if cfg.output else "",
+        input=[local_path(p) for p in cfg.input],
+        output=local_path(cfg.output) if cfg.output else "",
         model=model,
-        vocab=dataclasses.replace(cfg.vocab, file=_local_path(cfg.vocab.file) if cfg.vocab.file else ""),
-        prompts=dataclasses.replace(cfg.prompts, templates=_existing_path(cfg.prompts.templates)),
+        vocab=dataclasses.replace(cfg.vocab, file=local_path(cfg.vocab.file) if cfg.vocab.file else ""),
+        prompts=dataclasses.replace(cfg.prompts, templates=existing_path(cfg.prompts.templates)),
     )
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
+    """`url` absolute and normalised when it is a local path (relative ones from the current folder,
+    `~` expanded, `file://` dropped); a URL of another store as written."""
     if url.startswith("file://"):
         url = url[len("file://") :]
     elif "://" in url:
@@ -81,8 +83,10 @@ def _local_path(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url))
 
 
-def _existing_path(value: str) -> str:
-    local = _local_path(value) if value else value
+def existing_path(value: str) -> str:
+    """`value` as `local_path` when it names an existing local file or folder, else as written (a name
+    or tag that is not a path, such as an open_clip architecture)."""
+    local = local_path(value) if value else value
     return local if value and "://" not in local and os.path.exists(local) else value
 
 

@@ -406,6 +406,29 @@ def test_label_shard_whose_checksum_differs_from_its_marker_is_not_read(faulty, 
         _first_pass(labels)
 
 
+def test_label_shard_missing_although_committed_is_counted_as_missing(faulty, tmp_path):
+    labels = str(tmp_path / "labels")
+    shutil.copytree(faulty["labels"], labels)
+    Path(labels, "labels/shapes-000000.tar").unlink()
+    expected = "no usable sample in 1 label shards (skipped: {'missing_file': 1})"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        _first_pass(labels)
+
+
+def test_local_paths_of_a_finetune_config_become_absolute(labelled, tmp_path, monkeypatch):
+    from pipeline.train.config import canonical_finetune_config
+
+    monkeypatch.chdir(tmp_path)
+    Path("student").mkdir()
+    cfg = finetune_config(["runs/r1", "s3://bkt/r2", "file://~/r3"], "out", "eval.truth=truth", "model.name=student")
+    canonical = canonical_finetune_config(cfg)
+    home = os.path.expanduser("~")
+    assert canonical.labels == [f"{tmp_path}/runs/r1", "s3://bkt/r2", f"{home}/r3"]
+    assert (canonical.output, canonical.eval.truth) == (f"{tmp_path}/out", f"{tmp_path}/truth")
+    assert canonical.model.name == f"{tmp_path}/student"  # an existing folder; an architecture name stays
+    assert canonical_finetune_config(finetune_config(["r"], "o", "model.name=shapes-clip")).model.name == "shapes-clip"
+
+
 def test_workers_train_on_the_label_set_read_at_the_start(labelled, tmp_path, caplog):
     """The runs' markers are read once, before any worker starts; a run that adds no shard is named in a
     warning, and the summary's teacher is the first run that adds shards."""
@@ -474,17 +497,26 @@ def test_checkpoints_and_export_on_s3(labelled, s3, s3_root):
 
 @pytest.mark.slow
 def test_two_ray_train_workers_complete_and_write_a_checkpoint(labelled, tmp_path, monkeypatch):
+    """Labels and output given relative to the driver's folder: Ray Train workers run in folders of
+    their own, so the driver makes them absolute (else no worker finds a label shard); the recorded config
+    holds them absolute, and the same run named with absolute paths is the finished one."""
     out = str(tmp_path / "ray")
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the driver's temporary folders go
+    monkeypatch.chdir(tmp_path)
     lease = tmp_path / "lease"
     lease.mkdir()
     (lease / "lease-000000.json").write_text("{}")
     stop = Taken(str(lease), 0)  # a retraining step's lease check, held throughout: rank 0 asks, all hear
-    cfg = finetune_config([labelled["labels"]], out, "optim.steps=2", "distribute.num_workers=2")
+    relative = os.path.relpath(labelled["labels"])
+    cfg = finetune_config([relative], "ray", "optim.steps=2", "distribute.num_workers=2")
     summary = finetune(cfg, stop)
     assert summary["final_step"] == 2 and summary["label_shards"] == 2
+    assert summary["labels"] == [labelled["labels"]] and summary["skipped"] == {"no_input_shard": 0}
+    recorded = yaml.safe_load(Path(out, "_run/config.yaml").read_text())
+    assert recorded["labels"] == [labelled["labels"]] and recorded["output"] == out
+    assert finetune(finetune_config([labelled["labels"]], out, "optim.steps=2", "distribute.num_workers=2")) == summary
     assert json.loads(Path(out, "checkpoints/latest.json").read_text())["step"] == 2
     assert Path(out, "model/student.safetensors").exists()
     lines = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]

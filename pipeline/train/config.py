@@ -9,6 +9,7 @@ fit a CPU (steps, batch, warm-up, FPN width).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ModelCfg, StudentCfg, to_dict
+from pipeline.outputs import existing_path, local_path
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,26 @@ def check(cfg: FinetuneCfg) -> None:
     workers = max(1, cfg.distribute.num_workers)
     if o.batch_size % workers:
         raise ValueError(f"optim.batch_size {o.batch_size} is not divisible by distribute.num_workers {workers}")
+
+
+def canonical_finetune_config(cfg: FinetuneCfg) -> FinetuneCfg:
+    """`cfg` with its local paths absolute (`pipeline.outputs.local_path`), taken from the current folder.
+
+    Ray Train workers run in folders of their own, so a relative path would name another place there
+    (or nothing); made absolute here, in the driver, every worker reads and writes where it was meant.
+    `labels`, `output` and `eval.truth` are paths; `model.name` and `model.pretrained` change only when
+    they name an existing local file or folder (otherwise they are an architecture or a tag).
+    """
+    model = dataclasses.replace(
+        cfg.model, name=existing_path(cfg.model.name), pretrained=existing_path(cfg.model.pretrained)
+    )
+    return dataclasses.replace(
+        cfg,
+        labels=[local_path(url) for url in cfg.labels],
+        output=local_path(cfg.output) if cfg.output else "",
+        model=model,
+        eval=dataclasses.replace(cfg.eval, truth=local_path(cfg.eval.truth) if cfg.eval.truth else ""),
+    )
 
 
 def finetune_hash(cfg: FinetuneCfg) -> str:

@@ -13,7 +13,8 @@ side by side too; a sample's pixels that the runs label differently get the igno
 Skipped, and counted over the first pass: input samples that failed to decode (`failed`), samples
 without a label (`missing_label`: their row failed in the labeling run, or in one of the runs that
 must agree), labels whose size differs from the image (`size_mismatch`), and label shards whose
-checksum does not match their commit marker (`bad_checksum`, the whole unit, never read).
+checksum does not match their commit marker (`bad_checksum`) or that are missing although their commit
+marker exists (`missing_file`), each the whole unit, never read.
 
 Augmentation (`torchvision.transforms.v2`, the image and its labels and confidences together, the
 last two as `tv_tensors.Mask` so they are resized with nearest neighbours): random scale of the short
@@ -169,7 +170,7 @@ class _Stream:
                 if problem:
                     logger.warning("%s; shard skipped", problem)
                     self.bad.add(unit)
-                    self.skipped["bad_checksum"] += 1
+                    self.skipped["bad_checksum" if fs.exists(labels, so) else "missing_file"] += 1
                     return
         streams = [_label_members(labels, so) for labels in unit.labels]
         pending = [next(stream, None) for stream in streams]

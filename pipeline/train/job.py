@@ -35,7 +35,7 @@ from pipeline.models.backbone import model_config, model_meta
 from pipeline.models.precision import resolve_device, resolve_dtype
 from pipeline.outputs import public_config
 from pipeline.train import checkpoint
-from pipeline.train.config import EXECUTION_KEYS, FinetuneCfg, check, finetune_hash
+from pipeline.train.config import EXECUTION_KEYS, FinetuneCfg, canonical_finetune_config, check, finetune_hash
 from pipeline.train.data import LabelStream
 from pipeline.train.evaluate import evaluate_folder
 from pipeline.train.export import export
@@ -61,7 +61,8 @@ Stop = Callable[[], bool]
 
 
 def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
-    """Run (or resume) the fine-tune of `cfg`; returns the run summary (module docstring).
+    """Run (or resume) the fine-tune of `cfg`; returns the run summary (module docstring). Local paths in
+    `cfg` are made absolute first, from the current folder (`canonical_finetune_config`).
 
     `stop`, when given, is asked at every progress line, checkpoint and evaluation and before the
     summary; once it answers True the run raises `Stopped` and writes nothing more, so that its output
@@ -69,6 +70,7 @@ def finetune(cfg: FinetuneCfg, stop: Stop | None = None) -> dict[str, Any]:
     holder's). With Ray Train workers rank 0 asks it and tells the others; it must then pickle.
     """
     check(cfg)
+    cfg = canonical_finetune_config(cfg)
     so = cfg.storage_options or None
     runs = open_runs(cfg.labels, so)
     cfg = dataclasses.replace(cfg, model=teacher_model(runs[0].config.model, cfg.model))
@@ -105,6 +107,9 @@ def _check_output(cfg: FinetuneCfg) -> None:
     if not fs.exists(url, so):
         return
     previous = from_dict(FinetuneCfg, yaml.safe_load(fs.read_text(url, so)) or {}, schema.CONFIG_FILE)
+    # Outputs recorded before local paths were made absolute may hold relative ones: read from the current
+    # folder like `cfg`'s, so a run resumed from where it was started is still the same run.
+    previous = canonical_finetune_config(previous)
     if finetune_hash(previous) != finetune_hash(cfg):
         keys = [k for k in diff_keys(previous, cfg) if k.split(".")[0] not in EXECUTION_KEYS]
         raise OutputConflict(
