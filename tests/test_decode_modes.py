@@ -173,3 +173,77 @@ def test_an_srgb_profile_or_one_that_cannot_be_read_leaves_the_pixels_as_stored(
     with caplog.at_level(logging.WARNING, logger="pipeline.io.decode"):
         assert np.array_equal(decode_image(_png_with_profile(COLOURS, b"not an ICC profile" * 20)), COLOURS)
     assert "cannot be used, pixels are read as sRGB" in caplog.text
+
+
+def _noise(seed: int, size: tuple[int, int]) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _reasons(files: list[bytes]) -> set[str]:
+    reasons = set()
+    for data in files:
+        with pytest.raises(ValueError) as failed:
+            decode_image(data)
+        reasons.add(str(failed.value))
+    return reasons
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "GIF", "BMP", "PPM", "TIFF"])
+def test_truncated_files_of_a_format_all_give_one_reason(fmt):
+    """Pillow counts the bytes left over in its message; cut at different places, files of different
+    sizes leave different counts, yet the run summary must count them as one fault."""
+    files = [
+        data[: int(len(data) * cut)]
+        for seed, size in enumerate([(37, 29), (64, 48), (120, 90)])
+        for data in [_encode(_noise(seed, size), fmt)]
+        for cut in (0.5, 0.7, 0.9)
+    ]
+    assert _reasons(files) == {
+        f"cannot decode {fmt} image (mode {'P' if fmt == 'GIF' else 'RGB'}): OSError: image file is truncated"
+    }
+
+
+def _png_with_a_broken_second_chunk(seed: int) -> bytes:
+    """A PNG whose image data is split in two IDAT chunks, the second one's type overwritten by 4
+    bytes of noise (as a file spliced or overwritten in place has)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    stream = zlib.compress(b"".join(b"\x00" + row.tobytes() for row in pixels))
+    half = len(stream) // 2
+    noise = bytes([0x80]) + rng.integers(0, 256, 3, dtype=np.uint8).tobytes()  # never a chunk name
+    ihdr = struct.pack(">IIBBBBB", 50, 40, 8, 2, 0, 0, 0)
+    second = chunk(b"IDAT", stream[half:])
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", stream[:half])
+        + second[:4]
+        + noise
+        + second[8:]
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_broken_png_chunk_reads_the_same_whatever_bytes_it_holds():
+    """Pillow quotes the noise it read where a chunk name belongs; the reason names the fault instead."""
+    assert _reasons([_png_with_a_broken_second_chunk(seed) for seed in range(4)]) == {
+        "cannot decode PNG image (mode RGB): SyntaxError: broken PNG file (chunk <corrupt bytes>)"
+    }
+
+
+@pytest.mark.parametrize(
+    ("junk", "reason"),
+    [
+        ((b"4x", b"9Q", b"x5"), "ValueError: invalid literal for int() with base 10"),
+        ((b"12345678901x", b"99999999999999", b"AAAAAAAAAAAA"), "ValueError: Token too long in file header"),
+    ],
+)
+def test_a_header_that_does_not_parse_reads_the_same_whatever_text_it_holds(junk, reason):
+    """A PPM whose width is overwritten: Python's int() and Pillow's tokenizer quote the text, which
+    differs per file (Pillow's as a bytes message)."""
+    files = [b"P6\n" + text + b" 4\n255\n" + bytes(48) for text in junk]
+    assert _reasons(files) == {f"not a readable image ({reason})"}

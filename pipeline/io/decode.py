@@ -168,11 +168,26 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+# What a message carries of one file rather than of its fault: object reprs (`<_io.BytesIO object at
+# 0x7f...>`), counts of bytes (Pillow: "image file is truncated (13 bytes not processed)", "Incomplete
+# header: 58 bytes"), bytes read where a name was expected ("broken PNG file (chunk b'\x18*M=')", while a
+# real chunk name such as b'IDAT' is kept) and the header text Python failed to parse as a number.
+_PER_FILE = (
+    (re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>"), "the image data"),
+    (re.compile(r" \(\d+ bytes not processed\)"), ""),  # so it reads as Pillow's truncation message without a count
+    (re.compile(r"\b\d+ bytes\b"), "N bytes"),
+    (re.compile(r"""\bb('|")(?:\\.|(?!\1).)*\1"""), lambda m: m[0] if m[0][2:-1].isalpha() else "<corrupt bytes>"),
+    (re.compile(r"^(invalid literal for \w+\(\) with base \d+|could not convert string to \w+): .*", re.S), r"\1"),
+)
 
 
 def _describe(exc: BaseException) -> str:
-    # Drop object reprs such as `<_io.BytesIO object at 0x7f...>`: the same fault must read the same
-    # every time, so failure reasons can be grouped and counted.
-    text = _OBJECT_REPR.sub("the image data", str(exc)).strip()
+    # The same fault must read the same every time, so failure reasons can be grouped and counted.
+    message = exc.args[0] if len(exc.args) == 1 else None
+    # Pillow's PPM reader raises bytes messages that end in the file's own bytes after a colon
+    # ("Token too long in file header: ...", "Invalid token for this mode: ...").
+    text = message.split(b": ", 1)[0].decode("ascii", "backslashreplace") if isinstance(message, bytes) else str(exc)
+    for pattern, replacement in _PER_FILE:
+        text = pattern.sub(replacement, text)
+    text = text.strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
