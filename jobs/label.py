@@ -107,8 +107,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"({summary['labelled_now']['ok']} labelled now); {summary['images_per_s']:.1f} img/s, "
         f"{summary['seconds']:.1f}s in all",
     ]
-    for reason, n in list(samples["errors"].items())[:5]:
+    reasons = list(samples["errors"].items())
+    for reason, n in reasons[:5]:
         lines.append(f"  {n} x {reason}")
+    if len(reasons) > 5:
+        lines.append(f"  ... {len(reasons) - 5} more reasons (samples.errors in the summary)")
+    for key, what in (("cut_shards", "end early (cut or corrupt)"), ("damaged_shards", "have corrupt tar headers")):
+        if shards_named := summary[key]:
+            more = f" and {len(shards_named) - 3} more" if len(shards_named) > 3 else ""
+            lines.append(f"input shards that {what}: {', '.join(shards_named[:3])}{more} ({key})")
     for failed in summary["failed_shards"]:
         lines.append(f"failed shard {failed['shard']} after {failed['attempts']} attempts: {failed['error']}")
     if summary["interrupted"]:

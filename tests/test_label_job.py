@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import ray
 import yaml
+from bad_corpus import corrupt_header
 from jobs_fixtures import (
     corrupt_image,
     job_config,
@@ -29,6 +30,7 @@ from jobs_fixtures import (
 from PIL import Image
 
 from jobs.cli import main
+from jobs.label import format_summary
 from pipeline import schema
 from pipeline.config import DistributeCfg, load_config
 from pipeline.distribute import run_label_job
@@ -118,6 +120,8 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
     urls = shapes(str(tmp_path / "in"), 3, 5)
     replace_image(urls[1], "000001_000003", (40, 56))
     corrupt_image(urls[2], "000002_000001")
+    # a corrupt tar header mid-shard: its sample fails, the samples after it are still read
+    Path(urls[0]).write_bytes(corrupt_header(Path(urls[0]).read_bytes(), "000000_000002.jpg"))
     options = dict(s3.storage_options)
     filesystem, root = fs.url_to_fs(s3_root, options)
     filesystem.put(str(tmp_path / "in") + "/", f"{root}/in/", recursive=True)
@@ -129,9 +133,12 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
 
     # A corrupt sample is a failed row, not a failed shard: every shard commits and the job exits 0.
     assert summary["exit_code"] == 0 and summary["shards"]["committed"] == 3
-    assert (summary["samples"]["ok"], summary["samples"]["failed"]) == (14, 1)
-    (reason,) = summary["samples"]["errors"]
+    assert (summary["samples"]["ok"], summary["samples"]["failed"]) == (13, 2)
+    damage, reason = sorted(summary["samples"]["errors"])  # "corrupt ..." < "jpg: ..."
     assert reason.startswith("jpg: not a readable image")
+    assert damage.startswith("corrupt tar header (bad checksum): member '000000_000002.jpg', which it names,")
+    assert (summary["cut_shards"], summary["damaged_shards"]) == ([], ["shapes-000000"])
+    assert "input shards that have corrupt tar headers: shapes-000000 (damaged_shards)" in format_summary(summary)
     # One CPU per actor (the default): its torch gets one thread (unless the environment says
     # otherwise), so its reader and writer take turns with the model instead of stalling a parallel
     # operation over every core.
@@ -149,7 +156,7 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
         members = read_labels(cfg.output, name, options)
         for sample, row in zip(inputs, rows, strict=True):
             if isinstance(sample, SampleError):
-                assert (row["status"], row["error"]) == ("failed", reason)
+                assert (row["status"], row["error"]) == ("failed", damage if name == "shapes-000000" else reason)
                 assert f"{sample.key}.seg.png" not in members
             else:
                 assert row["status"] == "ok" and (row["height"], row["width"]) == sample.image.shape[:2]
@@ -159,6 +166,7 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
                 for x0, y0, x1, y1 in row["zoom_regions"]:
                     assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
         marker = fs.read_json(fs.join(cfg.output, schema.commit_path(name)), options)
+        assert marker["read"]["end_of_archive"] and (marker["read"]["corrupt_bytes"] > 0) == (name == "shapes-000000")
         for entry in marker["files"].values():
             data = fs.read_bytes(fs.join(cfg.output, entry["path"]), options)
             assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
@@ -10,7 +11,15 @@ import threading
 import fsspec
 import numpy as np
 import pytest
-from bad_corpus import bad_corpus, gradient, image_bytes, member_end, png_header_only, tar_bytes
+from bad_corpus import (
+    bad_corpus,
+    corrupt_header,
+    gradient,
+    image_bytes,
+    member_end,
+    png_header_only,
+    tar_bytes,
+)
 from fsspec.spec import AbstractFileSystem
 from PIL import Image
 
@@ -273,3 +282,55 @@ def test_a_cut_shard_records_that_it_did_not_reach_the_end(tmp_path):
     stats = ReadStats()
     assert [r.key for r in iter_samples(url, stats=stats)] == ["a", "b", "c"]
     assert (stats.members, stats.end_of_archive, stats.resumed_reads) == (3, False, 0)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_corrupt_header_mid_shard_fails_its_sample_and_reading_goes_on(tmp_path, compress):
+    jpg = image_bytes(gradient(), "JPEG")
+    data = tar_bytes([("a.jpg", jpg), ("b.jpg", jpg), ("b.json", b"{}"), ("c.jpg", jpg), ("d.jpg", jpg)])
+    damaged = corrupt_header(data, "b.jpg")
+    url = str(tmp_path / ("bad.tar.gz" if compress else "bad.tar"))
+    fs.put_atomic(url, gzip.compress(damaged) if compress else damaged)
+    stats = ReadStats()
+    records = list(iter_samples(url, stats=stats))
+    assert [r.key for r in records] == ["a", "b", "c", "d"]  # tarfile alone would have stopped after a
+    samples, errors = _split(records)
+    assert list(samples) == ["a", "c", "d"]
+    assert errors["b"].reason.startswith("corrupt tar header (bad checksum): member 'b.jpg', which it names,")
+    # b.jpg's header and data blocks are skipped, then b.json is read
+    assert stats.corrupt_bytes == member_end(data, "b.jpg") - member_end(data, "a.jpg")
+    assert stats.end_of_archive and stats.members == 4
+
+
+def test_a_header_whose_name_is_damaged_too_is_a_failed_row_without_key(tmp_path):
+    jpg = image_bytes(gradient(), "JPEG")
+    data = tar_bytes([("a.jpg", jpg), ("b.jpg", jpg), ("c.jpg", jpg)])
+    url = str(tmp_path / "bad.tar")
+    fs.put_atomic(url, corrupt_header(data, "b.jpg", name_too=True))
+    records = list(iter_samples(url))
+    # the failed row comes as the damage is found, while sample a may still have members to come
+    assert [(r.key, type(r).__name__) for r in records] == [("", "SampleError"), ("a", "Sample"), ("c", "Sample")]
+    assert records[0].reason.startswith("corrupt tar header (bad checksum): the member it described is lost")
+
+
+def test_a_corrupt_last_header_fails_its_sample_and_the_shard_still_ends(tmp_path):
+    jpg = image_bytes(gradient(), "JPEG")
+    data = tar_bytes([("a.jpg", jpg), ("b.jpg", jpg)])
+    url = str(tmp_path / "bad.tar")
+    fs.put_atomic(url, corrupt_header(data, "b.jpg"))
+    stats = ReadStats()
+    samples, errors = _split(list(iter_samples(url, stats=stats)))
+    assert list(samples) == ["a"] and "'b.jpg'" in errors["b"].reason
+    assert stats.end_of_archive
+
+
+def test_tars_joined_with_cat_are_read_whole(tmp_path):
+    jpg = image_bytes(gradient(), "JPEG")
+    first = tar_bytes([("a.jpg", jpg), ("b.jpg", jpg)])
+    second = tar_bytes([("c.jpg", jpg), ("d.jpg", jpg)])
+    url = str(tmp_path / "joined.tar")
+    fs.put_atomic(url, first + second)
+    stats = ReadStats()
+    records = list(iter_samples(url, stats=stats))
+    assert [r.key for r in records] == ["a", "b", "c", "d"] and all(isinstance(r, Sample) for r in records)
+    assert stats.end_of_archive and stats.corrupt_bytes == 0
