@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from test_shards import _make, _names
 
@@ -79,3 +81,17 @@ def test_a_folder_of_loose_images_is_named_as_such(storage):
         expand_shards(fs.join(root, "photos"), options)
     with pytest.raises(ValueError, match=r"matches no shard$"):
         expand_shards(fs.join(root, "photos/*.tar"), options)
+
+
+def test_hidden_files_are_never_shards_of_a_folder_or_a_glob(storage, caplog):
+    """macOS leaves `._NAME` AppleDouble sidecars and `.DS_Store` beside copied files; they are not tars."""
+    root, options = storage
+    _make(root, options, ["s4/macos.tar", "s4/._macos.tar", "s4/.DS_Store", "s4/README.txt", "s4/.hidden.tar"])
+    for spec in ("s4", "s4/", "s4/*.tar", "s4/*"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline.io.shards"):
+            assert _names(expand_shards(fs.join(root, spec), options), root) == ["s4/macos.tar"], spec
+        skipped = [r.getMessage() for r in caplog.records if "hidden files skipped" in r.getMessage()]
+        hidden = 2 if spec.endswith(".tar") else 3  # .DS_Store too
+        assert len(skipped) == 1 and f": {hidden} hidden files skipped" in skipped[0], (spec, skipped)
+    assert _names(expand_shards(fs.join(root, "s4/._macos.tar"), options), root) == ["s4/._macos.tar"]  # named: kept

@@ -2,7 +2,10 @@
 
 A spec is a list (each element itself a spec), a brace pattern (`train-{000000..000099}.tar`, zero
 padding kept; `{train,val}` alternatives; several and nested groups), a glob (`s3://bkt/x/*.tar`)
-or a folder (its shards: `*.tar`, and the compressed forms of `schema.SHARD_SUFFIXES`). Brace
+or a folder. A glob or a folder gives the shards it lists: names ending in `schema.SHARD_SUFFIXES`
+(`.tar` and its compressed forms), never hidden files (a name starting with a dot: macOS `._NAME`
+AppleDouble sidecars and `.DS_Store`, the rule `names.skip_reason` applies to tar members), whose
+count is logged once per spec. Brace
 expansion comes first, so `s3://bkt/{a,b}/*.tar` works. A path that exists always means itself,
 even when it holds `*`, `?`, `[` or braces (`photos[2019].tar`, `{raw}/`): a spec and each name its
 braces spell out are looked up as written first, and only expanded or globbed when missing. So is a
@@ -15,6 +18,7 @@ Rules, chosen so a typo fails before any compute is spent:
   downloaded shard by shard often have gaps); globs and folders match what is there.
 - Globs and folders come out sorted; lists and brace patterns keep their order; a shard named twice
   is kept once. Temporary files of unfinished writers (`_tmp.*`) never match a glob or a folder.
+- A file named as it is (a path, or a name a brace pattern spells out) is kept whatever its name.
 - URLs keep their protocol (`s3://bkt/x.tar`); local shards come out as absolute paths.
 
 Existence is checked with one listing per folder (not one request per shard), so a pattern of
@@ -32,6 +36,7 @@ from fsspec.spec import AbstractFileSystem
 
 from pipeline import schema
 from pipeline.io import fs
+from pipeline.io.names import HIDDEN, skip_reason
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +87,39 @@ def _expand_one(spec: str, storage_options: dict | None) -> list[str]:
     kinds = _kinds(filesystem, [filesystem._strip_protocol(p) for p in patterns])
     missing = [p for p in patterns if not _is_glob(p) and kinds[filesystem._strip_protocol(p)] is None]
     paths: list[str] = []
+    hidden: list[str] = []
     for pattern in patterns:
         path = filesystem._strip_protocol(pattern)
         if kinds[path] is None and _is_glob(pattern):
             found = filesystem.glob(_escape_existing_folder(filesystem, path), detail=True)
-            paths.extend(sorted(p for p, info in found.items() if info["type"] == "file" and not fs.is_temp_name(p)))
+            paths.extend(_listed_shards([p for p, info in found.items() if info["type"] == "file"], hidden))
         elif kinds[path] == "directory":
-            paths.extend(_folder_shards(filesystem, path))
+            entries = filesystem.ls(path, detail=True)
+            paths.extend(_listed_shards([e["name"] for e in entries if e["type"] == "file"], hidden))
         elif kinds[path] == "file":
             paths.append(path)
     if missing and paths:
         logger.warning(
             "input spec %r: %d of %d names do not exist, e.g. %s", spec, len(missing), len(patterns), missing[:3]
         )
+    if hidden:
+        names = [p.rpartition("/")[2] for p in hidden[:3]]
+        logger.info(
+            "input spec %r: %d hidden files skipped (names starting with '.'), e.g. %s", spec, len(hidden), names
+        )
     return [_to_url(filesystem, p) for p in paths]
+
+
+def _listed_shards(files: list[str], hidden: list[str]) -> list[str]:
+    """The shards among the files a folder or a glob listed, sorted: tar-like names, neither temporary
+    nor hidden; the hidden ones are appended to `hidden`."""
+    shards = []
+    for path in sorted(files):
+        if skip_reason(path) == HIDDEN:
+            hidden.append(path)
+        elif path.endswith(schema.SHARD_SUFFIXES) and not fs.is_temp_name(path):
+            shards.append(path)
+    return shards
 
 
 def _kinds(filesystem: AbstractFileSystem, paths: list[str]) -> dict[str, str | None]:
@@ -148,15 +172,6 @@ def _loose_images_hint(spec: str, storage_options: dict | None) -> str:
     return (
         f" (the folder holds {len(images)} image files, not tar shards: pack them into WebDataset shards, "
         "e.g. tar cf images-000000.tar *.jpg, or label single images with clipdense segment)"
-    )
-
-
-def _folder_shards(filesystem: AbstractFileSystem, folder: str) -> list[str]:
-    entries = filesystem.ls(folder, detail=True)
-    return sorted(
-        e["name"]
-        for e in entries
-        if e["type"] == "file" and e["name"].endswith(schema.SHARD_SUFFIXES) and not fs.is_temp_name(e["name"])
     )
 
 
