@@ -18,9 +18,9 @@ Nothing after a damaged header is dropped in silence. Python's `tarfile` ends an
 the first header it cannot parse, so a shard whose middle header is corrupt (bit rot, a bad copy)
 would look whole and lose every sample after it. It is read as GNU `tar --ignore-zeros` reads it
 (`tarfile`'s `ignore_zeros`): unparseable blocks are skipped up to the next valid header, the member
-whose header was lost is reported (its sample fails, named when the damaged header still holds a
-readable name, else key `""`), and reading goes on; `ReadStats.corrupt_bytes` counts what was
-skipped. The same rule reads tars joined with `cat` whole, members after each end-of-archive
+whose header was lost is reported (its sample fails when the damaged header still holds a readable
+name, else the samples on both sides of it fail, as either may have lost it), and reading goes on;
+`ReadStats.corrupt_bytes` counts what was skipped. The same rule reads tars joined with `cat` whole, members after each end-of-archive
 marker included.
 
 A failing store is not bad input. When a read raises (S3 answering 500, a reset connection) the
@@ -162,6 +162,7 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
         return
     group: _Group | None = None
     seen: set[str] = set()
+    unnamed_loss: list[str] = []  # problems for the next sample: a member of no readable name was lost before it
 
     def start_group(key: str) -> Iterator[SampleError | Sample]:
         nonlocal group
@@ -169,22 +170,28 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
             return
         if group is not None:
             yield _finish(url, group, max_pixels)
-        group = _Group(key)
+        group = _Group(key, problems=unnamed_loss[:])
+        unnamed_loss.clear()
         if key in seen:
             group.problems.append("members of this key are not adjacent in the tar (key seen before)")
         seen.add(key)
 
     def damage() -> Iterator[SampleError | Sample]:
-        """The damaged stretches read since the last member: each fails the sample it belonged to."""
+        """The damaged stretches read since the last member: each fails the sample it belonged to; one
+        whose name is unreadable fails the samples on both sides of it, either of which it may have
+        belonged to (a sample missing a member must never pass as whole)."""
         for stretch in blocks.take_damage():
             stats.corrupt_bytes += stretch.size
-            reason = stretch.reason()
-            logger.warning("shard %s: %s (%d bytes skipped from byte %d)", url, reason, stretch.size, stretch.offset)
-            if stretch.key is None:  # the open sample stays open: its next members still join it
-                yield SampleError(url, "", reason)
-            else:
+            logger.warning(
+                "shard %s: %s (%d bytes skipped from byte %d)", url, stretch.reason(), stretch.size, stretch.offset
+            )
+            if stretch.key is not None:
                 yield from start_group(stretch.key)
-                group.problems.append(reason)
+                group.problems.append(stretch.reason())
+                continue
+            if group is not None:
+                group.problems.append(stretch.reason("after"))
+            unnamed_loss.append(stretch.reason("before"))
 
     try:
         for member in tar:
@@ -214,6 +221,8 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
         return
     if group is not None:
         yield _finish(url, group, max_pixels)
+    elif unnamed_loss:  # damage after no sample at all
+        yield SampleError(url, "", unnamed_loss[0])
 
 
 @dataclass
@@ -230,10 +239,13 @@ class _Stretch:
         parts = names.split_name(self.name) if self.name else None
         self.key = parts[0] if parts and parts[1] and posixpath.basename(parts[0]) else None
 
-    def reason(self) -> str:
-        """The failed row's reason: the same for the same fault (no offsets), so that summaries group it."""
-        what = f"member {self.name!r}, which it names," if self.key is not None else "the member it described"
-        return f"corrupt tar header ({self.problem}): {what} is lost; read on from the next valid header"
+    def reason(self, where: str = "") -> str:
+        """A failed row's reason: the same for the same fault (no offsets), so that summaries group it.
+        `where` ("after" or "before") places a header of unreadable name next to the row's sample."""
+        if self.key is not None:
+            return f"corrupt tar header ({self.problem}): member {self.name!r}, which it names, is lost"
+        near = {"after": "after this sample's members", "before": "just before this sample's members"}.get(where, "")
+        return f"corrupt tar header{' ' + near if near else ''} ({self.problem}): a member of unreadable name is lost"
 
 
 class _BlockLog:
@@ -295,6 +307,7 @@ class _BlockLog:
 def _block_name(block: bytes) -> str | None:
     """The member name a damaged ustar header block still holds (prefix/name), or None when it has none
     or holds non-printable bytes (the damage hit the name, or the block is data)."""
+
     def field_text(raw: bytes) -> str:
         return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
