@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -132,6 +134,18 @@ def test_lease_taken_over_only_from_a_dead_holder(tmp_path):
     again = lease.acquire(folder, 0.6)  # a released lease is free at once
     assert again is not None and again.generation == 2
     again.release()
+
+
+def test_a_lease_released_while_a_step_waits_on_it_is_taken_at_once(tmp_path):
+    folder = str(tmp_path / "step")
+    held = lease.acquire(folder, 60)  # renews every 20 s: no beat within this test
+    assert held is not None
+    threading.Timer(0.5, held.release).start()  # its step ends while the other waits
+    began = time.monotonic()
+    taken = lease.acquire(folder, 60)
+    assert taken is not None and taken.generation == 1
+    assert time.monotonic() - began < 20  # not the whole lease_seconds
+    taken.release()
 
 
 def test_a_holder_taken_for_dead_learns_it_at_its_next_beat(tmp_path):
@@ -513,3 +527,33 @@ def test_a_bad_finetune_value_is_refused_before_any_listing_or_lease(tmp_path, c
     )
     assert not (tmp_path / "models").exists()  # no lease taken
     check(step_cfg(str(tmp_path), {}, finetune={"data": {"combine": "agree"}}))  # the runs are not listed yet
+
+
+@pytest.mark.slow
+def test_a_step_waiting_on_a_step_that_finishes_is_already_done(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.retrain.lease")
+    cfg = dataclasses.replace(one_run_cfg(str(tmp_path)), lease_seconds=120.0)  # the holder beats every 40 s
+    second_waits = threading.Event()
+
+    def first_trainer(start, runs, output, so, stop):
+        assert second_waits.wait(60), "the second step never waited on the lease"
+        return rh.export_shipped(start, runs, output, so, stop)
+
+    outcomes: dict[str, dict] = {}
+    first = threading.Thread(target=lambda: outcomes.update(first=retrain_step(cfg, first_trainer)))
+    first.start()
+    second = threading.Thread(target=lambda: outcomes.update(second=retrain_step(cfg, rh.export_shipped)))
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "models" / "_steps").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first step holds the lease
+    began = time.monotonic()
+    second.start()
+    while "is held; watching" not in caplog.text and second.is_alive():
+        time.sleep(0.05)
+    second_waits.set()
+    first.join(120)
+    second.join(120)
+    assert outcomes["first"]["outcome"] == "published", outcomes
+    assert outcomes["second"]["outcome"] == "already-done", outcomes
+    assert outcomes["second"]["version"] == "v0001"
+    assert time.monotonic() - began < cfg.lease_seconds  # it did not wait the lease out

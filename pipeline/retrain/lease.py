@@ -2,12 +2,15 @@
 
 Leases are numbered files `lease-NNNNNN.json` created with `fs.put_exclusive` (S3 `If-None-Match`),
 so of two steps racing for a generation exactly one wins. The holder rewrites its file every third
-of `lease_seconds` with a growing beat count. A step that finds a lease waits `lease_seconds` on its
-own clock (no clocks are compared across machines) and looks again: a lease whose beat moved, or a
-newer generation, belongs to a live step, and it backs off; an unchanged lease is a dead step's, and
-it takes the next generation, which resumes the dead step's work. A holder that was only slow (its
-beats did not get through) finds the newer generation at its next beat and marks itself `lost`.
-Its work must then stop writing: `Lease.taken` is a check its fine-tune asks before each write.
+of `lease_seconds` with a growing beat count, and marks it `released` when its step ends. A step that
+finds a lease held watches it for up to `lease_seconds` on its own clock (no clocks are compared
+across machines), looking every few seconds: a lease whose beat moved, or a newer generation, belongs
+to a live step, and it backs off; a released lease is free, and it takes the next generation at once
+(its step then finds the key done, or redoes the work of a holder that failed); a lease unchanged all
+along is a dead step's, and it takes the next generation, which resumes the dead step's work. A
+holder that was only slow (its beats did not get through) finds the newer generation at its next
+beat and marks itself `lost`. Its work must then stop writing: `Lease.taken` is a check its
+fine-tune asks before each write.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from pipeline.io import fs
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"lease-(\d{6})\.json$")
+# A step waiting on a held lease looks this often, so a holder that ends meanwhile frees the key within
+# seconds rather than after the whole `lease_seconds`; a beat, or the lease unchanged that long, decides.
+_POLL_SECONDS = 5.0
+_ALIVE, _RELEASED, _DEAD = "alive", "released", "dead"
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,8 @@ def latest_generation(folder: str, storage_options: dict | None = None) -> int |
 
 
 def acquire(folder: str, seconds: float, storage_options: dict | None = None) -> Lease | None:
-    """The lease of `folder`, or None when a live step holds it (see the module docstring)."""
+    """The lease of `folder`, or None when a live step holds it (see the module docstring). The
+    store's errors reach the caller."""
     while True:
         generation = latest_generation(folder, storage_options)
         if generation is None:
@@ -118,16 +126,34 @@ def acquire(folder: str, seconds: float, storage_options: dict | None = None) ->
         url = fs.join(folder, f"lease-{generation:06d}.json")
         seen = fs.read_bytes(url, storage_options)
         if not json.loads(seen)["released"]:
-            logger.info("lease %s is held; waiting %.0f s to see whether its holder is alive", url, seconds)
-            time.sleep(seconds)
-            if latest_generation(folder, storage_options) != generation or fs.read_bytes(url, storage_options) != seen:
+            logger.info("lease %s is held; watching it up to %.0f s to see whether its holder is alive", url, seconds)
+            holder = _watch(folder, generation, seen, seconds, storage_options)
+            if holder == _ALIVE:
                 logger.info("lease %s: its holder is alive", url)
                 return None
-            logger.warning("lease %s was not renewed for %.0f s: taking over from a dead step", url, seconds)
+            if holder == _RELEASED:
+                logger.info("lease %s was released: its holder ended; taking the key", url)
+            else:
+                logger.warning("lease %s was not renewed for %.0f s: taking over from a dead step", url, seconds)
         lease = _create(folder, generation + 1, seconds, storage_options)
         if lease is None:
             return None  # another step took the same generation first
         return lease
+
+
+def _watch(folder: str, generation: int, seen: bytes, seconds: float, storage_options: dict | None) -> str:
+    """What the holder of lease `generation` (content `seen`) does within `seconds`: _ALIVE (it renewed
+    the lease, or a newer generation appeared), _RELEASED (its step ended) or _DEAD (nothing changed)."""
+    url = fs.join(folder, f"lease-{generation:06d}.json")
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, _POLL_SECONDS))
+        if latest_generation(folder, storage_options) != generation:
+            return _ALIVE
+        now = fs.read_bytes(url, storage_options)
+        if now != seen:
+            return _RELEASED if json.loads(now)["released"] else _ALIVE
+    return _DEAD
 
 
 def _create(folder: str, generation: int, seconds: float, storage_options: dict | None) -> Lease | None:
