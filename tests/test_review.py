@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
+import tarfile
 import uuid
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -36,7 +38,7 @@ from pipeline.review import write_report
 from pipeline.review.finetune import open_finetune
 from pipeline.review.overlay import font_size, overlay, thumbnail, tint
 from pipeline.review.report import JPEG_QUALITY
-from pipeline.review.run import open_run, select
+from pipeline.review.run import iter_shown, open_run, select
 
 CHROMIUM = "/usr/bin/chromium"
 N = 6
@@ -154,6 +156,43 @@ def test_the_report_of_a_run_on_s3_shows_the_lowest_confidence_samples_with_ever
     assert "2 failed samples in committed shards" in text and "jpg: not a readable image" in text
     assert "shapes-000001/000001_000001, shapes-000001/000001_000004" in text
     assert "Shards that failed as a whole:" in text and "shapes-000009" in text
+
+
+def _rename_sample(shard: str, key: str, new: bytes) -> None:
+    """Give sample `key` of the local tar `shard` the raw name bytes `new` (pax, as the bytes are)."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for member, content in members:
+            if member.name.startswith(f"{key}."):
+                member.name = new.decode("utf-8", "surrogateescape") + member.name[len(key) :]
+            tar.addfile(member, io.BytesIO(content))
+
+
+def test_a_sample_whose_key_is_not_utf8_is_shown(tmp_path, local_ray, caplog):  # noqa: F811
+    """A Latin-1 key is stored as escaped text plus its bytes (`key_bytes`); the report finds its
+    image and maps by the key the reader gives (surrogate escapes), and shows it under the text."""
+    [shard] = shapes(str(tmp_path / "in"), 1, 3)
+    _rename_sample(shard, "000000_000001", b"caf\xe9")
+    cfg = job_config(shard, str(tmp_path / "out"), tiny_model(tmp_path / "tiny-clip"))
+    assert run_label_job(cfg)["samples"]["ok"] == 3
+    data = open_run(cfg.output)
+    chosen = select(data.rows, 3, "lowest-confidence", data.vocab)
+    with caplog.at_level(logging.WARNING, logger="pipeline.review.run"):
+        shown = list(iter_shown(data, chosen))
+    assert sorted(s.row["key"] for s in shown) == ["000000_000000", "000000_000002", "caf\\xe9"]
+    assert not [r for r in caplog.records if "could not be read" in r.getMessage()]
+    latin1 = next(s for s in shown if s.row["key"] == "caf\\xe9")
+    with tarfile.open(shard, encoding="utf-8", errors="surrogateescape") as tar:
+        stored = np.asarray(Image.open(tar.extractfile("caf\udce9.jpg")).convert("RGB"))
+    assert np.array_equal(latin1.image, stored) and latin1.labels.shape == stored.shape[:2]
+    out = tmp_path / "report"
+    write_report(cfg.output, str(out), n=3)
+    assert sorted(c["data-key"] for c in _Page((out / "index.html").read_text()).cards) == [
+        "000000_000000",
+        "000000_000002",
+        "caf\\xe9",
+    ]
 
 
 def test_orders_choose_the_right_samples(run):

@@ -31,7 +31,7 @@ from pipeline.outputs import recorded_storage_options
 from pipeline.review import page, plots
 from pipeline.review.finetune import FineTune, is_finetune, open_finetune, student_labeler
 from pipeline.review.overlay import class_shares, confidence_picture, draw_boxes, palette, thumbnail, tint, with_legend
-from pipeline.review.run import RunOutput, iter_shown, open_run, parse_sort, select
+from pipeline.review.run import RunOutput, iter_shown, open_run, parse_sort, sample_key, select
 
 THUMB_PX = 256
 JPEG_QUALITY = 90
@@ -135,10 +135,11 @@ def _jpeg(picture: np.ndarray | Image.Image) -> bytes:
 
 def _cards(run: RunOutput, indices: list[int], put: Put, student: Any, compare: int) -> list[page.Card]:
     """Render and write the pictures of the chosen samples; cards in the chosen order."""
-    rank = {(row["shard"], row["key"]): i for i, row in enumerate(run.rows.take(indices).to_pylist())}
+    # By the reader's key: a key's escaped text (`key`) can equal another key's own text.
+    rank = {(row["shard"], sample_key(row)): i for i, row in enumerate(run.rows.take(indices).to_pylist())}
     cards = []
     for shown in iter_shown(run, indices):
-        row, number = shown.row, rank[shown.row["shard"], shown.row["key"]]
+        row, number = shown.row, rank[shown.row["shard"], sample_key(shown.row)]
         pictures = {
             "image": (shown.image, shown.image),
             "overlay": _overlay(run, shown.image, shown.labels, row["zoom_regions"] or []),

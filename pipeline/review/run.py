@@ -28,7 +28,7 @@ from pipeline.vocab import Vocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["key", "shard", "status", "error", "width", "height", "class_ids", "class_pixels"]
+COLUMNS = ["key", "key_bytes", "shard", "status", "error", "width", "height", "class_ids", "class_pixels"]
 COLUMNS += ["mean_confidence", "ignored_fraction", "zoom_regions"]
 SORTS = ("lowest-confidence", "highest-confidence", "class:NAME", "random")
 
@@ -153,7 +153,7 @@ def iter_shown(run: RunOutput, indices: list[int]) -> Iterator[Shown]:
     wanted: dict[str, dict[str, dict[str, Any]]] = {}
     for i in indices:
         row = run.rows.slice(i, 1).to_pylist()[0]
-        wanted.setdefault(row["shard"], {})[row["key"]] = row
+        wanted.setdefault(row["shard"], {})[sample_key(row)] = row
     for shard, rows in wanted.items():
         maps = _label_members(run, shard, set(rows))
         found = 0
@@ -171,11 +171,23 @@ def iter_shown(run: RunOutput, indices: list[int]) -> Iterator[Shown]:
             logger.warning("%d of %d chosen samples of shard %s could not be read", len(rows) - found, len(rows), shard)
 
 
+def sample_key(row: dict[str, Any]) -> str:
+    """The key of a Parquet row as the reader gives it (`Sample.key`): from `key_bytes` when the key is
+    not UTF-8 (`key` then holds readable escapes; see `schema.key_columns`)."""
+    raw = row.get("key_bytes")
+    return raw.decode("utf-8", "surrogateescape") if raw is not None else row["key"]
+
+
 def _label_members(run: RunOutput, shard: str, keys: set[str]) -> dict[str, tuple[bytes, bytes]]:
-    """{key: (seg.png bytes, conf.png bytes)} of `keys` in the run's `labels/<shard>.tar`, streamed."""
+    """{key: (seg.png bytes, conf.png bytes)} of `keys` (reader keys) in the run's `labels/<shard>.tar`, streamed."""
     filesystem, path = fs.url_to_fs(fs.join(run.url, schema.labels_path(shard)), run.storage_options)
     found: dict[str, dict[str, bytes]] = {}
-    with filesystem.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    # Member names decode as the reader decodes keys, whatever the machine's locale: bytes that are not
+    # UTF-8 become surrogate escapes.
+    with (
+        filesystem.open(path, "rb") as f,
+        tarfile.open(fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape") as tar,
+    ):
         for member in tar:
             for ext in (schema.LABEL_EXT, schema.CONF_EXT):
                 key = member.name[: -len(ext) - 1]
