@@ -116,6 +116,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         if shards_named := summary[key]:
             more = f" and {len(shards_named) - 3} more" if len(shards_named) > 3 else ""
             lines.append(f"input shards that {what}: {', '.join(shards_named[:3])}{more} ({key})")
+    if skipped := summary["zoom_skipped"]:
+        lines.append("zoom: " + "; ".join(f"{n} x {reason}" for reason, n in skipped.items()))
     for failed in summary["failed_shards"]:
         lines.append(f"failed shard {failed['shard']} after {failed['attempts']} attempts: {failed['error']}")
     if summary["interrupted"]:

@@ -78,13 +78,18 @@ def replace_image(shard: str, key: str, size: tuple[int, int] | None = None) -> 
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="JPEG")
         data = buf.getvalue()
+    replace_member(shard, f"{key}.jpg", data)
+
+
+def replace_member(shard: str, name: str, data: bytes) -> None:
+    """Replace the content of member `name` of the local tar `shard` by `data`."""
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    if f"{key}.jpg" not in {m.name for m, _ in members}:
-        raise KeyError(f"{shard} has no sample {key!r}")
+    if name not in {m.name for m, _ in members}:
+        raise KeyError(f"{shard} has no member {name!r}")
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
         for member, content in members:
-            if member.name == f"{key}.jpg":
+            if member.name == name:
                 content, member.size = data, len(data)
             tar.addfile(member, io.BytesIO(content))
 

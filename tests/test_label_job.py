@@ -20,10 +20,11 @@ from bad_corpus import corrupt_header
 from jobs_fixtures import (
     corrupt_image,
     job_config,
-    local_ray,  # noqa: F401 - module fixture
+    local_ray,  # noqa: F401 - module fixture,
     read_labels,
     read_rows,
     replace_image,
+    replace_member,
     shapes,
     tiny_model,
 )
@@ -120,6 +121,8 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
     urls = shapes(str(tmp_path / "in"), 3, 5)
     replace_image(urls[1], "000001_000003", (40, 56))
     corrupt_image(urls[2], "000002_000001")
+    bad_boxes = [[1, 2, 3], [-50, -50, -10, -10]]  # zoom-in boxes: skipped and counted, never fatal
+    replace_member(urls[1], "000001_000000.json", json.dumps({"boxes": bad_boxes}).encode())
     # a corrupt tar header mid-shard: its sample fails, the samples after it are still read
     Path(urls[0]).write_bytes(corrupt_header(Path(urls[0]).read_bytes(), "000000_000002.jpg"))
     options = dict(s3.storage_options)
@@ -139,6 +142,9 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
     assert damage.startswith("corrupt tar header (bad checksum): member '000000_000002.jpg', which it names,")
     assert (summary["cut_shards"], summary["damaged_shards"]) == ([], ["shapes-000000"])
     assert "input shards that have corrupt tar headers: shapes-000000 (damaged_shards)" in format_summary(summary)
+    box_reasons = {"box is not 4 finite numbers [x0, y0, x1, y1]": 1, "box outside the image": 1}
+    assert {reason: summary["zoom_skipped"].get(reason) for reason in box_reasons} == box_reasons
+    assert "1 x box outside the image" in format_summary(summary)
     # One CPU per actor (the default): its torch gets one thread (unless the environment says
     # otherwise), so its reader and writer take turns with the model instead of stalling a parallel
     # operation over every core.
@@ -167,6 +173,7 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
                     assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
         marker = fs.read_json(fs.join(cfg.output, schema.commit_path(name)), options)
         assert marker["read"]["end_of_archive"] and (marker["read"]["corrupt_bytes"] > 0) == (name == "shapes-000000")
+        assert (box_reasons.items() <= marker["stats"]["zoom_skipped"].items()) == (name == "shapes-000001")
         for entry in marker["files"].values():
             data = fs.read_bytes(fs.join(cfg.output, entry["path"]), options)
             assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)

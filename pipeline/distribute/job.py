@@ -155,11 +155,11 @@ def _vocabulary_writer(cfg: RunCfg, vocab: Vocabulary):
     return on_ready
 
 
-def _skipped_members(markers: list[dict[str, Any]]) -> dict[str, int]:
-    """Tar members that are not samples (hidden files, WebDataset metadata), by kind, over all markers."""
+def _summed_counts(markers: list[dict[str, Any]], section: str, field: str) -> dict[str, int]:
+    """The counts by kind of `marker[section][field]`, summed over all markers (older markers may lack them)."""
     total: dict[str, int] = {}
     for marker in markers:
-        for kind, n in marker.get("read", {}).get("skipped", {}).items():
+        for kind, n in marker.get(section, {}).get(field, {}).items():
             total[kind] = total.get(kind, 0) + n
     return total
 
@@ -215,8 +215,10 @@ def summarize(
             "ok": sum(m["ok"] for m in everything),
             "failed": sum(m["failed"] for m in everything),
             "errors": errors.to_dict(),
-            "skipped_members": _skipped_members(everything),
+            # tar members that are not samples (hidden files, WebDataset metadata), by kind
+            "skipped_members": _summed_counts(everything, "read", "skipped"),
         },
+        "zoom_skipped": _summed_counts(everything, "stats", "zoom_skipped"),  # proposals dropped, boxes skipped
         "labelled_now": {"ok": ok, "failed": sum(m["failed"] for m in markers)},
         "cut_shards": incomplete,  # committed, but their input tar ends early or is corrupt (marker `read`)
         "damaged_shards": damaged,  # committed, but headers in their input tar were corrupt and skipped

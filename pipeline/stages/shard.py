@@ -77,6 +77,7 @@ class ShardLabeler:
         started = time.perf_counter()
         name = schema.shard_name(url)
         timer = _Timer()
+        self.labeler.take_skipped()  # what a failed attempt counted is not this shard's
         sink = LabelShardSink(self.cfg.output, name, len(self.vocab), self.context, self.cfg.storage_options)
         reader = _ReadAhead(url, self.cfg, maxsize=self.prefetch * self.cfg.infer.batch_size, timer=timer)
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{name}")
@@ -104,6 +105,7 @@ class ShardLabeler:
         writer.shutdown(wait=True)
         stats = {k: round(v, 4) for k, v in vars(timer).items()} | {"wall_s": round(time.perf_counter() - started, 4)}
         stats |= {"peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "committed_at": round(time.time(), 3)}
+        stats["zoom_skipped"] = self.labeler.take_skipped()  # zoom proposals dropped and sample boxes skipped
         if sink.n_ok + sink.n_failed != reader.count:  # the promise of a committed shard: one row per sample
             sink.abort()
             raise RuntimeError(f"shard {url}: {reader.count} samples read but {sink.n_ok + sink.n_failed} rows")

@@ -51,7 +51,7 @@ class ZoomLabeler:
     """A `DenseLabeler` with zoom-in: the one object `segment`, `label` and `eval` call.
 
     `boxes` arguments are per image the raw `json["boxes"]` of its sample (or None). `skipped` counts
-    the proposals dropped and the boxes skipped, by reason.
+    the proposals dropped and the boxes skipped, by reason, until `take_skipped` hands them out.
     """
 
     def __init__(self, labeler: DenseLabeler, cfg: ZoomCfg) -> None:
@@ -60,6 +60,11 @@ class ZoomLabeler:
         self.labeler = labeler
         self.cfg = cfg
         self.skipped = CappedCounter()
+
+    def take_skipped(self) -> dict[str, int]:
+        """The proposals dropped and boxes skipped since the last call, by reason; counting starts afresh."""
+        skipped, self.skipped = self.skipped, CappedCounter()
+        return skipped.to_dict()
 
     @property
     def ignore(self) -> int:
