@@ -22,6 +22,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 from pipeline.config import ConfigError
 
@@ -40,10 +41,26 @@ COMMANDS = [
 ]
 
 
+def _add_global_flags(parser: argparse.ArgumentParser, default: object = False) -> None:
+    """The flags every command takes, before or after its name."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A (sub)command's parser: it takes the global flags too, so `clipdense label -v` works as
+    `clipdense -v label` does. Their default is SUPPRESS so that a flag given before the command
+    is not reset by the command's parser; `add_subparsers` of a subcommand (`config show`) makes
+    parsers of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_global_flags(self, default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipdense", description="Dense CLIP pseudo-labels at scale.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_global_flags(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from jobs.cli import main
+from jobs.cli import build_parser, main
 from pipeline.config import DEFAULT_HEAD, ConfigError, RunCfg, config_hash, diff_keys, dump_yaml, load_config
 
 
@@ -98,6 +100,21 @@ def test_config_show_cli(tmp_path, capsys):
     assert "crop: 224" in shown and "name: shapes-clip" in shown
     assert main(["config", "show", str(path), "infer.crop=big"]) == 2
     assert "infer.crop: expected a whole number, got 'big'" in capsys.readouterr().err
+
+
+def test_global_flags_work_before_and_after_the_command(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("input: [a.tar]\noutput: out\n")
+    for argv in (
+        ["-v", "config", "show", str(path)],
+        ["config", "show", "-v", str(path)],
+        ["config", "show", str(path), "--verbose"],
+    ):
+        assert main(argv) == 0
+        assert logging.getLogger().level == logging.DEBUG, argv
+    assert main(["config", "show", str(path)]) == 0  # a flag not given after the command keeps its default
+    assert logging.getLogger().level == logging.INFO
+    assert build_parser().parse_args(["label", "run.yaml", "-v"]).verbose
 
 
 def test_a_warmup_as_long_as_the_schedule_is_warned_about(caplog):
