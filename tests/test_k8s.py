@@ -154,6 +154,22 @@ def test_every_manifest_command_is_a_clipdense_command_with_a_valid_config(rende
                 check_retrain(cfg)  # required keys, and its finetune section's keys
 
 
+def test_shipped_retrain_config_never_publishes_a_first_version_worse_than_the_teacher(rendered, tmp_path):
+    """A first cron step must beat the labeler's CLIP to publish, and its student starts where the teacher is."""
+    from open_clip.tokenizer import SimpleTokenizer  # the BPE tokenizer a student's contexts are built with
+
+    local = tmp_path / "retrain.yaml"
+    local.write_text(k8s.mounted_configs(rendered["cpu"])["/config/retrain.yaml"])
+    cfg = load_config(str(local), cls=RetrainCfg)
+    check_retrain(cfg)
+    # Off, the first version is published whatever its score, and the next labeling run uses it.
+    assert cfg.gate_first is True and cfg.min_gain >= 0
+    student = cfg.finetune["student"]
+    assert student["dense"] == "value" and student["residual"] is True
+    # A context_init of another token count is refused only when the model is built, an hour into a step.
+    assert len(SimpleTokenizer().encode(student["context_init"])) == student["n_contexts"]
+
+
 def test_dockerfile_passes_hadolint_and_runs_as_non_root():
     hadolint = Path(sys.executable).with_name("hadolint")
     out = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
