@@ -12,6 +12,8 @@ import pytest
 from PIL import Image, ImageCms
 
 from pipeline.io.decode import _srgb_transform, decode_image
+from pipeline.io.read import iter_samples
+from pipeline.io.tarwrite import TarShardWriter
 
 RAMP = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit value once
 
@@ -173,6 +175,21 @@ def test_an_srgb_profile_or_one_that_cannot_be_read_leaves_the_pixels_as_stored(
     with caplog.at_level(logging.WARNING, logger="pipeline.io.decode"):
         assert np.array_equal(decode_image(_png_with_profile(COLOURS, b"not an ICC profile" * 20)), COLOURS)
     assert "cannot be used, pixels are read as sRGB" in caplog.text
+
+
+def test_an_unusable_profile_is_reported_once_naming_the_first_sample_and_shard_that_carried_it(tmp_path, caplog):
+    _srgb_transform.cache_clear()  # the warning is logged once per profile and process
+    broken = _png_with_profile(COLOURS, b"a profile no one can read" * 3)
+    url = str(tmp_path / "shard-000000.tar")
+    with TarShardWriter(url) as writer:
+        for key in ("first", "second"):
+            writer.write(key, {"png": broken})
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.decode"):
+        samples = list(iter_samples(url))
+    assert [np.array_equal(s.image, COLOURS) for s in samples] == [True, True]  # read as stored
+    (warning,) = [r.getMessage() for r in caplog.records if "ICC" in r.getMessage()]
+    assert f"an embedded ICC profile (75 bytes), first seen in sample 'first' of shard {url}, cannot be used" in warning
+    assert "second" not in warning
 
 
 def _noise(seed: int, size: tuple[int, int]) -> Image.Image:

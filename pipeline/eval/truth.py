@@ -213,7 +213,7 @@ def _voc_image(root: str, key: str, storage_options: dict | None) -> np.ndarray:
         url = fs.join(root, VOC_IMAGES_DIR, f"{key}.{ext}")
         if fs.exists(url, storage_options):
             try:
-                return decode_image(fs.read_bytes(url, storage_options))
+                return decode_image(fs.read_bytes(url, storage_options), where=url)
             except ValueError as exc:
                 raise ValueError(f"{url}: {exc}") from None
     raise FileNotFoundError(f"{root}: no image for {key} in {VOC_IMAGES_DIR}/")

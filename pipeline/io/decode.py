@@ -13,6 +13,7 @@ import functools
 import io
 import logging
 import re
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageCms
@@ -43,7 +44,7 @@ _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _LABEL_MODES = {"L": np.uint8, "P": np.uint8, "1": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I": np.uint16}
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, where: str = "") -> np.ndarray:
     """Decode image bytes (any format Pillow opens) to an (H, W, 3) uint8 RGB array, values 0..255.
 
     Pixels come out as stored: EXIF orientation is not applied, so label maps computed from this
@@ -55,10 +56,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     sRGB (Display P3 from phones, Adobe RGB, a CMYK press profile) is honoured: the pixels are
     converted to sRGB with LittleCMS (Pillow's `ImageCms`), as browsers show them and as CLIP's
     training images were seen. A profile that cannot be read leaves the pixels as stored, with one
-    warning per profile. 16-bit grey (modes `I;16*`, and mode `I` as PNG and PGM decode 16-bit
-    files) is scaled by 255/65535 with rounding, without its profile; Pillow's own conversion would
-    clip every value above 255 to white. 32-bit integer (`I`, other formats) and float (`F`)
-    pixels have no defined white level, so they are refused rather than guessed.
+    warning per profile that names `where` (the caller's words for the image, e.g. its sample and
+    shard) of the first image that carried it. 16-bit grey (modes `I;16*`, and mode `I` as PNG and
+    PGM decode 16-bit files) is scaled by 255/65535 with rounding, without its profile; Pillow's own
+    conversion would clip every value above 255 to white. 32-bit integer (`I`, other formats) and
+    float (`F`) pixels have no defined white level, so they are refused rather than guessed.
 
     Raises:
         ValueError: the bytes are not a readable image, have too many pixels, or the mode has no
@@ -73,30 +75,54 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             "store it as 8- or 16-bit"
         )
     try:
-        return _grey16_to_rgb(image) if sixteen_bit else np.array(_as_srgb(image), dtype=np.uint8)
+        return _grey16_to_rgb(image) if sixteen_bit else np.array(_as_srgb(image, where), dtype=np.uint8)
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError... for malformed data or modes
         raise ValueError(f"cannot decode {image.format} image (mode {image.mode}): {_describe(exc)}") from None
 
 
-def _as_srgb(image: Image.Image) -> Image.Image:
+def _as_srgb(image: Image.Image, where: str) -> Image.Image:
     """The image in mode RGB, its pixels converted to sRGB when it embeds another colour space's profile."""
     icc, source = image.info.get("icc_profile"), _ICC_SOURCE_MODES.get(image.mode)
     transform = _srgb_transform(icc, source) if icc and source else None
-    if transform is None:
+    if isinstance(transform, _UnusableProfile):
+        transform.warn_once(where)
+    if not isinstance(transform, ImageCms.ImageCmsTransform):
         return image.convert("RGB")
     return ImageCms.applyTransform(image if image.mode == source else image.convert(source), transform)
 
 
+@dataclass(eq=False)
+class _UnusableProfile:
+    """An embedded ICC profile that cannot be used (`problem` says why). Cached with the transforms, so
+    its warning is logged once per profile, naming the first image that carried it."""
+
+    size: int  # bytes
+    problem: str
+    warned: bool = False
+
+    def warn_once(self, where: str) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        first = f", first seen in {where}," if where else ""
+        logger.warning(
+            "an embedded ICC profile (%d bytes)%s cannot be used, pixels are read as sRGB: %s",
+            self.size,
+            first,
+            self.problem,
+        )
+
+
 @functools.lru_cache(maxsize=32)
-def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform from the profile `icc` (of images in `mode`) to sRGB RGB; None for a profile that
-    cannot be used, or that is sRGB already: its transform gives back every level of a probe (grey
-    ramp and colour grid) within one, whatever the profile's version, white point or tables say."""
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | _UnusableProfile | None:
+    """The transform from the profile `icc` (of images in `mode`) to sRGB RGB; `_UnusableProfile` for a
+    profile that cannot be used; None for one that is sRGB already: its transform gives back every level
+    of a probe (grey ramp and colour grid) within one, whatever the profile's version, white point or
+    tables say."""
     try:
         transform = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), _SRGB, mode, "RGB")
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as exc:
-        logger.warning("an embedded ICC profile (%d bytes) cannot be used, pixels are read as sRGB: %s", len(icc), exc)
-        return None
+        return _UnusableProfile(len(icc), str(exc))
     probe = _probe(mode)
     if probe is not None:
         back = np.asarray(ImageCms.applyTransform(probe, transform), dtype=np.int16)

@@ -357,7 +357,7 @@ def _finish(url: str, group: _Group, max_pixels: int) -> Sample | SampleError:
             problems.append(f"txt: not UTF-8 ({exc})")
     if image_ext is not None and not problems:  # decode last: the costliest check
         try:
-            image = decode_image(members.pop(image_ext), max_pixels)
+            image = decode_image(members.pop(image_ext), max_pixels, where=f"sample {group.key!r} of shard {url}")
         except ValueError as exc:
             problems.append(f"{image_ext}: {exc}")
     if problems:
