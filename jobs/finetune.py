@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from jobs.label import split_config_args
 from pipeline.config import ConfigError, load_config
 
 
@@ -21,14 +22,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file or URL (labels: [RUN_OUTPUT, ...], output: URL)")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="YAML config file or URL (labels: [RUN_OUTPUT, ...], output: URL); optional with overrides",
+    )
     parser.add_argument("overrides", nargs="*", metavar="k=v", help="dotted overrides, e.g. optim.steps=500")
 
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.train import FinetuneCfg, finetune
 
-    summary = finetune(load_config(args.config, args.overrides, cls=FinetuneCfg))
+    file, overrides = split_config_args(args)
+    summary = finetune(load_config(file, overrides, cls=FinetuneCfg))
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -117,6 +117,14 @@ def test_global_flags_work_before_and_after_the_command(tmp_path):
     assert build_parser().parse_args(["label", "run.yaml", "-v"]).verbose
 
 
+def test_finetune_takes_overrides_without_a_config_file(tmp_path, capsys):
+    missing = tmp_path / "no-run"
+    assert main(["finetune", f"labels=[{missing}]", f"output={tmp_path / 'out'}"]) == 2
+    # The overrides were read as the config (as label and retrain read them), not as a file name.
+    assert f"{missing} is not a labeling run's output" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_warmup_as_long_as_the_schedule_is_warned_about(caplog):
     from pipeline.train.config import FinetuneCfg, check
 
