@@ -153,6 +153,31 @@ def test_the_same_extension_in_two_cases_is_a_duplicate_member(tmp_path):
     assert "duplicate member 'a.JPG'" in records[0].reason
 
 
+def test_an_image_named_with_a_second_dot_fails_with_a_reason_that_says_where_the_key_ends(tmp_path):
+    jpg = image_bytes(gradient(), "JPEG")
+    members = [
+        ("IMG_0001.edited.jpg", jpg),
+        ("IMG_0002.edited.jpg", jpg),
+        ("IMG_0003.jpg", jpg),
+        ("IMG_0003.edited.jpg", jpg),  # beside its own image: an extra member, not a fault
+        ("truth_only.seg.png", image_bytes(gradient()[..., 0])),
+    ]
+    url = str(tmp_path / "edits.tar")
+    fs.put_atomic(url, _tar(members))
+    records = list(iter_samples(url))
+    assert [(type(r).__name__, r.key) for r in records] == [
+        ("SampleError", "IMG_0001"),
+        ("SampleError", "IMG_0002"),
+        ("Sample", "IMG_0003"),
+        ("SampleError", "truth_only"),
+    ]
+    hint = "members: edited.jpg (the key ends at the first dot: a member named KEY.edited.jpg belongs to key KEY)"
+    assert records[0].reason.endswith(hint)
+    assert records[0].reason == records[1].reason  # one fault, one reason: summaries group it
+    assert records[2].extra == {"edited.jpg": jpg}
+    assert records[3].reason.endswith("; members: seg.png")  # a truth map is no misnamed image
+
+
 @pytest.mark.parametrize("suffix", [".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"])
 def test_compressed_shards_stream_to_the_same_samples(storage, suffix):
     root, options = storage

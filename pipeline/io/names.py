@@ -16,6 +16,7 @@ which WebDataset's key pattern also never matches, and WebDataset's own metadata
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 # WebDataset's default `skip_meta` (tariterators.tar_file_iterator).
 _WDS_META = re.compile(r"__[^/]*__($|/)")
@@ -51,6 +52,16 @@ def split_name(name: str) -> tuple[str, str]:
     stem, dot, ext = base.partition(".")
     key = f"{folder}/{stem}" if folder else stem
     return key, ext.lower() if dot else ""
+
+
+def dotted_extension(exts: Iterable[str], wanted: Iterable[str]) -> str | None:
+    """The first of `exts` that is one of `wanted` after a further dot (`edited.jpg` for `jpg`), else None.
+
+    Such an extension comes from a name such as `IMG_0001.edited.jpg`, whose key ended at its first dot:
+    the member belongs to key `IMG_0001` under extension `edited.jpg`, not to `IMG_0001.edited` as `jpg`.
+    """
+    wanted = set(wanted)
+    return next((ext for ext in exts if "." in ext and ext.rpartition(".")[2] in wanted), None)
 
 
 def skip_reason(name: str) -> str | None:

@@ -341,6 +341,11 @@ def _finish(url: str, group: _Group, max_pixels: int) -> Sample | SampleError:
     image_ext = next((ext for ext in schema.IMAGE_EXTS if ext in members), None)
     if image_ext is None and not problems:
         found = ", ".join(sorted(members)) or "none"
+        # seg.png is the truth map, not a misnamed image; the first dotted extension in name order keeps
+        # the reason the same for the same members
+        dotted = names.dotted_extension(sorted(set(members) - {schema.TRUTH_EXT}), schema.IMAGE_EXTS)
+        if dotted is not None:
+            found += f" (the key ends at the first dot: a member named KEY.{dotted} belongs to key KEY)"
         problems.append(f"no image member (one of {', '.join(schema.IMAGE_EXTS)}); members: {found}")
     image = meta = text = None
     if schema.JSON_EXT in members:
