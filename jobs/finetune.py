@@ -8,7 +8,7 @@ import json
 import sys
 
 from jobs.label import split_config_args
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,11 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a DenseCLIP student on pseudo-label shards",
         description=__doc__.split("\n\n")[0].split(": ", 1)[-1],
     )
-    _arguments(parser)
-    parser.set_defaults(func=_run)
-
-
-def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config",
         nargs="?",
@@ -29,6 +24,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="YAML config file or URL (labels: [RUN_OUTPUT, ...], output: URL); optional with overrides",
     )
     parser.add_argument("overrides", nargs="*", metavar="k=v", help="dotted overrides, e.g. optim.steps=500")
+    parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -41,17 +37,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
-    _arguments(parser)
-    args = parser.parse_args(argv)
-    from pipeline.obs import setup_logging
+    from jobs.cli import main as cli_main
 
-    setup_logging()
-    try:
-        return _run(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"finetune: error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

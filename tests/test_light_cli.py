@@ -1,12 +1,20 @@
 """The command line stays light: building the parser and `clipdense config show` load no model
-library (torch, open_clip), no Ray, and stay within a small peak RSS, whatever commands are added."""
+library (torch, open_clip), no Ray, and stay within a small peak RSS, whatever commands are added.
+Every `python -m jobs.X` entry is that command line, so it reports errors as `clipdense X` does."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from jobs.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "open_clip", "ray", "pipeline.models", "matplotlib")
@@ -41,6 +49,43 @@ def test_config_show_builds_every_command_yet_loads_no_model_library_and_no_ray(
     result = _probe("config", "show", str(config))  # the parser imports every module in jobs.cli.COMMANDS
     assert result["code"] == 0 and result["heavy"] == []
     assert result["peak_mb"] < MAX_RSS_MB
+
+
+@pytest.mark.parametrize("module", [name for name in COMMANDS if hasattr(importlib.import_module(name), "main")])
+def test_every_python_m_entry_is_the_clipdense_command(module, capsys):
+    command = module.removeprefix("jobs.").replace("_", "-")
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(module).main(["--help"])
+    assert stopped.value.code == 0 and capsys.readouterr().out.startswith(f"usage: clipdense {command} ")
+
+
+@pytest.mark.slow
+def test_python_m_finetune_reports_an_unreachable_store_in_one_line(tmp_path):
+    """As `clipdense finetune` does: one line naming the endpoint, exit 2, no botocore traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    with socket.socket() as sock:  # bound but not listening: a connection is refused at once
+        sock.bind(("127.0.0.1", 0))
+        endpoint = env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        args = ["labels=[s3://qa-bucket/run]", f"output={tmp_path / 'out'}"]
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.finetune", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    err = [line for line in done.stderr.strip().splitlines() if " | INFO | " not in line]  # log records
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith(f"clipdense finetune: error: object store endpoint {endpoint} could not be reached (")
 
 
 if __name__ == "__main__":  # the figures: python tests/test_light_cli.py
