@@ -21,6 +21,7 @@ import sys
 
 from jobs.label import with_head_option
 from pipeline.config import RunCfg, load_config
+from pipeline.eval import counted
 from pipeline.eval.truth import TruthSet, open_truth
 from pipeline.io import fs
 from pipeline.vocab import Vocabulary
@@ -149,7 +150,8 @@ def _run_head(args: argparse.Namespace, cfg: RunCfg, truth: TruthSet) -> dict:
 
         zs = report["zero_shot"] = zero_shot_accuracy(labeler.backbone, labeler.templates, args.zero_shot)
         print(
-            f"\nzero-shot image-level accuracy on {zs['n']} single-object ShapeWorld scenes: class {_fmt(zs['accuracy'])}, "
+            f"\nzero-shot image-level accuracy on {counted(zs['n'], 'single-object ShapeWorld scene')}: "
+            f"class {_fmt(zs['accuracy'])}, "
             f"colour {_fmt(zs['colour_accuracy'])}, shape {_fmt(zs['shape_accuracy'])} (chance {_fmt(zs['chance'])})"
         )
     return report
@@ -197,13 +199,10 @@ _COLUMNS = (
 )
 
 
-def _classes(n: int) -> str:
-    return f"{n} class" if n == 1 else f"{n} classes"
-
-
 def _print_report(report: dict, title: str) -> None:
     print(
-        f"{report['n_images']} images of {report['truth']} ({report['truth_kind']}), {_classes(len(report['classes']))}"
+        f"{counted(report['n_images'], 'image')} of {report['truth']} ({report['truth_kind']}), "
+        f"{counted(len(report['classes']), 'class', 'classes')}"
     )
     print("\nper-class IoU of " + title)
     absent = 0
@@ -216,7 +215,9 @@ def _print_report(report: dict, title: str) -> None:
             most = f"   most often taken for {taken['class']} ({taken['share']:.2f})" if taken else ""
             print(f"  {name:<28} {_fmt(value)}{most}")
     if absent:
-        print(f"  ({_classes(absent)} in neither truth nor prediction: not scored, left out of the mean)")
+        print(
+            f"  ({counted(absent, 'class', 'classes')} in neither truth nor prediction: not scored, left out of the mean)"
+        )
     rows = {"model": report, **report["baselines"]}
     print(f"\n{'':<16}" + "".join(f"{col:>10}" for col, _ in _COLUMNS))
     for name, summary in rows.items():
@@ -239,9 +240,9 @@ def _print_calibration(report: dict) -> None:
         print(f"  background offset {offset:+.4f}  mIoU {_fmt(miou)}")
     best, meta = report["background_offset"], report["model_meta_offset"]
     print(
-        f"best background offset {best:.4f} (mIoU {_fmt(report['mIoU'])} on {report['n_images']} calibration "
-        f"images): ship it as background_offset in the model's meta.json, or run with "
-        f"vocab.background_offset={best - meta:.4f} (the model's meta.json adds {meta:.4f})"
+        f"best background offset {best:.4f} (mIoU {_fmt(report['mIoU'])} on "
+        f"{counted(report['n_images'], 'calibration image')}): ship it as background_offset in the model's "
+        f"meta.json, or run with vocab.background_offset={best - meta:.4f} (the model's meta.json adds {meta:.4f})"
     )
 
 

@@ -118,6 +118,7 @@ def test_cli_writes_table_and_json(shapes, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["eval", "--truth", shapes, "--pred", run, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert printed.startswith(f"6 images of {shapes} (shards), 37 classes\n")
     assert "all_background" in printed and "not scored, left out of the mean" in printed
     report = json.loads(out.read_text())
     for field in ("mIoU", "per_class", "background_iou", "small_object_iou", "baselines"):
@@ -244,6 +245,15 @@ def test_true_class_diagnostic_is_perfect_on_single_class_images(tmp_path):
     report = evaluate_labelers(truth, DenseLabeler(cfg, truth.vocab), top_k=1)
     assert report["diagnostics"]["true_classes"]["mIoU"] == 1.0
     assert report["n_images"] == 2
+
+
+def test_a_voc_split_of_one_image_is_counted_in_the_singular(tmp_path, capsys):
+    voc = _voc_folder(tmp_path / "voc")
+    (tmp_path / "voc" / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "voc" / "ImageSets" / "Segmentation" / "one.txt").write_text("img1\n")
+    argv = ["eval", "--truth", voc, "--split", "one", "--head", "maskclip", "--no-random-baseline", *TINY]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"1 image of {voc} (voc), 3 classes"
 
 
 def test_background_calibration_scans_offsets_on_one_forward_pass(shapes):

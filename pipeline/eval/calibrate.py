@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.eval import counted
 from pipeline.eval.evaluate import ScoreModel, batches
 from pipeline.eval.metrics import ConfusionMatrix
 from pipeline.eval.truth import TruthSample, TruthSet
@@ -74,7 +75,7 @@ def best_background_offset(
                 shifted[bg] += shift
                 matrix.update(sample.truth, labeler.finalize(shifted, sample.truth.shape).labels)
         n += len(batch)
-        logger.info("calibration: %d images scored at %d offsets", n, len(shifts))
+        logger.info("calibration: %s scored at %s", counted(n, "image"), counted(len(shifts), "offset"))
     if n == 0:
         raise ValueError(f"{where}: no calibration samples with ground truth")
     mious = np.array([m.miou() for m in matrices])

@@ -67,7 +67,7 @@ def evaluate_run_output(truth: TruthSet, preds: RunOutputPredictions) -> dict:
         raise ValueError(f"{preds.url} has no label map for any sample of {truth.url}: was it labelled from them?")
     if missing:
         logger.warning(
-            "%d of %d truth samples have no committed label map in %s (scored as misses)", missing, n, preds.url
+            "truth samples without a committed label map in %s (scored as misses): %d of %d", preds.url, missing, n
         )
     report = _report(truth, n, model, baseline.scores)
     report["predictions"] = {"run_output": preds.url, "committed_shards": len(preds.committed), "missing": missing}

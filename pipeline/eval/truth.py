@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline import schema
+from pipeline.eval import counted
 from pipeline.eval.metrics import TruthObject
 from pipeline.io import fs
 from pipeline.io.decode import decode_image, decode_label_png
@@ -116,7 +117,7 @@ def _shard_samples(truth: TruthSet) -> Iterator[TruthSample]:
                 continue
             yield found
     if missing:
-        logger.warning("%d samples in %s have no %s and were not scored", missing, truth.url, schema.TRUTH_EXT)
+        logger.warning("%s in %s without %s, not scored", counted(missing, "sample"), truth.url, schema.TRUTH_EXT)
 
 
 def _shard_sample(truth: TruthSet, url: str, shard: str, sample: Sample | SampleError) -> TruthSample | None:
