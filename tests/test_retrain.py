@@ -110,6 +110,17 @@ def test_watermark_counts_committed_shards_and_redone_ones(s3, s3_root):
     assert watermark.find_runs([fs.join(s3_root, "nothing")], so) == []  # a prefix no run wrote to yet
 
 
+@pytest.mark.s3
+def test_watermark_of_an_object_store_prefix_does_not_depend_on_trailing_slashes(s3, s3_root):
+    so = dict(s3.storage_options)
+    labels = fs.join(s3_root, "labels")
+    run = rh.run_output(labels, "run-1", ["a"], so)
+    mark = watermark.current_watermark([labels], so)
+    assert list(mark) == [run] and list(mark[run]) == ["a"]
+    for spelled in (f"{labels}/", f"{labels}//", f"{run}/"):
+        assert watermark.current_watermark([spelled], so) == mark, spelled
+
+
 def test_watermark_hashes_the_markers_that_read_markers_parses(tmp_path):
     run = rh.run_output(str(tmp_path / "labels"), "run-1", ["b", "a"], None)
     raw = marker_bytes(run, ["b", "a"])
@@ -369,6 +380,40 @@ def test_a_finished_step_keeps_its_metrics_but_not_its_checkpoints(tmp_path):
     assert sorted(os.listdir(tmp_path / "models" / "v0001" / "model")) == sorted(rh.MODEL_FILES)
 
 
+@pytest.mark.slow
+def test_relative_local_paths_reach_the_fine_tune_absolute_and_spelled_any_way_are_one_key(tmp_path, monkeypatch):
+    """A Ray Train worker runs in a folder of its own: there a relative `models` lists as empty, and a
+    lease check built from it would say the lease was taken."""
+    one_run_cfg(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict(RetrainCfg, {"labels": ["labels"], "models": "models", "truth": ["truth"], "lease_seconds": 2.0})
+    seen: dict = {}
+
+    def in_a_worker_folder(start, runs, output, so, stop):
+        monkeypatch.chdir(tmp_path / "labels")  # where rank 0 asks the lease check
+        seen.update(runs=runs, output=output, stop=stop())
+        return rh.export_shipped(start, runs, output, so, stop)
+
+    done = retrain_step(cfg, in_a_worker_folder)
+    assert done["outcome"] == "published", done
+    train = str(tmp_path / "models" / "_steps" / done["key"] / "train")
+    assert seen == {"runs": [str(tmp_path / "labels" / "run-1")], "output": train, "stop": False}
+
+    def no_training(*args):
+        raise AssertionError("the same shards must not be fine-tuned again")
+
+    monkeypatch.chdir(tmp_path)
+    for labels, models in (("./labels/", "./models/"), (str(tmp_path / "labels"), str(tmp_path / "models"))):
+        again = retrain_step(dataclasses.replace(cfg, labels=[labels], models=models), no_training)
+        assert (again["outcome"], again["new_shards"], again["key"]) == ("nothing-new", 0, done["key"]), labels
+    # A version published before the step made its paths absolute recorded the runs as spelled.
+    url = tmp_path / "models" / "v0001" / versions.VERSION
+    published = json.loads(url.read_text())
+    published["watermark"] = {"labels/run-1": published["watermark"][str(tmp_path / "labels" / "run-1")]}
+    url.write_text(json.dumps(published))
+    assert retrain_step(cfg, no_training)["new_shards"] == 0
+
+
 def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
     cfg = step_cfg(str(tmp_path), {}, finetune={"optim": {"step": 10}})
     with pytest.raises(ConfigError, match="unknown config key 'finetune.optim.step'"):
@@ -502,7 +547,7 @@ def test_a_wrong_truth_is_refused_before_the_lease_and_the_fine_tune(tmp_path, c
     config.write_text(f"labels: {cfg.labels}\nmodels: {cfg.models}\ntruth: [{tmp_path}/truth]\n")
     assert retrain_main([str(config), f"truth=[{tmp_path}/nosuch-truth/]", "finetune.optim.steps=2"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"clipdense retrain: error: truth: input spec '{tmp_path}/nosuch-truth/' matches no shard"
+        f"clipdense retrain: error: truth: input spec '{tmp_path}/nosuch-truth' matches no shard"  # normalised
     )
     assert not (tmp_path / "models").exists()  # no lease, no fine-tune output
 

@@ -6,10 +6,12 @@ then dotted `k=v` overrides, unknown keys are errors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import from_dict
+from pipeline.outputs import local_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +61,19 @@ def check(cfg: RetrainCfg) -> None:
         check_finetune(finetune)
     except ValueError as exc:
         raise ValueError(f"retrain config: finetune: {exc}") from exc
+
+
+def canonical_retrain_config(cfg: RetrainCfg) -> RetrainCfg:
+    """`cfg` with its local `labels`, `models` and `truth` absolute and normalised
+    (`pipeline.outputs.local_path`), taken from the current folder; other stores' URLs as written.
+
+    The lease check goes to Ray Train's rank 0, which runs in a folder of its own: a relative `models`
+    lists as empty there, and the step would take its lease for lost. Made absolute here, in the driver,
+    `labels`, `./labels/` and the absolute path are also one watermark and one key.
+    """
+    return dataclasses.replace(
+        cfg,
+        labels=[local_path(url) for url in cfg.labels],
+        models=local_path(cfg.models),
+        truth=[local_path(url) for url in cfg.truth],
+    )

@@ -33,7 +33,7 @@ from pipeline.eval.truth import TruthSet, open_truth
 from pipeline.io import fs
 from pipeline.outputs import read_run_config
 from pipeline.retrain import lease, score, versions, watermark
-from pipeline.retrain.config import EXECUTION_KEYS, RetrainCfg, check
+from pipeline.retrain.config import EXECUTION_KEYS, RetrainCfg, canonical_retrain_config, check
 from pipeline.train.checkpoint import CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,11 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
     Raises ConfigError or ValueError naming the key for a bad config, a local `labels` folder that
     does not exist or a `truth` that holds no truth set, before taking the lease or training."""
     check(cfg)
+    cfg = canonical_retrain_config(cfg)
     so = cfg.storage_options or None
     mark = watermark.current_watermark(cfg.labels, so)
     live = versions.read_latest(cfg.models, so)
-    trained = live["watermark"] if live else {}
+    trained = watermark.canonical(live["watermark"]) if live else {}
     key = step_key(cfg, mark)
     record: dict[str, Any] = {
         "key": key,

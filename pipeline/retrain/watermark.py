@@ -15,7 +15,7 @@ import logging
 
 from pipeline import schema
 from pipeline.io import fs
-from pipeline.outputs import committed_shards, marker_bytes
+from pipeline.outputs import committed_shards, local_path, marker_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,13 @@ def current_watermark(specs: list[str], storage_options: dict | None = None) -> 
     n = sum(len(m) for m in mark.values())
     logger.info("%d committed shards in %d labeling runs", n, len(mark))
     return mark
+
+
+def canonical(mark: Watermark) -> Watermark:
+    """`mark` with its local run URLs absolute (`pipeline.outputs.local_path`), from the current folder:
+    versions published before the step made its paths absolute recorded them as spelled, and are still
+    trained on the same shards."""
+    return {local_path(run): shards for run, shards in mark.items()}
 
 
 def digest(mark: Watermark) -> str:
