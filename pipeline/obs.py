@@ -7,8 +7,10 @@ import socket
 import sys
 from collections import Counter
 
-# Storage clients whose debug lines carry request headers (an access key id in Authorization):
-# they stay at INFO when the run logs at DEBUG, so `-v` never prints a credential.
+# Third-party clients. Their INFO lines (botocore's "Found credentials in environment variables") are
+# chatter above a command's own output and one-line errors, so they show only under `-v` (DEBUG); their
+# debug lines carry request headers (an access key id in Authorization), so even `-v` stops at INFO
+# and never prints a credential.
 QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google", "urllib3", "aiohttp", "fsspec")
 
 
@@ -18,8 +20,9 @@ def setup_logging(level: int = logging.INFO, include_host: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_EscapingFormatter(f"%(asctime)s | {host}%(levelname)s | %(name)s | %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    quiet = logging.INFO if level <= logging.DEBUG else max(level, logging.WARNING)
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(level, logging.INFO))
+        logging.getLogger(name).setLevel(quiet)
 
 
 class _EscapingFormatter(logging.Formatter):

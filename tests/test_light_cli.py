@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ MAX_RSS_MB = 250  # the modules config show needs take about 70 MB; torch and op
 # size (a pytest process that has loaded torch).
 PROBE = """
 import json, re, sys, time
+from collections.abc import Iterator
 from pathlib import Path
 started = time.perf_counter()
 from jobs.cli import main
@@ -59,9 +61,10 @@ def test_every_python_m_entry_is_the_clipdense_command(module, capsys):
     assert stopped.value.code == 0 and capsys.readouterr().out.startswith(f"usage: clipdense {command} ")
 
 
-@pytest.mark.slow
-def test_python_m_finetune_reports_an_unreachable_store_in_one_line(tmp_path):
-    """As `clipdense finetune` does: one line naming the endpoint, exit 2, no botocore traceback."""
+@pytest.fixture
+def unreachable_store() -> Iterator[dict[str, str]]:
+    """An environment with AWS keys whose S3 endpoint is a loopback port bound but not listening (a
+    connection is refused at once); AWS_MAX_ATTEMPTS=1 bounds botocore's retries."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env |= {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -71,21 +74,35 @@ def test_python_m_finetune_reports_an_unreachable_store_in_one_line(tmp_path):
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_MAX_ATTEMPTS": "1",
     }
-    with socket.socket() as sock:  # bound but not listening: a connection is refused at once
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        endpoint = env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        args = ["labels=[s3://qa-bucket/run]", f"output={tmp_path / 'out'}"]
-        done = subprocess.run(
-            [sys.executable, "-m", "jobs.finetune", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    err = [line for line in done.stderr.strip().splitlines() if " | INFO | " not in line]  # log records
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield env
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_python_m_finetune_reports_an_unreachable_store_in_one_line(tmp_path, unreachable_store):
+    """As `clipdense finetune` does: one line naming the endpoint, exit 2, no botocore traceback."""
+    done = _run(unreachable_store, "-m", "jobs.finetune", "labels=[s3://qa-bucket/run]", f"output={tmp_path / 'out'}")
+    err = done.stderr.strip().splitlines()
+    endpoint = unreachable_store["AWS_ENDPOINT_URL"]
     assert done.returncode == 2 and len(err) == 1, done.stderr
     assert err[0].startswith(f"clipdense finetune: error: object store endpoint {endpoint} could not be reached (")
+
+
+def test_storage_clients_say_where_credentials_came_from_only_under_v(unreachable_store):
+    """botocore's INFO line "Found credentials in environment variables" stays off the terminal, above
+    the one-line error, unless `-v` asks for more."""
+    args = ["-m", "jobs.cli", "config", "show", "s3://qa-bucket/run.yaml"]
+    plain = _run(unreachable_store, *args)
+    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    assert plain.stderr.startswith("clipdense config: error: object store endpoint ")
+    verbose = _run(unreachable_store, *args, "-v")
+    assert verbose.returncode == 2 and "Found credentials in environment variables" in verbose.stderr
 
 
 if __name__ == "__main__":  # the figures: python tests/test_light_cli.py
