@@ -6,9 +6,10 @@ No API server runs in the tests, so a manifest is checked in three layers:
   are errors wherever a schema lists `properties` (unless it preserves unknown fields), a property
   with a `default` is not required (defaults are applied before `required` is checked), and
   `nullable: true` admits null;
-- what neither schema says: the operator's rules (submission mode, cluster spec xor selector) and this
-  project's (CronJob Forbid with a parseable schedule, Job pods never `Always` restart, references that
-  resolve, no literal credentials, GPUs only in the GPU overlay).
+- what neither schema says: the operator's rules (submission mode, cluster spec xor selector), the API
+  server's (a Job with a `podFailurePolicy` restarts Never and its rules name the pod's containers) and
+  this project's (CronJob Forbid with a parseable schedule, Job pods never `Always` restart, references
+  that resolve, no literal credentials, GPUs only in the GPU overlay).
 
 Every error is a `Problem(code, where, message)`; `code` names the rule, so a test can say which
 rules a broken manifest breaks.
@@ -166,13 +167,35 @@ def rule_problems(obj: dict[str, Any], variant: str) -> list[Problem]:
             out.append(Problem("cron-schedule", where, f"schedule {spec.get('schedule')!r} is not a cron expression"))
         spec = spec.get("jobTemplate", {}).get("spec", {})
     if kind in ("CronJob", "Job"):
-        restart = spec.get("template", {}).get("spec", {}).get("restartPolicy")
-        if restart not in ("Never", "OnFailure"):
-            out.append(Problem("restart-policy", where, f"a Job's pods restart Never or OnFailure, not {restart!r}"))
+        out += _job_pod_problems(spec, where)
     out += credential_problems(obj)
     gpus = [path for path, _ in _walk(obj) if path.endswith(f"/{GPU_RESOURCE}")]
     if gpus and variant != "gpu":
         out.append(Problem("gpu-in-cpu-overlay", where, f"{GPU_RESOURCE} asked for at {gpus[0]}"))
+    return out
+
+
+def _job_pod_problems(job: dict[str, Any], where: str) -> list[Problem]:
+    """A Job spec's restart policy, and the API server's rules on `podFailurePolicy` that its schema lacks."""
+    pod = job.get("template", {}).get("spec", {})
+    restart, policy = pod.get("restartPolicy"), job.get("podFailurePolicy")
+    # With OnFailure the kubelet restarts a failed container in place, so no pod fails for a rule to see.
+    allowed = ("Never",) if policy else ("Never", "OnFailure")
+    out = []
+    if restart not in allowed:
+        job_kind = "a Job with a podFailurePolicy" if policy else "a Job"
+        out.append(
+            Problem("restart-policy", where, f"{job_kind}'s pods restart {' or '.join(allowed)}, not {restart!r}")
+        )
+    names = {c.get("name") for c in pod.get("containers", []) + pod.get("initContainers", [])}
+    for i, rule in enumerate((policy or {}).get("rules", [])):
+        name = (rule.get("onExitCodes") or {}).get("containerName")
+        if name is not None and name not in names:
+            out.append(
+                Problem(
+                    "pod-failure-policy", f"{where} podFailurePolicy/rules/{i}", f"no container {name!r} in the pod"
+                )
+            )
     return out
 
 

@@ -122,6 +122,29 @@ def test_cronjob_settings(rendered):
         assert spec["concurrencyPolicy"] == "Forbid" and spec["startingDeadlineSeconds"] > 0
         assert job["template"]["spec"]["restartPolicy"] == "Never"
         assert job["backoffLimit"] > 0 and job["activeDeadlineSeconds"] > 0 and job["ttlSecondsAfterFinished"] > 0
+        # Exit 2 (bad config or input) fails the Job at once: a rerun would fail the same way.
+        (container,) = job["template"]["spec"]["containers"]
+        (fail,) = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+        assert fail["onExitCodes"] == {"containerName": container["name"], "operator": "In", "values": [2]}
+        assert all("onExitCodes" not in r for r in job["podFailurePolicy"]["rules"] if r is not fail)
+
+
+def test_pod_failure_policy_rules_the_api_server_enforces():
+    cronjob = k8s.one(k8s.render(OVERLAYS["cpu"]), "CronJob")
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert k8s.rule_problems(cronjob, "cpu") == []
+    # The kubelet restarts an OnFailure pod's container in place: no pod fails for the policy to see.
+    job["template"]["spec"]["restartPolicy"] = "OnFailure"
+    (problem,) = k8s.rule_problems(cronjob, "cpu")
+    assert problem.code == "restart-policy" and "podFailurePolicy" in problem.message
+    del job["podFailurePolicy"]
+    assert k8s.rule_problems(cronjob, "cpu") == []
+    job["podFailurePolicy"] = {
+        "rules": [{"action": "FailJob", "onExitCodes": {"containerName": "retrian", "operator": "In", "values": [2]}}]
+    }
+    job["template"]["spec"]["restartPolicy"] = "Never"
+    (problem,) = k8s.rule_problems(cronjob, "cpu")
+    assert problem.code == "pod-failure-policy" and "'retrian'" in problem.message
 
 
 def test_gpu_overlay_asks_for_gpus_and_the_cuda_image(rendered):
