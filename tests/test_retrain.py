@@ -121,6 +121,20 @@ def test_watermark_of_an_object_store_prefix_does_not_depend_on_trailing_slashes
         assert watermark.current_watermark([spelled], so) == mark, spelled
 
 
+@pytest.mark.s3
+def test_a_labels_prefix_that_holds_no_run_is_named_in_a_warning_at_each_step(s3, s3_root, caplog):
+    so = dict(s3.storage_options)
+    rh.run_output(fs.join(s3_root, "labels"), "run-1", [], so)  # a labeling run started, nothing committed
+    # A mistyped prefix; on S3 a `//` keeps an empty key segment (`x//labels/...`), so it is another prefix.
+    wrong = [fs.join(s3_root, "lables"), f"{s3_root}//labels"]
+    cfg = step_cfg(s3_root, so, labels=[fs.join(s3_root, "labels"), *wrong])
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.retrain.watermark"):
+            assert retrain_step(cfg, rh.export_shipped)["outcome"] == "nothing-new"
+        assert [r.getMessage().split(" holds no")[0] for r in caplog.records] == [f"labels: {u}" for u in wrong]
+
+
 def test_watermark_hashes_the_markers_that_read_markers_parses(tmp_path):
     run = rh.run_output(str(tmp_path / "labels"), "run-1", ["b", "a"], None)
     raw = marker_bytes(run, ["b", "a"])

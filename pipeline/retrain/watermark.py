@@ -25,8 +25,9 @@ Watermark = dict[str, dict[str, str]]  # run output URL -> {shard name: marker s
 def find_runs(specs: list[str], storage_options: dict | None = None) -> list[str]:
     """Labeling run outputs named by `specs`: each a run itself (it has `_run/`) or a prefix whose
     direct sub-folders with a `_run/` are runs. Sorted. A prefix with no run yet adds none (before
-    the first labeling run commits, there is nothing to train on); raises ValueError for a local
-    folder that does not exist (a mistyped path; object-store prefixes exist only once written)."""
+    the first labeling run, there is nothing to train on) and logs a warning naming it, as a mistyped
+    object-store prefix looks the same; raises ValueError for a local folder that does not exist (a
+    mistyped path; object-store prefixes exist only once written)."""
     runs: list[str] = []
     for spec in specs:
         if fs.exists(fs.join(spec, schema.RUN_DIR), storage_options):
@@ -35,11 +36,18 @@ def find_runs(specs: list[str], storage_options: dict | None = None) -> list[str
         filesystem, path = fs.url_to_fs(spec, storage_options)
         if fs.is_local(filesystem) and not filesystem.isdir(path):
             raise ValueError(f"labels: {spec} does not exist")
-        runs.extend(
+        found = [
             fs.join(spec, name)
             for name in fs.listdir(spec, storage_options)
             if fs.exists(fs.join(spec, name, schema.RUN_DIR), storage_options)
-        )
+        ]
+        if not found:
+            logger.warning(
+                "labels: %s holds no labeling run (no %s/ in it or a sub-folder): mistyped, or none ran yet?",
+                spec,
+                schema.RUN_DIR,
+            )
+        runs.extend(found)
     return sorted(dict.fromkeys(runs))
 
 
