@@ -24,6 +24,10 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY jobs ./jobs
 
+# Ray is pinned (pyproject.toml only sets a floor) to the RayJob's rayVersion (k8s/base/rayjob-label.yaml):
+# KubeRay chooses version-dependent settings of the cluster from rayVersion, so it must name the Ray the
+# pods run, and an image built later must not bring a newer one.
+# tests/test_k8s.py checks that the two agree.
 RUN case "$VARIANT" in \
         cpu) wheels=cpu ;; \
         cuda) wheels="$CUDA_WHEELS" ;; \
@@ -31,7 +35,7 @@ RUN case "$VARIANT" in \
     esac \
     && pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/$wheels" \
         "torch==2.14.1" "torchvision==0.29.1" \
-    && pip install --no-cache-dir .
+    && pip install --no-cache-dir . "ray[default,train]==2.60.0"
 
 USER 1000
 ENV PYTHONUNBUFFERED=1

@@ -6,7 +6,9 @@ checks skip with the reason, except under `CI=true`, where a missing schema is a
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import k8s_checks as k8s
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from jobs.cli import build_parser
 from pipeline.config import RunCfg, load_config
@@ -191,6 +194,19 @@ def test_shipped_retrain_config_never_publishes_a_first_version_worse_than_the_t
     assert student["dense"] == "value" and student["residual"] is True
     # A context_init of another token count is refused only when the model is built, an hour into a step.
     assert len(SimpleTokenizer().encode(student["context_init"])) == student["n_contexts"]
+
+
+def test_image_pins_the_ray_the_rayjob_names(rendered):
+    """pyproject.toml only sets a floor for library users; the image pins Ray to the RayJob's rayVersion."""
+    pins = re.findall(r"[\"']ray(?:\[[\w,]+\])?==([\w.]+)[\"']", (ROOT / "Dockerfile").read_text())
+    assert len(pins) == 1, pins
+    for variant, objects in rendered.items():
+        assert k8s.one(objects, "RayJob")["spec"]["rayClusterSpec"]["rayVersion"] == pins[0], variant
+    # pyproject.toml's dependency line (tomllib is 3.11+, and the project supports 3.10).
+    (requirement,) = re.findall(r'^\s*"(ray[\[<>=~!].*)",?$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert Requirement(requirement).specifier.contains(pins[0]), requirement
+    # The Ray these tests (test_retrain_e2e, the ray-marked ones) run on is the one the image ships.
+    assert importlib.metadata.version("ray") == pins[0]
 
 
 def test_dockerfile_passes_hadolint_and_runs_as_non_root():
