@@ -6,46 +6,60 @@ import argparse
 
 import yaml
 
+from jobs.label import split_config_args
 from pipeline.config import RunCfg, dump_yaml, load_config
 from pipeline.train.config import FinetuneCfg
+
+JOBS = ("label", "finetune", "retrain")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("config", help="inspect configs")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = actions.add_parser("show", help="print the resolved config (file + overrides + defaults)")
-    show.add_argument("file", nargs="?", default=None, help="YAML config file or URL (optional)")
+    show.add_argument("config", nargs="?", default=None, metavar="file", help="YAML config file or URL (optional)")
     show.add_argument("overrides", nargs="*", metavar="k=v", help="dotted overrides, e.g. model.name=ViT-B-16")
     show.add_argument(
         "--job",
-        choices=("label", "finetune"),
+        choices=JOBS,
         default=None,
-        help="whose config (default: finetune when the file has a `labels` key, else label)",
+        help="whose config (default: retrain when the config has a `models` key, finetune when it has "
+        "`labels`, else label)",
     )
     show.set_defaults(func=_show)
 
 
 def _show(args: argparse.Namespace) -> int:
-    file, overrides = args.file, list(args.overrides)
-    if file is not None and "=" in file:
-        file, overrides = None, [file, *overrides]
-    cls = {"label": RunCfg, "finetune": FinetuneCfg}[args.job] if args.job else config_class(file, overrides)
+    file, overrides = split_config_args(args)
+    cls = _job_class(args.job) if args.job else config_class(file, overrides)
     print(dump_yaml(load_config(file, overrides, cls=cls)), end="")
     return 0
 
 
 def config_class(file: str | None, overrides: list[str]) -> type:
-    """FinetuneCfg for a fine-tune's config, RunCfg for a labeling run's."""
-    return FinetuneCfg if _has_labels_key(file, overrides) else RunCfg
+    """RetrainCfg for a retraining step's config, FinetuneCfg for a fine-tune's, RunCfg for a labeling run's."""
+    # Both a retrain and a fine-tune config name `labels` (labeling runs); only a retrain config names
+    # `models` (where versions are published); a labeling config names neither.
+    keys = _top_keys(file, overrides)
+    return _job_class("retrain" if "models" in keys else "finetune" if "labels" in keys else "label")
 
 
-def _has_labels_key(file: str | None, overrides: list[str]) -> bool:
-    """A fine-tune config names `labels` (labeling runs); a labeling config never does."""
-    if any(o.split("=", 1)[0].strip() == "labels" for o in overrides):
-        return True
-    if not file:
-        return False
-    from pipeline.io.fs import read_text
+def _job_class(job: str) -> type:
+    if job == "retrain":
+        # Imported for retrain configs alone: `pipeline.retrain` loads its step, and with it torch.
+        from pipeline.retrain.config import RetrainCfg
 
-    data = yaml.safe_load(read_text(file)) or {}
-    return isinstance(data, dict) and "labels" in data
+        return RetrainCfg
+    return {"label": RunCfg, "finetune": FinetuneCfg}[job]
+
+
+def _top_keys(file: str | None, overrides: list[str]) -> set[str]:
+    """The top-level keys the config file and the overrides name."""
+    keys = {o.split("=", 1)[0].strip().split(".", 1)[0] for o in overrides}
+    if file:
+        from pipeline.io.fs import read_text
+
+        data = yaml.safe_load(read_text(file)) or {}
+        if isinstance(data, dict):
+            keys |= set(data)
+    return keys

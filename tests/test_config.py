@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
+import yaml
 
 from jobs.cli import build_parser, main
 from pipeline.config import DEFAULT_HEAD, ConfigError, RunCfg, config_hash, diff_keys, dump_yaml, load_config
@@ -100,6 +102,23 @@ def test_config_show_cli(tmp_path, capsys):
     assert "crop: 224" in shown and "name: shapes-clip" in shown
     assert main(["config", "show", str(path), "infer.crop=big"]) == 2
     assert "infer.crop: expected a whole number, got 'big'" in capsys.readouterr().err
+
+
+def test_config_show_knows_a_retrain_config_by_its_models_key(capsys):
+    shipped = Path(__file__).resolve().parents[1] / "k8s/base/configs/retrain.yaml"
+    given = yaml.safe_load(shipped.read_text())
+    assert main(["config", "show", str(shipped), "eval_batch_size=4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["models"] == given["models"] and shown["finetune"] == given["finetune"]
+    assert shown["eval_batch_size"] == 4 and shown["lease_seconds"] == 300.0  # overridden, and a default
+    # Overrides alone: `labels` makes a fine-tune config unless --job or `models` says retrain.
+    assert main(["config", "show", "labels=[run]"]) == 0
+    assert "output: ''" in capsys.readouterr().out
+    for argv in (["--job", "retrain", "labels=[run]"], ["labels=[run]", "models=s3://b/m"]):
+        assert main(["config", "show", *argv]) == 0
+        assert "lease_seconds: 300.0" in capsys.readouterr().out, argv
+    assert main(["config", "show", "--job", "retrain", "models=m", "min_gain=big"]) == 2
+    assert "min_gain: expected a number, got 'big'" in capsys.readouterr().err
 
 
 def test_global_flags_work_before_and_after_the_command(tmp_path):
