@@ -434,6 +434,16 @@ def test_a_mistyped_finetune_key_is_refused_before_any_work(tmp_path):
         retrain_step(cfg, rh.export_shipped)
 
 
+def test_a_warmup_not_shorter_than_the_steps_is_warned_once_by_the_fine_tune(tmp_path, caplog):
+    from pipeline.retrain.train import finetune_trainer
+
+    cfg = dataclasses.replace(one_run_cfg(str(tmp_path)), finetune={"optim": {"steps": 2}})  # warmup 100
+    # The run holds commit markers only: the fine-tune starts (checks its values) and stops at reading it.
+    with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError, match="vocabulary.json"):
+        retrain_step(cfg, finetune_trainer(cfg.finetune))
+    assert caplog.text.count("optim.warmup (100) is not shorter than optim.steps (2)") == 1
+
+
 def take_over(output: str, so: dict | None) -> None:
     """Another step takes the key of the step whose fine-tune writes to `output` (its next generation)."""
     step_folder = output.rsplit("/", 1)[0]

@@ -55,10 +55,10 @@ def check(cfg: RetrainCfg) -> None:
 
     # A mistyped fine-tune key or a value that cannot work fails here, before any listing, lease or
     # training, naming the key. Two placeholder runs, as data.combine=agree needs two and the step's
-    # runs are known only once listed.
+    # runs are known only once listed. No warnings: the fine-tune warns when it starts.
     finetune = from_dict(FinetuneCfg, {**cfg.finetune, "labels": ["-", "-"], "output": "-"}, "finetune")
     try:
-        check_finetune(finetune)
+        check_finetune(finetune, warn=False)
     except ValueError as exc:
         raise ValueError(f"retrain config: finetune: {exc}") from exc
 

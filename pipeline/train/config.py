@@ -91,8 +91,9 @@ class FinetuneCfg:
     log_every: int = 20  # steps between progress lines
 
 
-def check(cfg: FinetuneCfg) -> None:
-    """ValueError naming the key when a value cannot work; a warning when one works against another."""
+def check(cfg: FinetuneCfg, warn: bool = True) -> None:
+    """ValueError naming the key when a value cannot work; a warning when one works against another,
+    unless `warn` is False (a caller checking early whose fine-tune checks, and warns, again when it starts)."""
     if not cfg.labels:
         raise ValueError("labels is empty: name at least one labeling run's output")
     if not cfg.output:
@@ -100,7 +101,7 @@ def check(cfg: FinetuneCfg) -> None:
     o = cfg.optim
     if o.steps < 1 or o.batch_size < 1 or o.lr <= 0 or o.warmup < 0:
         raise ValueError("optim.steps, optim.batch_size and optim.lr must be positive, optim.warmup >= 0")
-    if o.warmup >= o.steps:
+    if warn and o.warmup >= o.steps:
         logger.warning(
             "optim.warmup (%d) is not shorter than optim.steps (%d): the learning rate never reaches optim.lr",
             o.warmup,
