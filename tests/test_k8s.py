@@ -52,7 +52,9 @@ def pod_specs(rayjob: dict) -> list[dict]:
 @pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_overlay_passes_builtin_schemas_and_rules(rendered, variant):
     objects = rendered[variant]
-    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "CronJob", "Namespace", "RayJob"]
+    # No Namespace: the operator creates it, before the Secret (README step 4); every object is put in it.
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "CronJob", "RayJob"]
+    assert {o["metadata"]["namespace"] for o in objects} == {"clipdense"}
     assert k8s.check_all(objects, variant, None, EXTERNAL_SECRETS) == []
 
 
