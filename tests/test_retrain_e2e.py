@@ -66,7 +66,15 @@ def test_manifest_commands_label_then_retrain_on_s3(s3, s3_root, tmp_path):
         write_dataset(fs.join(s3_root, batch), shards, 8, size=64, seed=seed, storage_options=so)
     write_dataset(fs.join(s3_root, "truth"), 1, 8, size=96, seed=99, storage_options=so)
     models = fs.join(s3_root, "models")
-    retrain_args = [f"labels=[{s3_root}/labels/]", f"models={models}", f"truth=[{s3_root}/truth]", *SMALL_FINETUNE]
+    # The shipped config gates a first version on beating the teacher (test_k8s checks it), which a few
+    # steps of training cannot: here the publishing steps are under test, not the gate.
+    retrain_args = [
+        f"labels=[{s3_root}/labels/]",
+        f"models={models}",
+        f"truth=[{s3_root}/truth]",
+        "gate_first=false",
+        *SMALL_FINETUNE,
+    ]
 
     def run(argv: list[str], *overrides: str) -> subprocess.CompletedProcess:
         out = subprocess.run(
