@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.io import fs
 from pipeline.outputs import marker_bytes, read_markers
 from pipeline.retrain import RetrainCfg, lease, retrain_step, versions, watermark
-from pipeline.retrain.config import check
+from pipeline.retrain.config import check, check_runs
 from pipeline.retrain.step import step_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -596,6 +596,21 @@ def test_a_bad_finetune_value_is_refused_before_any_listing_or_lease(tmp_path, c
     )
     assert not (tmp_path / "models").exists()  # no lease taken
     check(step_cfg(str(tmp_path), {}, finetune={"data": {"combine": "agree"}}))  # the runs are not listed yet
+
+
+def test_combine_agree_with_one_listed_run_is_refused_before_the_lease(tmp_path, capsys):
+    cfg = one_run_cfg(str(tmp_path))
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"labels: {cfg.labels}\nmodels: {cfg.models}\ntruth: {cfg.truth}\n")
+    assert retrain_main([str(config), "finetune.data.combine=agree"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"clipdense retrain: error: labels: 1 labeling run listed ({tmp_path}/labels/run-1), "
+        "but finetune: data.combine=agree needs two or more labeling runs in labels"
+    )
+    assert not (tmp_path / "models").exists()  # no lease taken
+    run_2 = rh.run_output(fs.join(str(tmp_path), "labels"), "run-2", ["a"], None)  # a second round's labels
+    runs = [fs.join(str(tmp_path), "labels", "run-1"), run_2]
+    check_runs(dataclasses.replace(cfg, finetune={"data": {"combine": "agree"}}), runs)
 
 
 @pytest.mark.slow

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import from_dict
 from pipeline.outputs import local_path
+
+if TYPE_CHECKING:
+    from pipeline.train.config import FinetuneCfg
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,17 +53,39 @@ def check(cfg: RetrainCfg) -> None:
     set_by_step += [f"model.{key}" for key in ("name", "pretrained") if isinstance(model, dict) and key in model]
     if set_by_step:
         raise ValueError(f"retrain config: finetune.{set_by_step[0]} is set by the step; remove it")
-    from pipeline.train.config import FinetuneCfg  # dataclasses only: no torch
-    from pipeline.train.config import check as check_finetune
-
     # A mistyped fine-tune key or a value that cannot work fails here, before any listing, lease or
     # training, naming the key. Two placeholder runs, as data.combine=agree needs two and the step's
-    # runs are known only once listed. No warnings: the fine-tune warns when it starts.
-    finetune = from_dict(FinetuneCfg, {**cfg.finetune, "labels": ["-", "-"], "output": "-"}, "finetune")
+    # runs are known only once listed (`check_runs` checks them then).
+    finetune = _finetune_cfg(cfg, ["-", "-"])
     try:
-        check_finetune(finetune, warn=False)
+        _check_finetune(finetune)
     except ValueError as exc:
         raise ValueError(f"retrain config: finetune: {exc}") from exc
+
+
+def check_runs(cfg: RetrainCfg, runs: list[str]) -> None:
+    """Raise ValueError naming `labels` and the listed `runs` when the fine-tune cannot train on them
+    (data.combine=agree and one run): the step asks right after listing, as the fine-tune would find
+    it only once the step holds the lease."""
+    try:
+        _check_finetune(_finetune_cfg(cfg, runs))
+    except ValueError as exc:
+        listed = f"{len(runs)} labeling run{'' if len(runs) == 1 else 's'} listed ({', '.join(runs)})"
+        raise ValueError(f"labels: {listed}, but finetune: {exc}") from exc
+
+
+def _finetune_cfg(cfg: RetrainCfg, runs: list[str]) -> FinetuneCfg:
+    """The fine-tune's config the step would run on `runs` (its output a placeholder)."""
+    from pipeline.train.config import FinetuneCfg  # dataclasses only: no torch
+
+    return from_dict(FinetuneCfg, {**cfg.finetune, "labels": runs, "output": "-"}, "finetune")
+
+
+def _check_finetune(finetune: FinetuneCfg) -> None:
+    """`clipdense finetune`'s check of `finetune`, without its warnings: the fine-tune warns when it starts."""
+    from pipeline.train.config import check
+
+    check(finetune, warn=False)
 
 
 def canonical_retrain_config(cfg: RetrainCfg) -> RetrainCfg:

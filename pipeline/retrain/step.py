@@ -4,7 +4,7 @@ A step is keyed by (watermark, config): the exact committed shards it trains on 
 its config that decides the result. It does, in order:
 1. list the committed shards (`watermark`); if there are none yet, or they are what the live
    version was trained on, or this key already finished (published or not), stop: exit 0, nothing
-   written;
+   written; runs the fine-tune cannot train on (data.combine=agree and one run) are an error here;
 2. open the truth set (a wrong `truth` fails here, before any lease or training), then take the
    key's lease (`lease`); a live step holding it means stop;
 3. fine-tune from the live version (the labeler's own CLIP for the first) into `_steps/<key>/train`,
@@ -33,7 +33,7 @@ from pipeline.eval.truth import TruthSet, open_truth
 from pipeline.io import fs
 from pipeline.outputs import read_run_config
 from pipeline.retrain import lease, score, versions, watermark
-from pipeline.retrain.config import EXECUTION_KEYS, RetrainCfg, canonical_retrain_config, check
+from pipeline.retrain.config import EXECUTION_KEYS, RetrainCfg, canonical_retrain_config, check, check_runs
 from pipeline.train.checkpoint import CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
     step moved `latest` while this one trained), lost-lease (taken for dead while it worked).
 
     Raises ConfigError or ValueError naming the key for a bad config, a local `labels` folder that
-    does not exist or a `truth` that holds no truth set, before taking the lease or training."""
+    does not exist, listed runs the fine-tune cannot train on (`check_runs`) or a `truth` that holds
+    no truth set, before taking the lease or training."""
     check(cfg)
     cfg = canonical_retrain_config(cfg)
     so = cfg.storage_options or None
@@ -78,6 +79,7 @@ def retrain_step(cfg: RetrainCfg, train: Trainer) -> dict[str, Any]:
     if not any(mark.values()):  # a first deploy: the CronJob runs before any labeling run committed
         logger.info("no committed label shard yet in %s: nothing to train on", ", ".join(cfg.labels))
         return {**record, "outcome": "nothing-new", "reason": "no committed label shard yet"}
+    check_runs(cfg, sorted(mark))  # what the fine-tune would refuse only after the lease (combine=agree, one run)
     if live and watermark.digest(trained) == watermark.digest(mark):
         _repair_record(fs.join(cfg.models, versions.STEPS_DIR, live["key"]), live, so)
         return {**record, "outcome": "nothing-new", "reason": f"{live['version']} was trained on these shards"}
