@@ -9,7 +9,9 @@ and the held-out truth::
 
 Exit status 0 when the step did its work or had none to do (no new shards, no committed shard yet,
 this watermark already tried, another step holds it); 2 for a bad config or input (a local `labels`
-folder that does not exist); 1 when the step failed.
+folder that does not exist, listed runs the fine-tune cannot train on such as one run with
+`finetune.data.combine: agree`, a `truth` that holds no truth set), all found before the lease;
+1 when the step failed.
 """
 
 from __future__ import annotations
