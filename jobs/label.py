@@ -112,10 +112,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {n} x {reason}")
     if len(reasons) > 5:
         lines.append(f"  ... {len(reasons) - 5} more reasons (samples.errors in the summary)")
-    for key, what in (("cut_shards", "end early (cut or corrupt)"), ("damaged_shards", "have corrupt tar headers")):
-        if shards_named := summary[key]:
-            more = f" and {len(shards_named) - 3} more" if len(shards_named) > 3 else ""
-            lines.append(f"input shards that {what}: {', '.join(shards_named[:3])}{more} ({key})")
+    if cut := summary["cut_shards"]:
+        more = f" and {len(cut) - 3} more" if len(cut) > 3 else ""
+        lines.append(
+            f"input shards cut short or corrupt, read up to the damage: {', '.join(cut[:3])}{more} (cut_shards)"
+        )
     if skipped := summary["zoom_skipped"]:
         lines.append("zoom: " + "; ".join(f"{n} x {reason}" for reason, n in skipped.items()))
     for failed in summary["failed_shards"]:

@@ -62,14 +62,12 @@ def member_end(data: bytes, name: str) -> int:
     return info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
-def corrupt_header(data: bytes, name: str, *, name_too: bool = False) -> bytes:
-    """`data` with the header of member `name` damaged: its checksum field (and its name) overwritten."""
+def corrupt_header(data: bytes, name: str) -> bytes:
+    """`data` with the header of member `name` damaged: its checksum field overwritten."""
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         offset = tar.getmember(name).offset
     damaged = bytearray(data)
     damaged[offset + 148 : offset + 156] = b"0000001\0"  # the checksum field, now wrong
-    if name_too:
-        damaged[offset : offset + 4] = b"\x81\x82\x83\x84"
     return bytes(damaged)
 
 

@@ -123,7 +123,7 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
     corrupt_image(urls[2], "000002_000001")
     bad_boxes = [[1, 2, 3], [-50, -50, -10, -10]]  # zoom-in boxes: skipped and counted, never fatal
     replace_member(urls[1], "000001_000000.json", json.dumps({"boxes": bad_boxes}).encode())
-    # a corrupt tar header mid-shard: its sample fails, the samples after it are still read
+    # a corrupt tar header mid-shard: the sample before it fails and the shard counts as cut, never as whole
     Path(urls[0]).write_bytes(corrupt_header(Path(urls[0]).read_bytes(), "000000_000002.jpg"))
     options = dict(s3.storage_options)
     filesystem, root = fs.url_to_fs(s3_root, options)
@@ -136,12 +136,12 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
 
     # A corrupt sample is a failed row, not a failed shard: every shard commits and the job exits 0.
     assert summary["exit_code"] == 0 and summary["shards"]["committed"] == 3
-    assert (summary["samples"]["ok"], summary["samples"]["failed"]) == (13, 2)
-    damage, reason = sorted(summary["samples"]["errors"])  # "corrupt ..." < "jpg: ..."
+    assert (summary["samples"]["ok"], summary["samples"]["failed"]) == (10, 2)  # 3 samples after the damage
+    reason, damage = sorted(summary["samples"]["errors"])  # "jpg: ..." < "shard truncated ..."
     assert reason.startswith("jpg: not a readable image")
-    assert damage.startswith("corrupt tar header (bad checksum): member '000000_000002.jpg', which it names,")
-    assert (summary["cut_shards"], summary["damaged_shards"]) == ([], ["shapes-000000"])
-    assert "input shards that have corrupt tar headers: shapes-000000 (damaged_shards)" in format_summary(summary)
+    assert damage.endswith("(a corrupt tar header follows (bad checksum); nothing after it is read)")
+    assert summary["cut_shards"] == ["shapes-000000"]
+    assert "read up to the damage: shapes-000000 (cut_shards)" in format_summary(summary)
     box_reasons = {"box is not 4 finite numbers [x0, y0, x1, y1]": 1, "box outside the image": 1}
     assert {reason: summary["zoom_skipped"].get(reason) for reason in box_reasons} == box_reasons
     assert "1 x box outside the image" in format_summary(summary)
@@ -172,7 +172,8 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
                 for x0, y0, x1, y1 in row["zoom_regions"]:
                     assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
         marker = fs.read_json(fs.join(cfg.output, schema.commit_path(name)), options)
-        assert marker["read"]["end_of_archive"] and (marker["read"]["corrupt_bytes"] > 0) == (name == "shapes-000000")
+        assert marker["read"]["end_of_archive"] == (name != "shapes-000000")
+        assert (marker["read"]["corrupt_header_at"] is not None) == (name == "shapes-000000")
         assert (box_reasons.items() <= marker["stats"]["zoom_skipped"].items()) == (name == "shapes-000001")
         for entry in marker["files"].values():
             data = fs.read_bytes(fs.join(cfg.output, entry["path"]), options)

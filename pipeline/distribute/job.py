@@ -184,7 +184,6 @@ def summarize(
             errors.add(reason, n)
     ok = sum(m["ok"] for m in markers)
     incomplete = sorted(m["shard"] for m in everything if m.get("read", {}).get("end_of_archive") is False)
-    damaged = sorted(m["shard"] for m in everything if m.get("read", {}).get("corrupt_bytes"))
     phases = {p: round(sum(m["stats"].get(p, 0.0) for m in markers), 3) for p in _PHASES}
     committed = skipped + by_status.get("committed", 0)
     if pool.interrupted:
@@ -221,7 +220,6 @@ def summarize(
         "zoom_skipped": _summed_counts(everything, "stats", "zoom_skipped"),  # proposals dropped, boxes skipped
         "labelled_now": {"ok": ok, "failed": sum(m["failed"] for m in markers)},
         "cut_shards": incomplete,  # committed, but their input tar ends early or is corrupt (marker `read`)
-        "damaged_shards": damaged,  # committed, but headers in their input tar were corrupt and skipped
         "retries": pool.retries,
         "actors": {
             "started": pool.actors_started,

@@ -14,14 +14,13 @@ off mid-way gives its good samples and then one `SampleError` for the sample it 
 `""` when it broke between samples). Reasons name the member and the problem, never the storage
 options.
 
-Nothing after a damaged header is dropped in silence. Python's `tarfile` ends an archive quietly at
-the first header it cannot parse, so a shard whose middle header is corrupt (bit rot, a bad copy)
-would look whole and lose every sample after it. It is read as GNU `tar --ignore-zeros` reads it
-(`tarfile`'s `ignore_zeros`): unparseable blocks are skipped up to the next valid header, the member
-whose header was lost is reported (its sample fails when the damaged header still holds a readable
-name, else the samples on both sides of it fail, as either may have lost it), and reading goes on;
-`ReadStats.corrupt_bytes` counts what was skipped. The same rule reads tars joined with `cat` whole, members after each end-of-archive
-marker included.
+A corrupt header mid-shard is never taken for the end. Python's `tarfile` ends an archive quietly at
+the first header it cannot parse, so a shard with one damaged header in the middle (bit rot, a bad
+copy) would look whole. It is reported as a cut shard is: the sample read before it fails (the lost
+member may have been its), the shard does not reach its end (`ReadStats.end_of_archive` False,
+`ReadStats.corrupt_header_at` its offset), and nothing after it is read. Reading on from the next
+valid header (GNU `tar --ignore-zeros`) cannot tell a lost member's data, or a tar stored inside a
+member, from members; a user can repair the shard that way, checking what it gives, and relabel.
 
 A failing store is not bad input. When a read raises (S3 answering 500, a reset connection) the
 file is reopened and the read resumes at the same byte offset, with backoff, for up to `retry_s`
@@ -66,14 +65,14 @@ class ReadStats:
     """What the reader saw of one shard, for its commit marker: tar `members` (every entry, directories
     included), whether the end-of-archive marker was reached (`end_of_archive`, False for a cut or
     corrupt shard), `bytes` read, `resumed_reads`, reads that failed and were resumed, and
-    `corrupt_bytes`, tar bytes (after decompression) skipped over damaged headers."""
+    `corrupt_header_at`, the tar offset (after decompression) of a corrupt header that ended reading."""
 
     members: int = 0
     end_of_archive: bool = False
     skipped: dict[str, int] = field(default_factory=dict)  # members that are not samples, by kind (names.py)
     bytes: int = 0
     resumed_reads: int = 0
-    corrupt_bytes: int = 0
+    corrupt_header_at: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,10 +148,10 @@ def iter_samples(
 
 def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats) -> Iterator[Sample | SampleError]:
     head = _HeadRecorder(raw)
-    blocks = _BlockLog()
+    damage = _DamageLog()
     try:
-        # "*": gzip, bzip2 and xz are decompressed as they stream; ignore_zeros: see the module docstring
-        tar = tarfile.open(fileobj=head, mode="r|*", tarinfo=blocks.tarinfo_class(), ignore_zeros=True)
+        # "*": gzip, bzip2 and xz are decompressed as they stream
+        tar = tarfile.open(fileobj=head, mode="r|*", tarinfo=damage.tarinfo_class())
     except tarfile.ReadError as exc:
         what = names.describe_non_tar(head.head)
         yield _shard_error(url, f"not a tar archive{': ' + what if what else ''} ({exc})")
@@ -162,40 +161,8 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
         return
     group: _Group | None = None
     seen: set[str] = set()
-    unnamed_loss: list[str] = []  # problems for the next sample: a member of no readable name was lost before it
-
-    def start_group(key: str) -> Iterator[SampleError | Sample]:
-        nonlocal group
-        if group is not None and key == group.key:
-            return
-        if group is not None:
-            yield _finish(url, group, max_pixels)
-        group = _Group(key, problems=unnamed_loss[:])
-        unnamed_loss.clear()
-        if key in seen:
-            group.problems.append("members of this key are not adjacent in the tar (key seen before)")
-        seen.add(key)
-
-    def damage() -> Iterator[SampleError | Sample]:
-        """The damaged stretches read since the last member: each fails the sample it belonged to; one
-        whose name is unreadable fails the samples on both sides of it, either of which it may have
-        belonged to (a sample missing a member must never pass as whole)."""
-        for stretch in blocks.take_damage():
-            stats.corrupt_bytes += stretch.size
-            logger.warning(
-                "shard %s: %s (%d bytes skipped from byte %d)", url, stretch.reason(), stretch.size, stretch.offset
-            )
-            if stretch.key is not None:
-                yield from start_group(stretch.key)
-                group.problems.append(stretch.reason())
-                continue
-            if group is not None:
-                group.problems.append(stretch.reason("after"))
-            unnamed_loss.append(stretch.reason("before"))
-
     try:
         for member in tar:
-            yield from damage()
             stats.members += 1
             if member.isdir():
                 continue  # directory entries carry no sample data
@@ -204,117 +171,54 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
                 stats.skipped[skip] = stats.skipped.get(skip, 0) + 1
                 continue
             key, ext = names.split_name(member.name)
-            yield from start_group(key)
+            if group is None or key != group.key:
+                if group is not None:
+                    yield _finish(url, group, max_pixels)
+                group = _Group(key)
+                if key in seen:
+                    group.problems.append("members of this key are not adjacent in the tar (key seen before)")
+                seen.add(key)
             _add_member(tar, member, ext, group)
-        yield from damage()
-        if not blocks.ended:
-            # Without a zero block after the last member the shard was cut (or ends in damage), and
-            # the last sample may lack members.
+        if damage.offset is not None:  # tarfile stopped at it as if at the end
+            stats.corrupt_header_at = damage.offset
+            raise tarfile.ReadError(f"a corrupt tar header follows ({damage.problem}); nothing after it is read")
+        if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:  # pos: tar bytes, after decompression
+            # tarfile ends quietly when a shard is cut exactly between members; only a missing
+            # end-of-archive block tells us, and the last sample may then lack members.
             raise tarfile.ReadError("no end-of-archive marker")
         stats.end_of_archive = True
     except (tarfile.TarError, OSError, EOFError) as exc:  # EOFError: a compressed stream cut short
         key = group.key if group is not None else ""
         where = "while reading this sample" if group is not None else "before its first sample"
         logger.warning("shard %s is truncated or corrupt near sample %r: %s", url, key, exc)
-        problems = "".join(f"; {problem}" for problem in (group.problems if group is not None else ()))
-        yield SampleError(url, key, f"shard truncated or corrupt {where} ({exc}){problems}")
+        yield SampleError(url, key, f"shard truncated or corrupt {where} ({exc})")
         return
     if group is not None:
         yield _finish(url, group, max_pixels)
-    elif unnamed_loss:  # damage after no sample at all
-        yield SampleError(url, "", unnamed_loss[0])
 
 
-@dataclass
-class _Stretch:
-    """Consecutive tar blocks that are no valid header, from `offset` (tar bytes, after decompression)."""
-
-    offset: int
-    size: int
-    problem: str  # tarfile's reason for the first block
-    name: str | None  # the member name the first block still holds, when it reads as one
-    key: str | None = field(init=False)
-
-    def __post_init__(self) -> None:
-        parts = names.split_name(self.name) if self.name else None
-        self.key = parts[0] if parts and parts[1] and posixpath.basename(parts[0]) else None
-
-    def reason(self, where: str = "") -> str:
-        """A failed row's reason: the same for the same fault (no offsets), so that summaries group it.
-        `where` ("after" or "before") places a header of unreadable name next to the row's sample."""
-        if self.key is not None:
-            return f"corrupt tar header ({self.problem}): member {self.name!r}, which it names, is lost"
-        near = {"after": "after this sample's members", "before": "just before this sample's members"}.get(where, "")
-        return f"corrupt tar header{' ' + near if near else ''} ({self.problem}): a member of unreadable name is lost"
-
-
-class _BlockLog:
-    """Watches tarfile read headers (through a `TarInfo` subclass, tarfile's own hook) to keep what
-    `ignore_zeros` skips: stretches of blocks that are no header, and whether zero blocks (the
-    end-of-archive marker) follow the last member."""
+class _DamageLog:
+    """Keeps the header that made `tarfile` stop, through a `TarInfo` subclass (tarfile's own hook):
+    `tarfile` treats a header it cannot parse after the first member as the end of the archive."""
 
     def __init__(self) -> None:
-        self._damage: list[_Stretch] = []
-        self._next = 0  # the offset after the last block that was no header, while in damage
-        self._in_damage = False
-        self.ended = False
-
-    def take_damage(self) -> list[_Stretch]:
-        damage, self._damage = self._damage, []
-        return damage
+        self.offset: int | None = None  # tar offset of the corrupt header, when one ended reading
+        self.problem = ""  # tarfile's reason, e.g. "bad checksum"
 
     def tarinfo_class(self) -> type[tarfile.TarInfo]:
         log = self
 
-        class _LoggedTarInfo(tarfile.TarInfo):
+        class _CheckedTarInfo(tarfile.TarInfo):
             @classmethod
             def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
                 offset = tar.fileobj.tell()
                 try:
-                    info = super().fromtarfile(tar)
-                except tarfile.EOFHeaderError:
-                    log.ended, log._next = True, offset + tarfile.BLOCKSIZE
-                    raise
+                    return super().fromtarfile(tar)
                 except tarfile.InvalidHeaderError as exc:
-                    if offset == 0:  # no tar at all, not a damaged one
-                        raise tarfile.ReadError(str(exc)) from None
-                    log.invalid(offset, exc)
-                    raise
-                log.ended = log._in_damage = False
-                return info
-
-            @classmethod
-            def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
-                try:
-                    return super().frombuf(buf, encoding, errors)
-                except tarfile.InvalidHeaderError as exc:
-                    exc.block = buf  # for the member name, when the damage spared it
+                    log.offset, log.problem = offset, str(exc)
                     raise
 
-        return _LoggedTarInfo
-
-    def invalid(self, offset: int, exc: tarfile.InvalidHeaderError) -> None:
-        self.ended = False
-        if self._in_damage and offset == self._next:
-            # the lost member's data blocks (zero blocks among them included), or more damage
-            self._damage[-1].size = offset + tarfile.BLOCKSIZE - self._damage[-1].offset
-        else:
-            name = _block_name(getattr(exc, "block", b""))
-            self._damage.append(_Stretch(offset, tarfile.BLOCKSIZE, str(exc), name))
-        self._in_damage, self._next = True, offset + tarfile.BLOCKSIZE
-
-
-def _block_name(block: bytes) -> str | None:
-    """The member name a damaged ustar header block still holds (prefix/name), or None when it has none
-    or holds non-printable bytes (the damage hit the name, or the block is data)."""
-
-    def field_text(raw: bytes) -> str:
-        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-    name = field_text(block[:100])
-    if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
-        name = f"{field_text(block[345:500])}/{name}"
-    return name if name and name.isprintable() else None
+        return _CheckedTarInfo
 
 
 def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, group: _Group) -> None:
