@@ -323,3 +323,18 @@ def test_a_corrupt_header_after_a_pax_header_is_reported_too(tmp_path):
     records = list(iter_samples(url, stats=stats))
     assert [(r.key, type(r).__name__) for r in records] == [("a", "SampleError")]
     assert "truncated or corrupt" in records[0].reason and not stats.end_of_archive
+
+
+def test_tars_joined_with_cat_are_read_to_the_first_end_and_the_rest_is_named(tmp_path, caplog):
+    jpg = image_bytes(gradient(), "JPEG")
+    first, second = tar_bytes([("a.jpg", jpg), ("b.jpg", jpg)]), tar_bytes([("c.jpg", jpg)])
+    joined, single = str(tmp_path / "joined.tar"), str(tmp_path / "single.tar")
+    fs.put_atomic(joined, first + second)
+    fs.put_atomic(single, first + bytes(10 * tarfile.BLOCKSIZE))  # more zero padding is still padding
+    stats = ReadStats()
+    assert [r.key for r in iter_samples(joined, stats=stats)] == ["a", "b"]
+    assert stats.end_of_archive and stats.data_after_end
+    assert "data follows its end-of-archive marker" in caplog.text
+    stats = ReadStats()
+    assert [r.key for r in iter_samples(single, stats=stats)] == ["a", "b"]
+    assert stats.end_of_archive and not stats.data_after_end

@@ -183,7 +183,11 @@ def summarize(
         for reason, n in marker["errors"].items():
             errors.add(reason, n)
     ok = sum(m["ok"] for m in markers)
-    incomplete = sorted(m["shard"] for m in everything if m.get("read", {}).get("end_of_archive") is False)
+    incomplete = sorted(
+        m["shard"]
+        for m in everything
+        if m.get("read", {}).get("end_of_archive") is False or m.get("read", {}).get("data_after_end")
+    )
     phases = {p: round(sum(m["stats"].get(p, 0.0) for m in markers), 3) for p in _PHASES}
     committed = skipped + by_status.get("committed", 0)
     if pool.interrupted:
@@ -219,7 +223,8 @@ def summarize(
         },
         "zoom_skipped": _summed_counts(everything, "stats", "zoom_skipped"),  # proposals dropped, boxes skipped
         "labelled_now": {"ok": ok, "failed": sum(m["failed"] for m in markers)},
-        "cut_shards": incomplete,  # committed, but their input tar ends early or is corrupt (marker `read`)
+        # committed, but their input tar ends early, is corrupt, or holds data after its end (marker `read`)
+        "cut_shards": incomplete,
         "retries": pool.retries,
         "actors": {
             "started": pool.actors_started,

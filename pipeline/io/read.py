@@ -21,6 +21,9 @@ member may have been its), the shard does not reach its end (`ReadStats.end_of_a
 `ReadStats.corrupt_header_at` its offset), and nothing after it is read. Reading on from the next
 valid header (GNU `tar --ignore-zeros`) cannot tell a lost member's data, or a tar stored inside a
 member, from members; a user can repair the shard that way, checking what it gives, and relabel.
+Tars joined with `cat` are read up to the first end-of-archive marker, as GNU tar reads them without
+`-i`; data after it is named in `ReadStats.data_after_end` and a warning, never dropped in silence
+(gzip shards joined the same way are read up to their first stream's end without this check).
 
 A failing store is not bad input. When a read raises (S3 answering 500, a reset connection) the
 file is reopened and the read resumes at the same byte offset, with backoff, for up to `retry_s`
@@ -65,7 +68,8 @@ class ReadStats:
     """What the reader saw of one shard, for its commit marker: tar `members` (every entry, directories
     included), whether the end-of-archive marker was reached (`end_of_archive`, False for a cut or
     corrupt shard), `bytes` read, `resumed_reads`, reads that failed and were resumed, and
-    `corrupt_header_at`, the tar offset (after decompression) of a corrupt header that ended reading."""
+    `corrupt_header_at`, the tar offset (after decompression) of a corrupt header that ended reading,
+    and `data_after_end`, whether bytes other than zero padding follow the end-of-archive marker."""
 
     members: int = 0
     end_of_archive: bool = False
@@ -73,6 +77,7 @@ class ReadStats:
     bytes: int = 0
     resumed_reads: int = 0
     corrupt_header_at: int | None = None
+    data_after_end: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,6 +192,9 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
             # end-of-archive block tells us, and the last sample may then lack members.
             raise tarfile.ReadError("no end-of-archive marker")
         stats.end_of_archive = True
+        stats.data_after_end = _data_after_end(tar.fileobj)
+        if stats.data_after_end:
+            logger.warning("shard %s: data follows its end-of-archive marker (tars joined with cat?); not read", url)
     except (tarfile.TarError, OSError, EOFError) as exc:  # EOFError: a compressed stream cut short
         key = group.key if group is not None else ""
         where = "while reading this sample" if group is not None else "before its first sample"
@@ -195,6 +203,16 @@ def _iter_tar(url: str, raw: _ResumingReader, max_pixels: int, stats: ReadStats)
         return
     if group is not None:
         yield _finish(url, group, max_pixels)
+
+
+def _data_after_end(stream: Any) -> bool:
+    """Whether the tar stream holds more than zero padding after its end-of-archive marker, such as a
+    second tar joined with `cat`, which `tarfile` (like GNU tar without -i) stops before. Reads until
+    the first such byte: a whole shard's padding is a few blocks."""
+    while chunk := stream.read(1 << 16):
+        if chunk.strip(b"\0"):
+            return True
+    return False
 
 
 class _DamageLog:
