@@ -98,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             from pipeline.io.fs import storage_problem
 
-            if (reason := storage_problem(exc)) is None:
+            if (problem := storage_problem(exc)) is None:
                 raise
-            print(f"clipdense {args.command}: error: {reason}", file=sys.stderr)
-            return 2
+            print(f"clipdense {args.command}: error: {problem.reason}", file=sys.stderr)
+            # An endpoint that may come back is a failed run (1), which a scheduler retries; missing
+            # credentials are the environment's configuration (2), which a retry cannot mend.
+            return 1 if problem.passing else 2
     except Interrupted as exc:
         print(f"clipdense: interrupted by {exc}", file=sys.stderr)
         return exc.exit_code

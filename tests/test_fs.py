@@ -257,7 +257,7 @@ def test_an_unreachable_endpoint_is_one_line_naming_it_and_exit_2(tmp_path, dead
     )
     assert time.monotonic() - started < 30
     err = [line for line in done.stderr.strip().splitlines() if " | INFO | " not in line]  # log records
-    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert done.returncode == 1 and len(err) == 1, done.stderr  # 1: the store may come back, a retry may pass
     assert err[0].startswith(
         f"clipdense {command}: error: object store endpoint {dead_endpoint} could not be reached ("
     )
@@ -270,7 +270,9 @@ def test_an_unreachable_endpoint_is_named_by_scheme_host_and_port_only():
 
     url = "https://me:pw@minio.internal:9000/bkt/key?X-Amz-Signature=abc"
     for exc in (EndpointConnectionError(endpoint_url=url, error=OSError()), ConnectTimeoutError(endpoint_url=url)):
-        reason = fs.storage_problem(exc)
-        assert reason is not None and reason.startswith("object store endpoint https://minio.internal:9000 could not")
+        problem = fs.storage_problem(exc)
+        assert problem is not None and problem.passing
+        reason = problem.reason
+        assert reason.startswith("object store endpoint https://minio.internal:9000 could not")
         assert "pw" not in reason and "bkt" not in reason and "abc" not in reason
     assert fs.storage_problem(ValueError("not a store error")) is None

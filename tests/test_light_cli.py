@@ -86,11 +86,11 @@ def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_python_m_finetune_reports_an_unreachable_store_in_one_line(tmp_path, unreachable_store):
-    """As `clipdense finetune` does: one line naming the endpoint, exit 2, no botocore traceback."""
+    """As `clipdense finetune` does: one line naming the endpoint, exit 1, no botocore traceback."""
     done = _run(unreachable_store, "-m", "jobs.finetune", "labels=[s3://qa-bucket/run]", f"output={tmp_path / 'out'}")
     err = done.stderr.strip().splitlines()
     endpoint = unreachable_store["AWS_ENDPOINT_URL"]
-    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert done.returncode == 1 and len(err) == 1, done.stderr
     assert err[0].startswith(f"clipdense finetune: error: object store endpoint {endpoint} could not be reached (")
 
 
@@ -99,10 +99,10 @@ def test_storage_clients_say_where_credentials_came_from_only_under_v(unreachabl
     the one-line error, unless `-v` asks for more."""
     args = ["-m", "jobs.cli", "config", "show", "s3://qa-bucket/run.yaml"]
     plain = _run(unreachable_store, *args)
-    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+    assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
     assert plain.stderr.startswith("clipdense config: error: object store endpoint ")
     verbose = _run(unreachable_store, *args, "-v")
-    assert verbose.returncode == 2 and "Found credentials in environment variables" in verbose.stderr
+    assert verbose.returncode == 1 and "Found credentials in environment variables" in verbose.stderr
 
 
 if __name__ == "__main__":  # the figures: python tests/test_light_cli.py

@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -271,16 +272,44 @@ def _replaced_while_read(exc: OSError) -> bool:
     return isinstance(exc, FileExpired)
 
 
-def storage_problem(exc: BaseException) -> str | None:
-    """A one-line reason when `exc` says the object store cannot be used as configured, else None:
-    no usable credentials (botocore's "Unable to locate credentials", a missing or partial profile),
-    or no connection to its endpoint (a mistyped `endpoint_url`, nothing listening, no network). Such
-    an error is the user's environment, not a fault of the store, so commands report it like bad input.
+@dataclass(frozen=True)
+class StorageProblem:
+    """Why the object store cannot be used, in one line (`reason`), and whether a retry can help:
+    missing credentials are the environment's configuration (`passing` False), an endpoint that
+    cannot be reached may come back (True)."""
+
+    reason: str
+    passing: bool
+
+
+def storage_problem(exc: BaseException) -> StorageProblem | None:
+    """The problem when `exc` says the object store cannot be used, else None: no usable credentials
+    (botocore's "Unable to locate credentials", a missing or partial profile), or no connection to its
+    endpoint (a mistyped `endpoint_url`, nothing listening, no network). Such an error is the user's
+    environment, not a fault of our code, so commands report it in one line, without a traceback.
     The reason names the endpoint's scheme, host and port only: never a key, a query or a user name."""
     try:
         from botocore import exceptions as boto  # only installed with s3fs; imported on this error path alone
     except ImportError:
         return None
+    kinds = (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ProfileNotFound, boto.CredentialRetrievalError)
+    if isinstance(exc, kinds):
+        return StorageProblem(
+            f"object storage credentials: {exc} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or storage_options in the config)",
+            passing=False,
+        )
+    if isinstance(exc, (boto.EndpointConnectionError, boto.ConnectTimeoutError)):
+        parts = urlsplit(str(exc.kwargs.get("endpoint_url", "")))
+        endpoint = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        cause = exc.kwargs.get("error")
+        why = getattr(getattr(cause, "os_error", None), "strerror", None) or "no connection"
+        return StorageProblem(
+            f"object store endpoint {endpoint} could not be reached ({why}; check storage_options.endpoint_url "
+            "or AWS_ENDPOINT_URL, and the network)",
+            passing=True,
+        )
+    return None
     kinds = (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ProfileNotFound, boto.CredentialRetrievalError)
     if isinstance(exc, kinds):
         return (
