@@ -115,7 +115,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if cut := summary["cut_shards"]:
         more = f" and {len(cut) - 3} more" if len(cut) > 3 else ""
         lines.append(
-            f"input shards cut short or corrupt, read up to the damage: {', '.join(cut[:3])}{more} (cut_shards)"
+            f"input shards not read to their end (cut, corrupt or joined): {', '.join(cut[:3])}{more} (cut_shards)"
         )
     if skipped := summary["zoom_skipped"]:
         lines.append("zoom: " + "; ".join(f"{n} x {reason}" for reason, n in skipped.items()))

@@ -141,7 +141,7 @@ def test_end_to_end_from_s3_to_s3_with_a_corrupt_sample(tmp_path, model, local_r
     assert reason.startswith("jpg: not a readable image")
     assert damage.endswith("(a corrupt tar header follows (bad checksum); nothing after it is read)")
     assert summary["cut_shards"] == ["shapes-000000"]
-    assert "read up to the damage: shapes-000000 (cut_shards)" in format_summary(summary)
+    assert "not read to their end (cut, corrupt or joined): shapes-000000 (cut_shards)" in format_summary(summary)
     box_reasons = {"box is not 4 finite numbers [x0, y0, x1, y1]": 1, "box outside the image": 1}
     assert {reason: summary["zoom_skipped"].get(reason) for reason in box_reasons} == box_reasons
     assert "1 x box outside the image" in format_summary(summary)
