@@ -132,3 +132,22 @@ def _clear_s3fs_cache() -> None:
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def unreachable_store() -> Iterator[dict[str, str]]:
+    """An environment with AWS keys whose S3 endpoint is a loopback port bound but not listening (a
+    connection is refused at once); AWS_MAX_ATTEMPTS=1 bounds botocore's retries."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield env

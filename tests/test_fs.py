@@ -10,7 +10,6 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -215,29 +214,13 @@ def _gets(proxy: FaultProxy, suffix: str) -> int:
     return sum(1 for method, path in proxy.requests if method == "GET" and path.endswith(suffix))
 
 
-@pytest.fixture
-def dead_endpoint() -> Iterator[str]:
-    """A loopback URL where nothing listens: the port stays bound (so no other test takes it) but never
-    listens, so a connection is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 @pytest.mark.parametrize("command", ["label", "review", "eval"])
-def test_an_unreachable_endpoint_is_one_line_naming_it_and_exit_2(tmp_path, dead_endpoint, command):
+def test_an_unreachable_endpoint_is_one_line_naming_it_and_exit_1(tmp_path, unreachable_store, command):
     """A mistyped or down endpoint, given in storage_options or AWS_ENDPOINT_URL, stops a command
     before any work with one line naming the endpoint, not botocore's traceback. AWS_MAX_ATTEMPTS=1
     bounds botocore's retries; s3fs's own (about 2 s of backoff) remain, as for any user."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env |= {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_MAX_ATTEMPTS": "1",
-    }
+    env = dict(unreachable_store)
+    dead_endpoint = env.pop("AWS_ENDPOINT_URL")  # label names it in storage_options, the others in the env
     args = {
         "label": [
             "label",

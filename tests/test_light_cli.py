@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,25 +56,6 @@ def test_every_python_m_entry_is_the_clipdense_command(module, capsys):
     with pytest.raises(SystemExit) as stopped:
         importlib.import_module(module).main(["--help"])
     assert stopped.value.code == 0 and capsys.readouterr().out.startswith(f"usage: clipdense {command} ")
-
-
-@pytest.fixture
-def unreachable_store() -> Iterator[dict[str, str]]:
-    """An environment with AWS keys whose S3 endpoint is a loopback port bound but not listening (a
-    connection is refused at once); AWS_MAX_ATTEMPTS=1 bounds botocore's retries."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env |= {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_MAX_ATTEMPTS": "1",
-    }
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        yield env
 
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
