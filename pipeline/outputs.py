@@ -22,6 +22,7 @@ from pipeline import schema
 from pipeline.config import (
     DEFAULT_HEAD,
     HeadCfg,
+    ModelCfg,
     RunCfg,
     config_hash,
     diff_keys,
@@ -60,22 +61,27 @@ def canonical_config(cfg: RunCfg) -> RunCfg:
     `model.name`, `model.pretrained` and `prompts.templates` change only when they name an existing
     local file or folder (otherwise they are an architecture, a tag or a template set).
     """
-    model = dataclasses.replace(
-        cfg.model, name=existing_path(cfg.model.name), pretrained=existing_path(cfg.model.pretrained)
-    )
     return dataclasses.replace(
         cfg,
         input=[local_path(p) for p in cfg.input],
-        output=local_path(cfg.output) if cfg.output else "",
-        model=model,
-        vocab=dataclasses.replace(cfg.vocab, file=local_path(cfg.vocab.file) if cfg.vocab.file else ""),
+        output=local_path(cfg.output),
+        model=canonical_model(cfg.model),
+        vocab=dataclasses.replace(cfg.vocab, file=local_path(cfg.vocab.file)),
         prompts=dataclasses.replace(cfg.prompts, templates=existing_path(cfg.prompts.templates)),
     )
 
 
+def canonical_model(model: ModelCfg) -> ModelCfg:
+    """`model` with `name` and `pretrained` absolute when they name an existing local file or folder
+    (`existing_path`); an architecture, a tag or a URL stays as written."""
+    return dataclasses.replace(model, name=existing_path(model.name), pretrained=existing_path(model.pretrained))
+
+
 def local_path(url: str) -> str:
     """`url` absolute and normalised when it is a local path (relative ones from the current folder,
-    `~` expanded, `file://` dropped); a URL of another store as written."""
+    `~` expanded, `file://` dropped); a URL of another store, or "" (unset), as written."""
+    if not url:
+        return url
     if url.startswith("file://"):
         url = url[len("file://") :]
     elif "://" in url:
@@ -86,7 +92,7 @@ def local_path(url: str) -> str:
 def existing_path(value: str) -> str:
     """`value` as `local_path` when it names an existing local file or folder, else as written (a name
     or tag that is not a path, such as an open_clip architecture)."""
-    local = local_path(value) if value else value
+    local = local_path(value)
     return local if value and "://" not in local and os.path.exists(local) else value
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ModelCfg, StudentCfg, to_dict
-from pipeline.outputs import existing_path, local_path
+from pipeline.outputs import canonical_model, local_path
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +128,12 @@ def canonical_finetune_config(cfg: FinetuneCfg) -> FinetuneCfg:
     `labels`, `output` and `eval.truth` are paths; `model.name` and `model.pretrained` change only when
     they name an existing local file or folder (otherwise they are an architecture or a tag).
     """
-    model = dataclasses.replace(
-        cfg.model, name=existing_path(cfg.model.name), pretrained=existing_path(cfg.model.pretrained)
-    )
     return dataclasses.replace(
         cfg,
         labels=[local_path(url) for url in cfg.labels],
-        output=local_path(cfg.output) if cfg.output else "",
-        model=model,
-        eval=dataclasses.replace(cfg.eval, truth=local_path(cfg.eval.truth) if cfg.eval.truth else ""),
+        output=local_path(cfg.output),
+        model=canonical_model(cfg.model),
+        eval=dataclasses.replace(cfg.eval, truth=local_path(cfg.eval.truth)),
     )
 
 
