@@ -565,22 +565,30 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path):
     )
 
 
+def _refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture, labels: object, models: str, truth: object, *overrides: str
+) -> str:
+    """The error line of `clipdense retrain` on a config file of `labels`, `models` and `truth` (YAML
+    text, or lists written as flow sequences) plus `overrides`; the command must exit 2."""
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"labels: {labels}\nmodels: {models}\ntruth: {truth}\n")
+    assert retrain_main([str(config), *overrides]) == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_wrong_truth_is_refused_before_the_lease_and_the_fine_tune(tmp_path, capsys):
     cfg = one_run_cfg(str(tmp_path))
-    config = tmp_path / "retrain.yaml"
-    config.write_text(f"labels: {cfg.labels}\nmodels: {cfg.models}\ntruth: [{tmp_path}/truth]\n")
-    assert retrain_main([str(config), f"truth=[{tmp_path}/nosuch-truth/]", "finetune.optim.steps=2"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    truth = f"[{tmp_path}/truth]"
+    overrides = (f"truth=[{tmp_path}/nosuch-truth/]", "finetune.optim.steps=2")
+    assert _refusal(tmp_path, capsys, cfg.labels, cfg.models, truth, *overrides) == (
         f"clipdense retrain: error: truth: input spec '{tmp_path}/nosuch-truth' matches no shard"  # normalised
     )
     assert not (tmp_path / "models").exists()  # no lease, no fine-tune output
 
 
 def test_a_finetune_model_the_step_sets_is_refused_but_its_device_is_not(tmp_path, capsys):
-    config = tmp_path / "retrain.yaml"
-    config.write_text(f"labels: [{tmp_path}/labels]\nmodels: {tmp_path}/models\ntruth: [{tmp_path}/truth]\n")
-    assert retrain_main([str(config), "finetune.model.name=ViT-B-16"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    labels, models, truth = f"[{tmp_path}/labels]", f"{tmp_path}/models", f"[{tmp_path}/truth]"
+    assert _refusal(tmp_path, capsys, labels, models, truth, "finetune.model.name=ViT-B-16") == (
         "clipdense retrain: error: retrain config: finetune.model.name is set by the step; remove it"
     )
     check(step_cfg(str(tmp_path), {}, finetune={"model": {"device": "cpu", "precision": "fp32"}}))
@@ -588,10 +596,7 @@ def test_a_finetune_model_the_step_sets_is_refused_but_its_device_is_not(tmp_pat
 
 def test_a_bad_finetune_value_is_refused_before_any_listing_or_lease(tmp_path, capsys):
     cfg = one_run_cfg(str(tmp_path))
-    config = tmp_path / "retrain.yaml"
-    config.write_text(f"labels: {cfg.labels}\nmodels: {cfg.models}\ntruth: {cfg.truth}\n")
-    assert retrain_main([str(config), "finetune.data.combine=agreee"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert _refusal(tmp_path, capsys, cfg.labels, cfg.models, cfg.truth, "finetune.data.combine=agreee") == (
         "clipdense retrain: error: retrain config: finetune: data.combine must be one of each, agree, got 'agreee'"
     )
     assert not (tmp_path / "models").exists()  # no lease taken
@@ -600,10 +605,7 @@ def test_a_bad_finetune_value_is_refused_before_any_listing_or_lease(tmp_path, c
 
 def test_combine_agree_with_one_listed_run_is_refused_before_the_lease(tmp_path, capsys):
     cfg = one_run_cfg(str(tmp_path))
-    config = tmp_path / "retrain.yaml"
-    config.write_text(f"labels: {cfg.labels}\nmodels: {cfg.models}\ntruth: {cfg.truth}\n")
-    assert retrain_main([str(config), "finetune.data.combine=agree"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert _refusal(tmp_path, capsys, cfg.labels, cfg.models, cfg.truth, "finetune.data.combine=agree") == (
         f"clipdense retrain: error: labels: 1 labeling run listed ({tmp_path}/labels/run-1), "
         "but finetune: data.combine=agree needs two or more labeling runs in labels"
     )
