@@ -310,19 +310,3 @@ def storage_problem(exc: BaseException) -> StorageProblem | None:
             passing=True,
         )
     return None
-    kinds = (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ProfileNotFound, boto.CredentialRetrievalError)
-    if isinstance(exc, kinds):
-        return (
-            f"object storage credentials: {exc} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE, or storage_options in the config)"
-        )
-    if isinstance(exc, (boto.EndpointConnectionError, boto.ConnectTimeoutError)):
-        parts = urlsplit(str(exc.kwargs.get("endpoint_url", "")))
-        endpoint = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
-        cause = exc.kwargs.get("error")
-        why = getattr(getattr(cause, "os_error", None), "strerror", None) or "no connection"
-        return (
-            f"object store endpoint {endpoint} could not be reached ({why}; check storage_options.endpoint_url "
-            "or AWS_ENDPOINT_URL, and the network)"
-        )
-    return None
