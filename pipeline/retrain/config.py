@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import from_dict
+from pipeline.eval import counted
 from pipeline.outputs import local_path
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def check_runs(cfg: RetrainCfg, runs: list[str]) -> None:
     try:
         _check_finetune(_finetune_cfg(cfg, runs))
     except ValueError as exc:
-        listed = f"{len(runs)} labeling run{'' if len(runs) == 1 else 's'} listed ({', '.join(runs)})"
+        listed = f"{counted(len(runs), 'labeling run')} listed ({', '.join(runs)})"
         raise ValueError(f"labels: {listed}, but finetune: {exc}") from exc
 
 

@@ -55,11 +55,16 @@ class Taken:
             return False
 
 
+def _lease_url(folder: str, generation: int) -> str:
+    """The file of lease `generation` in `folder` (its number matches `_NAME`)."""
+    return fs.join(folder, f"lease-{generation:06d}.json")
+
+
 class Lease:
     """A held lease; renew it from a thread with `start()`, give it up with `release()`."""
 
     def __init__(self, folder: str, generation: int, seconds: float, storage_options: dict | None) -> None:
-        self.url = fs.join(folder, f"lease-{generation:06d}.json")
+        self.url = _lease_url(folder, generation)
         self.folder, self.generation, self.seconds = folder, generation, seconds
         self.holder = uuid.uuid4().hex
         self.storage_options = storage_options
@@ -123,7 +128,7 @@ def acquire(folder: str, seconds: float, storage_options: dict | None = None) ->
             if (lease := _create(folder, 0, seconds, storage_options)) is not None:
                 return lease
             continue
-        url = fs.join(folder, f"lease-{generation:06d}.json")
+        url = _lease_url(folder, generation)
         seen = fs.read_bytes(url, storage_options)
         if not json.loads(seen)["released"]:
             logger.info("lease %s is held; watching it up to %.0f s to see whether its holder is alive", url, seconds)
@@ -144,7 +149,7 @@ def acquire(folder: str, seconds: float, storage_options: dict | None = None) ->
 def _watch(folder: str, generation: int, seen: bytes, seconds: float, storage_options: dict | None) -> str:
     """What the holder of lease `generation` (content `seen`) does within `seconds`: _ALIVE (it renewed
     the lease, or a newer generation appeared), _RELEASED (its step ended) or _DEAD (nothing changed)."""
-    url = fs.join(folder, f"lease-{generation:06d}.json")
+    url = _lease_url(folder, generation)
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(left, _POLL_SECONDS))
